@@ -1,0 +1,92 @@
+"""The guest's serial console, driven with pexpect over QEMU's console socket.
+
+Commands run in the guest's busybox shell; each is followed by an ``echo`` of a unique
+end marker carrying the exit status, so :meth:`Console.run` returns exactly the
+command's output and status without guessing where a prompt starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+from pathlib import Path
+
+import pexpect
+import pexpect.fdpexpect
+
+from rig.errors import GuestError
+from rig.initramfs import READY_MARKER, strip_console_noise
+
+#: Patterns that mean the guest kernel is dead.
+PANIC_PATTERNS = (r"Kernel panic - not syncing", r"\bBUG: ", r"general protection fault")
+
+
+class Console:
+    """The serial console of one guest. ``log`` is QEMU's copy of every byte."""
+
+    def __init__(self, path: Path, log: Path) -> None:
+        self.log = log
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.child = pexpect.fdpexpect.fdspawn(
+            self.sock.fileno(),
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=30,
+            searchwindowsize=4096,
+            maxread=65536,
+        )
+        self._ids = itertools.count(1)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the guest's readiness marker; a panic or EOF raises :class:`GuestError`."""
+        idx = self._expect([re.escape(READY_MARKER), *PANIC_PATTERNS], timeout, "boot")
+        if idx != 0:
+            raise GuestError("the guest kernel crashed during boot")
+
+    def _expect(self, patterns: list[str], timeout: float, what: str) -> int:
+        try:
+            return int(self.child.expect(patterns, timeout=timeout))
+        except pexpect.TIMEOUT:
+            raise GuestError(f"no {what} within {timeout:.0f} s") from None
+        except pexpect.EOF:
+            raise GuestError(f"the console closed during {what} (QEMU exited)") from None
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[str, int]:
+        """Run ``command`` in the guest shell; return (output, exit status)."""
+        n = next(self._ids)
+        tag = f"__CR3RIG_{n}__"
+        # the marker is split in the echoed command line so only the real output matches
+        self.child.sendline(f'{command}; echo __CR3RIG_{n}""__ $?')
+        idx = self._expect([re.escape(tag) + r" (\d+)", *PANIC_PATTERNS], timeout, command)
+        if idx != 0:
+            raise GuestError(f"the guest kernel crashed while running {command!r}")
+        status = int(self.child.match.group(1))
+        out = strip_console_noise(self.child.before)
+        # drop everything up to and including the echoed command line
+        echoed = out.rfind(f'echo __CR3RIG_{n}""__ $?')
+        if echoed >= 0:
+            out = out[out.find("\n", echoed) + 1 :] if "\n" in out[echoed:] else ""
+        return out.strip("\n"), status
+
+    def check(self, command: str, timeout: float = 30.0) -> str:
+        """Like :meth:`run` but a non-zero status raises :class:`GuestError`."""
+        out, status = self.run(command, timeout)
+        if status != 0:
+            raise GuestError(f"guest command {command!r} failed with status {status}: {out[-200:]}")
+        return out
+
+    def start_background(self, command: str, marker: str, timeout: float = 30.0) -> str:
+        """Start ``command &`` and wait for a line matching regex ``marker``; return the line."""
+        self.child.sendline(f"{command} &")
+        idx = self._expect([marker + r"[^\r\n]*", *PANIC_PATTERNS], timeout, f"{marker!r}")
+        if idx != 0:
+            raise GuestError(f"the guest kernel crashed while starting {command!r}")
+        return str(self.child.after).strip()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

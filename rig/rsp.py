@@ -1,0 +1,99 @@
+"""The GDB remote serial protocol (RSP): packet framing and a pipelined client link.
+
+Only what the stepping loop needs: frame a packet (``$data#cs``), parse replies
+(including run-length encoding), and send several packets in one write and read their
+replies in order. Pipelining is safe against QEMU's gdbstub while the target is stopped
+(it handles packets strictly in order); the stepping loop never sends anything but the
+step itself while a vCPU runs, because a byte arriving while the VM runs stops it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+from rig.errors import GuestError
+
+
+def checksum(data: bytes) -> int:
+    """The RSP checksum: the sum of the payload bytes modulo 256."""
+    return sum(data) & 0xFF
+
+
+def frame(payload: str) -> bytes:
+    """``payload`` framed as ``$payload#xx``, escaping ``$ # } *``."""
+    raw = payload.encode("latin-1")
+    out = bytearray()
+    for b in raw:
+        if b in (0x23, 0x24, 0x7D, 0x2A):
+            out += bytes((0x7D, b ^ 0x20))
+        else:
+            out.append(b)
+    return b"$" + bytes(out) + b"#" + f"{checksum(bytes(out)):02x}".encode()
+
+
+def unescape(data: bytes) -> bytes:
+    """Undo RSP escaping (``}x`` -> ``x^0x20``) and run-length encoding (``c*n``)."""
+    out = bytearray()
+    i = 0
+    n = len(data)
+    while i < n:
+        b = data[i]
+        if b == 0x7D and i + 1 < n:
+            out.append(data[i + 1] ^ 0x20)
+            i += 2
+        elif b == 0x2A and out and i + 1 < n:
+            out += bytes((out[-1],)) * (data[i + 1] - 29)
+            i += 2
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+class RspLink:
+    """A client end of an RSP connection over a connected stream socket.
+
+    ``acks`` says whether the connection still uses ``+``/``-`` acknowledgements (it
+    does not after a successful ``QStartNoAckMode``, which GDB negotiates with QEMU).
+    """
+
+    def __init__(self, sock: socket.socket, *, acks: bool) -> None:
+        self.sock = sock
+        self.acks = acks
+        self._buf = bytearray()
+
+    def transact(self, packets: Sequence[str]) -> list[str]:
+        """Send ``packets`` in one write; return their replies, in order, as text."""
+        self.sock.sendall(b"".join(frame(p) for p in packets))
+        return [self._read_packet() for _ in packets]
+
+    def _read_packet(self) -> str:
+        buf = self._buf
+        while True:
+            start = buf.find(b"$")
+            if start >= 0:
+                end = buf.find(b"#", start)
+                if end >= 0 and len(buf) >= end + 3:
+                    body = bytes(buf[start + 1 : end])
+                    del buf[: end + 3]
+                    if self.acks:
+                        self.sock.sendall(b"+")
+                    return unescape(body).decode("latin-1")
+            elif buf and not self.acks:
+                # stray '+' or notification bytes before a packet: drop them
+                del buf[:]
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise GuestError("QEMU closed the gdbstub connection (did QEMU die?)")
+            buf += chunk
+
+
+def hex_le(value: str) -> int:
+    """Decode a little-endian hex register or memory reply (``p``/``m`` packets)."""
+    return int.from_bytes(bytes.fromhex(value), "little")
+
+
+def is_error(reply: str) -> bool:
+    """True for ``Exx`` error replies (e.g. memory not mapped through this vCPU's CR3)."""
+    return len(reply) == 3 and reply[0] == "E"

@@ -1,0 +1,167 @@
+"""x86-64 paging facts: CR3 decoding under PTI and a 4/5-level page-table walker.
+
+The walker reads page-table entries through a callable that reads *physical* memory
+(the rig passes one backed by QEMU's ``Qqemu.PhyMemMode``), so it sees the tables as
+the MMU does, independent of which CR3 any vCPU has loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: CR3 bit 12: set when the PTI user page tables are loaded (the user PGD is kernel + 4 KiB).
+PTI_USER_PGTABLE_BIT = 12
+#: CR3 bit 11: the user PCID bit when PCID is on (``X86_CR3_PTI_PCID_USER_BIT``).
+PTI_USER_PCID_BIT = 11
+X86_CR3_PCID_MASK = 0xFFF
+X86_CR4_PCIDE = 1 << 17
+X86_CR4_LA57 = 1 << 12
+PAGE_SIZE = 4096
+#: Physical address bits of a page-table entry (bits 12..51).
+PTE_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+# entry flags
+P, RW, US, PWT, PCD, A, D, PS, G = (1 << b for b in range(9))
+NX = 1 << 63
+
+
+@dataclass(frozen=True)
+class Cr3:
+    """A decoded CR3 value (``pcid`` only means something when CR4.PCIDE is set)."""
+
+    raw: int
+    pcid_enabled: bool = False
+
+    @property
+    def user_tables(self) -> bool:
+        """True when the PTI user page tables are loaded (bit 12)."""
+        return bool(self.raw & (1 << PTI_USER_PGTABLE_BIT))
+
+    @property
+    def pgd(self) -> int:
+        """Physical address of the loaded top-level table."""
+        mask = PTE_ADDR_MASK if not self.pcid_enabled else PTE_ADDR_MASK
+        return self.raw & mask
+
+    @property
+    def kernel_pgd(self) -> int:
+        """Physical address of the kernel PGD of this pair (bit 12 cleared)."""
+        return self.pgd & ~(1 << PTI_USER_PGTABLE_BIT)
+
+    @property
+    def pcid(self) -> int | None:
+        return self.raw & X86_CR3_PCID_MASK if self.pcid_enabled else None
+
+    @property
+    def user_pcid(self) -> bool:
+        """The user-PCID bit (11); only meaningful with PCID enabled."""
+        return self.pcid_enabled and bool(self.raw & (1 << PTI_USER_PCID_BIT))
+
+    def describe(self) -> str:
+        side = "user" if self.user_tables else "kernel"
+        pcid = f" pcid={self.pcid}" if self.pcid_enabled else ""
+        return f"{self.raw:#x} ({side}{pcid})"
+
+
+def decode_cr3(raw: int, cr4: int = 0) -> Cr3:
+    """Decode ``raw`` CR3; ``cr4`` says whether PCIDs are on."""
+    return Cr3(raw, pcid_enabled=bool(cr4 & X86_CR4_PCIDE))
+
+
+@dataclass(frozen=True)
+class WalkStep:
+    """One level of a walk: the table's level name, the entry's physical address and value."""
+
+    level: str
+    index: int
+    entry_address: int
+    entry: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.entry & P)
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The result of walking a virtual address.
+
+    ``physical`` is None when some level is not present. The flags combine the levels
+    as the MMU does: writable and user only if every level allows it, NX if any level
+    sets it; global comes from the final entry.
+    """
+
+    virtual: int
+    steps: tuple[WalkStep, ...]
+    physical: int | None
+    page_size: int
+    writable: bool
+    user: bool
+    nx: bool
+    global_: bool
+
+    @property
+    def present(self) -> bool:
+        return self.physical is not None
+
+    def flags(self) -> str:
+        if not self.present:
+            return "not-present"
+        return " ".join(
+            name
+            for name, on in (
+                ("P", True),
+                ("RW", self.writable),
+                ("US", self.user),
+                ("NX", self.nx),
+                ("G", self.global_),
+            )
+            if on
+        )
+
+
+PhysReader = Callable[[int], int]
+"""Reads one little-endian 64-bit word of physical memory at the given address."""
+
+_LEVELS5 = ("pgd", "p4d", "pud", "pmd", "pte")
+_SHIFTS5 = (48, 39, 30, 21, 12)
+
+
+def walk(
+    pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: bool
+) -> Translation:
+    """Walk ``virtual`` through the tables rooted at ``pgd_phys`` (4- or 5-level paging)."""
+    levels = _LEVELS5 if five_level else ("pgd", "pud", "pmd", "pte")
+    shifts = _SHIFTS5 if five_level else (39, 30, 21, 12)
+    table = pgd_phys & PTE_ADDR_MASK
+    steps: list[WalkStep] = []
+    writable = user = True
+    nx = False
+    for depth, (name, shift) in enumerate(zip(levels, shifts, strict=True)):
+        index = (virtual >> shift) & 0x1FF
+        addr = table + 8 * index
+        entry = read_phys_u64(addr)
+        steps.append(WalkStep(name, index, addr, entry))
+        if not entry & P:
+            return Translation(virtual, tuple(steps), None, 0, False, False, False, False)
+        writable &= bool(entry & RW)
+        user &= bool(entry & US)
+        nx |= bool(entry & NX)
+        last = depth == len(levels) - 1
+        huge = name in ("pud", "pmd") and bool(entry & PS)
+        if last or huge:
+            size = 1 << shift
+            frame = entry & PTE_ADDR_MASK & ~(size - 1)
+            return Translation(
+                virtual,
+                tuple(steps),
+                frame | (virtual & (size - 1)),
+                size,
+                writable,
+                user,
+                nx,
+                bool(entry & G),
+            )
+        table = entry & PTE_ADDR_MASK
+    raise AssertionError("unreachable")
