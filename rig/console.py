@@ -7,6 +7,7 @@ command's output and status without guessing where a prompt starts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import socket
@@ -80,13 +81,11 @@ class Console:
     def start_background(self, command: str, marker: str, timeout: float = 30.0) -> str:
         """Start ``command &`` and wait for a line matching regex ``marker``; return the line."""
         self.child.sendline(f"{command} &")
-        idx = self._expect([marker + r"[^\r\n]*", *PANIC_PATTERNS], timeout, f"{marker!r}")
+        idx = self._expect([marker + r"[^\r\n]*\r?\n", *PANIC_PATTERNS], timeout, f"{marker!r}")
         if idx != 0:
             raise GuestError(f"the guest kernel crashed while starting {command!r}")
         return str(self.child.after).strip()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

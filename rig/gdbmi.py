@@ -9,6 +9,7 @@ for arrives; the timeout is only an upper bound for a hung GDB or target.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -180,20 +181,16 @@ class GdbMi:
     def close(self) -> None:
         """End GDB: ask politely, then kill its whole process group. Idempotent."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover
             pass
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
     def __enter__(self) -> GdbMi:
         return self

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rig.console import Console
+from rig.disasm import disassemble
 from rig.errors import ConfigError, GuestError, RigError
 from rig.gdbmi import GdbMi
 from rig.gdbproxy import GdbRelay
@@ -25,6 +26,7 @@ from rig.host import Host, LocalHost, require_program
 from rig.initramfs import WORKLOAD_MARKER
 from rig.qemu import QemuConfig, QemuMachine, check_accel, is_kernel_image
 from rig.rsp import RspLink
+from rig.stepping import Stepper, StopCondition, Trace, Watch
 from rig.symbols import (
     SymbolTable,
     cache_path,
@@ -33,7 +35,8 @@ from rig.symbols import (
     notes_build_id,
     parse_kallsyms,
 )
-from rig.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, thread_id
+from rig.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
+from rig.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
 
 #: Parameters every boot gets unless the user's ``--append`` sets them otherwise.
 BASE_CMDLINE = ("console=ttyS0", "la57=off", "nokaslr", "panic=-1", "quiet")
@@ -84,9 +87,7 @@ class GuestConfig:
         if not self.initrd.exists():
             raise ConfigError(f"--initrd {self.initrd}: no such file")
         if self.smp < 2:
-            raise ConfigError(
-                f"--smp {self.smp}: the rig needs at least 2 vCPUs (one steps, one watches)"
-            )
+            raise ConfigError(f"--smp {self.smp}: the rig needs at least 2 vCPUs (one steps, one watches)")
         if not 0 <= self.isolated < self.smp:
             raise ConfigError(
                 f"--isolated-cpu {self.isolated} is outside --smp {self.smp} (valid: 0..{self.smp - 1})"
@@ -126,6 +127,8 @@ class Guest:
         self.boot_seconds = 0.0
         self.started_at = 0.0
         self.closed = False
+        self.traces: list[Trace] = []
+        self.workloads: dict[int, str] = {}
 
     # -- life cycle --------------------------------------------------------------
     @classmethod
@@ -301,6 +304,22 @@ class Guest:
         """The address of ``name``'s copy for ``cpu``."""
         return (self.symbols.address(name) + self.per_cpu_offsets[cpu]) & (2**64 - 1)
 
+    def translate(self, virtual: int, *, user_tables: bool, cpu: int = 0) -> Translation:
+        """Walk ``virtual`` through vCPU ``cpu``'s kernel or PTI user page tables (physically).
+
+        The pair is found from the vCPU's CR3 whichever half it has loaded: the user PGD
+        is the kernel PGD + 4 KiB (CR3 bit 12).
+        """
+        with self.stopped(), self.link() as link:
+            regs = self.vcpu(cpu).registers(link, ("cr3", "cr4"))
+            cr3 = decode_cr3(regs["cr3"], regs["cr4"])
+            pgd = cr3.kernel_pgd | ((1 << PTI_USER_PGTABLE_BIT) if user_tables else 0)
+
+            def read_u64(addr: int) -> int:
+                return int.from_bytes(read_physical(link, addr, 8), "little")
+
+            return walk(pgd, virtual, read_u64, five_level=bool(regs["cr4"] & X86_CR4_LA57))
+
     def break_on(self, address: int, cpu: int, timeout: float = 60.0) -> None:
         """Run until vCPU ``cpu`` executes ``address``; other vCPUs' hits are filtered by GDB.
 
@@ -323,8 +342,7 @@ class Guest:
                 self.resume()
         except GuestError as exc:
             raise GuestError(
-                f"vCPU {cpu} did not reach {self.symbols.describe(address)} within "
-                f"{timeout:.0f} s ({exc})"
+                f"vCPU {cpu} did not reach {self.symbols.describe(address)} within {timeout:.0f} s ({exc})"
             ) from None
         finally:
             if self.running:
@@ -343,6 +361,7 @@ class Guest:
         m = re.search(r"pid=(\d+)", line)
         if m is None:
             raise GuestError(f"workload {name} printed no pid: {line!r}")
+        self.workloads[int(m.group(1))] = name
         return int(m.group(1))
 
     def stop_workload(self, pid: int) -> None:
@@ -350,6 +369,38 @@ class Guest:
         assert self.console is not None
         self.resume()
         self.console.run(f"kill -9 {pid}; wait {pid} 2>/dev/null")
+        self.workloads.pop(pid, None)
+
+    def kill_workloads(self) -> None:
+        """Kill every workload still running (between tests)."""
+        for pid in list(self.workloads):
+            self.stop_workload(pid)
+
+    # -- stepping --------------------------------------------------------------------
+    def step(
+        self,
+        cpu: int,
+        *,
+        watches: tuple[Watch, ...] | list[Watch] = (),
+        max_steps: int,
+        stop: StopCondition | None = None,
+    ) -> Trace:
+        """Single-step vCPU ``cpu`` (others frozen) from where it stopped; keep the trace.
+
+        Each snapshot gets its instruction text and ``symbol+offset``; the trace is kept
+        in :attr:`traces` for the failure report.
+        """
+        if self.running:
+            raise GuestError("stop the guest (e.g. with break_on) before stepping")
+        stepper = Stepper(self.regmap, self.config.smp, cpu, watches)
+        with self.link() as link:
+            trace = stepper.run(link, max_steps=max_steps, stop=stop)
+        self.traces.append(trace)
+        text = disassemble(trace.code)
+        for snap in trace.snapshots:
+            snap.insn = text.get(snap.pc, "?")
+            snap.where = self.symbols.describe(snap.pc)
+        return trace
 
     # -- reports ---------------------------------------------------------------------
     def describe(self) -> str:

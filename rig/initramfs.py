@@ -158,8 +158,7 @@ def _check_busybox(busybox: Path) -> None:
         raise BusyboxMissingError(f"static busybox not found at {busybox}; {hint}")
     if not _is_static_elf(busybox):
         raise BusyboxMissingError(
-            f"{busybox} is not a statically linked x86-64 busybox "
-            f"(the dynamic 'busybox' package?); {hint}"
+            f"{busybox} is not a statically linked x86-64 busybox (the dynamic 'busybox' package?); {hint}"
         )
 
 
@@ -189,9 +188,7 @@ def _gcc_identity(cc_path: str) -> tuple[str, Path]:
     libc = _run([cc_path, "-print-file-name=libc.a"], "gcc -print-file-name").strip()
     libc_path = Path(libc)
     if not libc_path.is_absolute() or not libc_path.is_file():
-        raise CompilerMissingError(
-            "static C library (libc.a) not found; apt-get install gcc libc6-dev"
-        )
+        raise CompilerMissingError("static C library (libc.a) not found; apt-get install gcc libc6-dev")
     return version, libc_path
 
 
@@ -269,9 +266,7 @@ def _pad4(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
-def _newc_member(
-    ino: int, mode: int, nlink: int, name: str, data: bytes, rdev: tuple[int, int]
-) -> bytes:
+def _newc_member(ino: int, mode: int, nlink: int, name: str, data: bytes, rdev: tuple[int, int]) -> bytes:
     """Return one newc header + name + data, each padded to 4 bytes."""
     encoded = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, *rdev, len(encoded), 0)
@@ -320,9 +315,7 @@ def _busybox_applets(busybox: Path) -> list[str]:
     names = sorted({n.strip() for n in out.splitlines() if n.strip()})
     bad = [n for n in names if "/" in n or n in (".", "..")]
     if bad or not names:
-        raise BusyboxMissingError(
-            f"{busybox} --list gave unexpected output; apt-get install busybox-static"
-        )
+        raise BusyboxMissingError(f"{busybox} --list gave unexpected output; apt-get install busybox-static")
     return [n for n in names if n != "busybox"]
 
 
@@ -338,9 +331,7 @@ def _compile_workloads(cc_path: str, source_dir: Path, outdir: Path) -> dict[str
         # Compile from the source directory with a relative file name so no
         # host path ends up in the binary (keeps the archive reproducible).
         argv = [cc_path, *CFLAGS, "-o", str(exe), src.name]
-        proc = subprocess.run(
-            argv, cwd=wl_dir, capture_output=True, text=True, check=False, timeout=300
-        )
+        proc = subprocess.run(argv, cwd=wl_dir, capture_output=True, text=True, check=False, timeout=300)
         if proc.returncode != 0:
             err = proc.stderr.strip()
             lines = err.splitlines()

@@ -120,9 +120,7 @@ class Trace:
             words = " ".join(
                 f"{n}=" + "/".join("-" if v is None else str(v) for v in s.words[n]) for n in names
             )
-            lines.append(
-                f"{s.step:5d} {s.pc:#018x} {s.where:<40.40} {s.insn:<40.40} cr3=[{cr3s}] {words}"
-            )
+            lines.append(f"{s.step:5d} {s.pc:#018x} {s.where:<40.40} {s.insn:<40.40} cr3=[{cr3s}] {words}")
         return "\n".join(lines)
 
 

@@ -36,9 +36,7 @@ class SymbolTable:
         self._by_name: dict[str, Symbol] = {}
         for s in symbols:
             self._by_name.setdefault(s.name, s)
-        located = sorted(
-            (s.address, s.name) for s in self._by_name.values() if s.address >= KERNEL_HALF
-        )
+        located = sorted((s.address, s.name) for s in self._by_name.values() if s.address >= KERNEL_HALF)
         self._addrs = [a for a, _ in located]
         self._names = [n for _, n in located]
 
@@ -143,9 +141,7 @@ def notes_build_id(notes: bytes) -> str | None:
     return None
 
 
-def per_cpu_address(
-    symbols: SymbolTable, per_cpu_offsets: Mapping[int, int], name: str, cpu: int
-) -> int:
+def per_cpu_address(symbols: SymbolTable, per_cpu_offsets: Mapping[int, int], name: str, cpu: int) -> int:
     """``per_cpu(name, cpu)``: the symbol's address plus ``__per_cpu_offset[cpu]``.
 
     ``per_cpu_offsets`` maps CPU number to that CPU's offset (read from the guest).

@@ -41,8 +41,7 @@ class Cr3:
     @property
     def pgd(self) -> int:
         """Physical address of the loaded top-level table."""
-        mask = PTE_ADDR_MASK if not self.pcid_enabled else PTE_ADDR_MASK
-        return self.raw & mask
+        return self.raw & PTE_ADDR_MASK
 
     @property
     def kernel_pgd(self) -> int:
@@ -128,9 +127,7 @@ _LEVELS5 = ("pgd", "p4d", "pud", "pmd", "pte")
 _SHIFTS5 = (48, 39, 30, 21, 12)
 
 
-def walk(
-    pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: bool
-) -> Translation:
+def walk(pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: bool) -> Translation:
     """Walk ``virtual`` through the tables rooted at ``pgd_phys`` (4- or 5-level paging)."""
     levels = _LEVELS5 if five_level else ("pgd", "pud", "pmd", "pte")
     shifts = _SHIFTS5 if five_level else (39, 30, 21, 12)

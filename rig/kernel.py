@@ -1,0 +1,98 @@
+"""Which kernel to boot: resolve ``--kernel`` to a kernel image (and maybe a vmlinux).
+
+* ``debian`` (the default until a reference build is wired in): Debian's stock
+  ``linux-image-amd64`` of the running release, fetched with ``apt-get download`` into
+  the cache. Its symbols come from the guest's /proc/kallsyms (the debug vmlinux is an
+  858 MB download plus 2 GB of GDB indexing: not affordable per run).
+* a path to a bzImage or vmlinux; a vmlinux beside a bzImage in a build tree
+  (``<tree>/arch/x86/boot/bzImage`` -> ``<tree>/vmlinux``) is used for symbols.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from rig.errors import ConfigError
+
+DEBIAN = "debian"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A bootable kernel image, its vmlinux if known, and a label for reports."""
+
+    image: Path
+    vmlinux: Path | None
+    label: str
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    try:
+        res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{argv[0]} not found: this needs a Debian system with apt") from None
+    if res.returncode != 0:
+        last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+        raise ConfigError(f"`{' '.join(argv)}` failed: {last[0]}; run `apt-get update` first")
+    return res.stdout
+
+
+def debian_stock_kernel(cache_dir: Path) -> Kernel:
+    """Debian's stock kernel for this release, downloaded and unpacked once into the cache."""
+    deps = _run(["apt-cache", "depends", "linux-image-amd64"])
+    pkg = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in deps.splitlines()
+            if ln.strip().startswith("Depends:") and "linux-image-" in ln
+        ),
+        None,
+    )
+    if pkg is None:
+        raise ConfigError("apt knows no linux-image-amd64 dependency; run `apt-get update` first")
+    release = pkg.removeprefix("linux-image-")
+    root = cache_dir / "debian" / pkg
+    image = root / "boot" / f"vmlinuz-{release}"
+    if not image.exists():
+        dl = cache_dir / "debian" / "download"
+        dl.mkdir(parents=True, exist_ok=True)
+        _run(["apt-get", "download", pkg], cwd=dl)
+        debs = sorted(dl.glob(f"{pkg}_*.deb"))
+        if not debs:
+            raise ConfigError(f"apt-get download {pkg} left no .deb in {dl}")
+        tmp = root.with_name(root.name + ".tmp")
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
+        tmp.rename(root)
+        for deb in debs:
+            deb.unlink()
+    return Kernel(image, None, f"debian {release} (stock, unpatched)")
+
+
+def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:
+    """Turn ``--kernel``/``--vmlinux`` into a :class:`Kernel` (downloading if needed)."""
+    if spec in (None, "", DEBIAN):
+        stock = debian_stock_kernel(cache_dir)
+        return Kernel(stock.image, vmlinux, stock.label)
+    assert spec is not None
+    if spec.startswith("reference"):
+        from rig.kernelbuild import build_kernel
+
+        build = build_kernel(spec)
+        return Kernel(build.bzimage, vmlinux or build.vmlinux, f"{spec} {build.source_version}")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"--kernel {spec}: no such file; pass a bzImage/vmlinux path, 'debian' or a reference name"
+        )
+    if vmlinux is None:
+        for candidate in (
+            path.parent / "vmlinux",
+            path.parents[3] / "vmlinux" if len(path.parents) > 3 else None,
+        ):
+            if candidate is not None and candidate.is_file() and candidate != path:
+                vmlinux = candidate
+                break
+    return Kernel(path.resolve(), vmlinux, str(path))

@@ -1,0 +1,250 @@
+"""The cr3rig pytest plugin: options (one ``cr3rig`` group), fixtures, failure reports.
+
+Fixtures:
+
+* ``rig_settings`` (session): the parsed options, the resolved kernel and initramfs.
+* ``guest_pool`` (session): boots a guest once per distinct kernel command line and
+  keeps at most one alive (a second command line closes the first).
+* ``guest`` (function): the default guest, its traces cleared for the test.
+* ``pti_guest`` (function): the default guest, skipping the test if PTI is off.
+
+On failure the report gets sections with the step trace (also written as JSON lines),
+the console tail, every vCPU's registers and the exact kernel and QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rig.errors import ConfigError, RigError
+from rig.guest import Guest, GuestConfig
+from rig.host import LocalHost
+from rig.qemu import check_accel, is_kernel_image
+
+
+def default_cache_dir() -> Path:
+    """``$CR3RIG_CACHE`` or ``~/.cache/cr3rig``."""
+    env = os.environ.get("CR3RIG_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "cr3rig"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("cr3rig", "cr3rig: boot a kernel under QEMU and single-step its entry code")
+    g.addoption(
+        "--kernel",
+        default=None,
+        help="bzImage/vmlinux path, 'debian' (stock kernel, default) or a reference name",
+    )
+    g.addoption(
+        "--vmlinux",
+        default=None,
+        type=Path,
+        help="vmlinux with symbols for --kernel (default: found beside it in a build tree)",
+    )
+    g.addoption(
+        "--initrd",
+        default=None,
+        type=Path,
+        help="guest initramfs (default: the rig's own, built from guests/initramfs)",
+    )
+    g.addoption("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    g.addoption("--gdb", default="gdb", help="GDB binary")
+    g.addoption("--smp", default=2, type=int, help="number of vCPUs (default 2)")
+    g.addoption(
+        "--isolated-cpu",
+        default=None,
+        type=int,
+        help="the vCPU that runs the workloads and is stepped (default: the last)",
+    )
+    g.addoption("--append", default="", help="extra kernel command-line parameters")
+    g.addoption("--accel", default="tcg", choices=("tcg", "kvm"), help="QEMU accelerator")
+    g.addoption("--boot-timeout", default=180.0, type=float, help="seconds to wait for boot")
+    g.addoption(
+        "--cr3rig-cache",
+        default=None,
+        type=Path,
+        help="cache directory (default $CR3RIG_CACHE or ~/.cache/cr3rig)",
+    )
+    g.addoption(
+        "--trace-dir",
+        default=None,
+        type=Path,
+        help="where step traces are written (default <rootdir>/results)",
+    )
+
+
+def _check_options(config: pytest.Config) -> None:
+    """Static checks of the options, so bad input fails in seconds with one line."""
+    opt = config.option
+    kernel = opt.kernel
+    if kernel and kernel != "debian" and not kernel.startswith("reference"):
+        path = Path(kernel)
+        if not path.exists():
+            raise pytest.UsageError(f"--kernel {kernel}: no such file; pass a bzImage or vmlinux")
+        why = is_kernel_image(path)
+        if why:
+            raise pytest.UsageError(f"--kernel {kernel}: {why}; pass a bzImage or vmlinux")
+    if opt.vmlinux is not None and not opt.vmlinux.exists():
+        raise pytest.UsageError(f"--vmlinux {opt.vmlinux}: no such file")
+    if opt.initrd is not None and not opt.initrd.exists():
+        raise pytest.UsageError(f"--initrd {opt.initrd}: no such file")
+    if opt.smp < 2:
+        raise pytest.UsageError(f"--smp {opt.smp}: the rig needs at least 2 vCPUs")
+    iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
+    if not 0 <= iso < opt.smp:
+        raise pytest.UsageError(f"--isolated-cpu {iso} is outside --smp {opt.smp} (valid: 0..{opt.smp - 1})")
+    try:
+        check_accel(LocalHost(), opt.accel)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cmdline(extra): boot the guest with extra kernel parameters")
+    _check_options(config)
+
+
+@dataclass(frozen=True)
+class RigSettings:
+    """The options, resolved: what every guest of this session boots."""
+
+    base: GuestConfig
+    trace_dir: Path
+
+
+@pytest.fixture(scope="session")
+def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
+    from rig.initramfs import build_initramfs
+    from rig.kernel import resolve_kernel
+
+    opt = pytestconfig.option
+    cache = opt.cr3rig_cache or default_cache_dir()
+    try:
+        kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
+        initrd = opt.initrd or build_initramfs(cache)
+    except RigError as exc:
+        pytest.exit(f"cr3rig: {exc}", returncode=4)
+    base = GuestConfig(
+        kernel=kernel.image,
+        initrd=initrd,
+        vmlinux=kernel.vmlinux,
+        smp=opt.smp,
+        isolated_cpu=opt.isolated_cpu,
+        append=opt.append,
+        accel=opt.accel,
+        qemu=opt.qemu,
+        gdb=opt.gdb,
+        boot_timeout=opt.boot_timeout,
+        label=kernel.label,
+        cache_dir=cache,
+    )
+    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+
+
+class GuestPool:
+    """Boots guests on demand, one per distinct command line, at most one alive."""
+
+    def __init__(self, settings: RigSettings) -> None:
+        self.settings = settings
+        self.current: Guest | None = None
+
+    def get(self, extra_append: str = "") -> Guest:
+        base = self.settings.base
+        config = replace(base, append=f"{base.append} {extra_append}".strip())
+        cur = self.current
+        if cur is not None and (cur.config != config or not cur.machine.alive or cur.closed):
+            cur.close()
+            self.current = None
+        if self.current is None:
+            try:
+                self.current = Guest.boot(config)
+            except ConfigError as exc:
+                pytest.exit(f"cr3rig: {exc}", returncode=4)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def guest_pool(rig_settings: RigSettings) -> Iterator[GuestPool]:
+    pool = GuestPool(rig_settings)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """The guest for this test (the ``cmdline`` marker adds kernel parameters)."""
+    marker = request.node.get_closest_marker("cmdline")
+    g = guest_pool.get(marker.args[0] if marker else "")
+    g.traces.clear()
+    request.node.stash[_GUEST_KEY] = g
+    yield g
+    if g.machine.alive and not g.closed:
+        try:
+            g.kill_workloads()
+        except RigError:
+            g.close()  # a guest in an unknown state is not reused
+
+
+@pytest.fixture
+def pti_guest(guest: Guest) -> Guest:
+    """The guest, or a skip saying exactly why PTI testcases cannot run on it."""
+    if not guest.pti_enabled:
+        pytest.skip(
+            f"kernel {guest.release} runs without PTI (dmesg has no 'page tables isolation: "
+            f"enabled'; cmdline: {guest.config.cmdline()})"
+        )
+    return guest
+
+
+_GUEST_KEY = pytest.StashKey[Guest]()
+
+
+def _safe_name(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    g = item.stash.get(_GUEST_KEY, None)
+    if g is None:
+        return
+    settings: RigSettings | None = None
+    try:
+        settings = item._request.getfixturevalue("rig_settings")  # type: ignore[attr-defined]
+    except Exception:
+        settings = None
+    trace_dir = settings.trace_dir if settings else Path("results")
+    for n, trace in enumerate(g.traces):
+        path = trace_dir / f"{_safe_name(item.nodeid)}.{n}.jsonl"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trace.write_jsonl(path)
+        except OSError:
+            pass
+        report.sections.append(
+            (
+                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {path})",
+                trace.render(80),
+            )
+        )
+    report.sections.append(("cr3rig console tail", g.machine.console_tail(40)))
+    report.sections.append(("cr3rig registers", g.registers_report()))
+    report.sections.append(("cr3rig kernel and QEMU", g.describe()))
