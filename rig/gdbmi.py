@@ -103,6 +103,8 @@ class GdbMi:
                     pend.event.set()
             elif kind == "notify" and rec.get("message") == "stopped":
                 self._stopped.put(rec)
+            elif kind == "notify" and rec.get("message") == "thread-group-exited":
+                self._stopped.put({"type": "target-lost"})
             elif kind in ("console", "target", "log"):
                 cur = self._current
                 if cur is not None and isinstance(rec.get("payload"), str):
@@ -157,6 +159,8 @@ class GdbMi:
             rec = self._stopped.get(timeout=timeout)
         except queue.Empty:
             raise GdbError(f"the target did not stop within {timeout:.0f} s") from None
+        if rec.get("type") == "target-lost":
+            raise GdbError("the remote target went away (QEMU exited or closed the gdbstub)")
         if rec.get("type") == "eof":
             raise GdbError(f"gdb exited while waiting for a stop; last output: {self.tail(3)}")
         payload = rec.get("payload")

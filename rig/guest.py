@@ -141,7 +141,7 @@ class Guest:
         except BaseException as exc:
             tail = guest.machine.console_tail(15)
             guest.close()
-            if isinstance(exc, RigError):
+            if isinstance(exc, RigError) and not isinstance(exc, ConfigError):
                 raise type(exc)(f"{exc}; console tail:\n{tail}") from exc
             raise
         return guest

@@ -1,0 +1,78 @@
+"""Fixtures for the rig's own tests: the stock kernel, a booted guest, leftover checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rig.guest import Guest, GuestConfig
+from rig.initramfs import build_initramfs
+from rig.kernel import Kernel, resolve_kernel
+from rig.plugin import default_cache_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stock_kernel() -> Kernel:
+    return resolve_kernel("debian", None, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def initrd() -> Path:
+    return build_initramfs(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def base_config(stock_kernel: Kernel, initrd: Path) -> GuestConfig:
+    return GuestConfig(kernel=stock_kernel.image, initrd=initrd, label=stock_kernel.label,
+                       cache_dir=default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def booted(base_config: GuestConfig) -> Iterator[Guest]:
+    g = Guest.boot(base_config)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def processes_tagged(tag: str) -> list[str]:
+    """Command lines of live processes whose environment carries CR3RIG_TEST_TAG=tag."""
+    found = []
+    needle = f"CR3RIG_TEST_TAG={tag}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            if needle in env.split(b"\0"):
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except OSError:
+            continue
+    return found
+
+
+def run_pytest(args: list[str], tag: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``pytest testcases/ ARGS`` in a child whose processes carry ``tag``."""
+    env = dict(os.environ, CR3RIG_TEST_TAG=tag)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "testcases/", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    """A unique tag for the processes a test starts; fails the test if any survive it."""
+    t = uuid.uuid4().hex
+    yield t
+    left = processes_tagged(t)
+    assert not left, f"processes left behind: {left}"

@@ -1,0 +1,50 @@
+"""CR3 decoding and the page-table walker on synthetic tables (rig/x86.py)."""
+
+from rig.x86 import NX, P, PS, RW, US, G, decode_cr3, walk
+
+
+def test_cr3_decoding_pti_bits() -> None:
+    user = decode_cr3(0x5E81000)
+    assert user.user_tables and user.kernel_pgd == 0x5E80000 and user.pcid is None
+    kern = decode_cr3(0x5E80000)
+    assert not kern.user_tables
+    pcid = decode_cr3(0x5E81801, cr4=1 << 17)
+    assert pcid.pcid == 0x801 and pcid.user_pcid and pcid.user_tables
+
+
+def _tables(five_level: bool) -> tuple[dict[int, int], int, int]:
+    """Map VA 0xffffffff81c00080 to a 4 KiB frame at 0x1234000 through fake tables."""
+    va = 0xFFFFFFFF81C00080
+    mem: dict[int, int] = {}
+    levels = [48, 39, 30, 21, 12] if five_level else [39, 30, 21, 12]
+    table = 0x10000
+    for depth, shift in enumerate(levels):
+        idx = (va >> shift) & 0x1FF
+        last = depth == len(levels) - 1
+        nxt = 0x1234000 if last else table + 0x1000
+        flags = P | RW | (G if last else 0) | (NX if last else 0)
+        mem[table + 8 * idx] = nxt | flags
+        table = nxt
+    return mem, 0x10000, va
+
+
+def test_walk_4_and_5_level() -> None:
+    for five in (False, True):
+        mem, pgd, va = _tables(five)
+        t = walk(pgd, va, lambda a: mem.get(a, 0), five_level=five)
+        assert t.present and t.physical == 0x1234080 and t.page_size == 4096
+        assert t.writable and t.nx and t.global_ and not t.user
+        assert len(t.steps) == (5 if five else 4)
+        assert t.flags() == "P RW NX G"
+
+
+def test_walk_not_present_and_huge_page() -> None:
+    mem, pgd, va = _tables(False)
+    assert not walk(pgd, va + (1 << 39), lambda a: mem.get(a, 0), five_level=False).present
+    # turn the PMD entry into a 2 MiB user page
+    pmd_addr = next(a for a, v in mem.items() if v & ~0xFFF == 0x13000)
+    mem[pmd_addr] = 0x40000000 | P | US | PS
+    mem = {a: (v | US) for a, v in mem.items()}
+    t = walk(pgd, va, lambda a: mem.get(a, 0), five_level=False)
+    assert t.page_size == 2 << 20 and t.physical == 0x40000000 | (va & 0x1FFFFF)
+    assert t.user and not t.writable
