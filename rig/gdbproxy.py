@@ -3,8 +3,9 @@
 QEMU's gdbstub serves one client. GDB is that client for everything it is good at
 (breakpoints, threads, symbols, disassembly), but each GDB round trip costs far more
 than the raw protocol. The relay forwards GDB's bytes unchanged and watches them for
-the two pieces of state the raw link must respect: the thread GDB last selected with
-``Hg`` and whether acknowledgements were switched off (``QStartNoAckMode``). While GDB
+the two pieces of state the raw link must respect: the thread GDB believes the stub
+has selected for register and memory access (its last ``Hg``, or the thread of the last
+stop reply, which GDB records as current) and whether acknowledgements were switched off (``QStartNoAckMode``). While GDB
 is idle (the target stopped, no command in flight), :meth:`GdbRelay.borrow` hands the
 upstream socket to the caller as an :class:`~rig.rsp.RspLink`; on return it re-selects
 GDB's ``Hg`` thread so GDB's belief about the stub is true again. The caller must then
@@ -27,6 +28,7 @@ from rig.rsp import RspLink
 
 _HG = re.compile(rb"\$(Hg[^#]*)#")
 _NOACK = re.compile(rb"\$QStartNoAckMode#")
+_STOP_THREAD = re.compile(rb"\$T[0-9a-fA-F]{2}(?:[^#]*?;)?thread:([^;#]+)")
 
 
 class GdbRelay:
@@ -100,6 +102,8 @@ class GdbRelay:
             self._noack_requested = True
 
     def _watch_upstream(self, data: bytes) -> None:
+        for m in _STOP_THREAD.finditer(data):
+            self.last_hg = "Hg" + m.group(1).decode()
         if self._noack_requested and b"$OK#" in data:
             self.acks = False
             self._noack_requested = False
