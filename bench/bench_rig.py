@@ -1,0 +1,156 @@
+"""cr3rig benchmark: every number is a ratio against a baseline measured in the same run.
+
+1. Checked steps/s (step the isolated vCPU, read CR3 and rip of every vCPU, read one
+   word through every vCPU) against a bare GDB CLI ``stepi`` loop on the same guest,
+   same stopping point. Also GDB/MI per-step (-exec-step-instruction + register read).
+2. Time from QEMU start to the first breakpoint hit on the isolated vCPU against the
+   plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
+   no GDB attached).
+
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rig.console import Console
+from rig.guest import Guest, GuestConfig
+from rig.host import LocalHost
+from rig.initramfs import build_initramfs
+from rig.kernel import resolve_kernel
+from rig.plugin import default_cache_dir
+from rig.qemu import QemuConfig, QemuMachine
+from rig.stepping import Watch
+
+
+def plain_boot_seconds(cfg: GuestConfig) -> float:
+    """QEMU start (frozen) -> QMP cont -> readiness marker, no GDB."""
+    m = QemuMachine(LocalHost(), QemuConfig(cfg.kernel, cfg.initrd, cfg.cmdline(), smp=cfg.smp))
+    try:
+        t0 = time.monotonic()
+        m.start()
+        con = Console(m.console_socket, m.console_log)
+        m.qmp("cont")
+        con.wait_ready(cfg.boot_timeout)
+        return time.monotonic() - t0
+    finally:
+        m.close()
+
+
+def rig_first_hit_seconds(cfg: GuestConfig) -> tuple[float, Guest]:
+    """QEMU start -> boot with GDB -> workload -> breakpoint hit on the isolated vCPU."""
+    t0 = time.monotonic()
+    g = Guest.boot(cfg)
+    g.start_workload("syscall-loop")
+    g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
+    return time.monotonic() - t0, g
+
+
+def gdb_cli_stepi_rate(g: Guest, steps: int) -> float:
+    """A bare GDB CLI ``stepi`` loop on the same stopped guest, same vCPU, same place.
+
+    The rig's GDB and relay let go of the gdbstub (QEMU keeps the VM stopped), then a
+    plain ``gdb -batch`` connects straight to QEMU and runs ``while $i < N; stepi; end``
+    with scheduler-locking. The guest is not usable by the rig afterwards.
+    """
+    cpu = g.config.isolated
+    assert g.gdb is not None and g.relay is not None
+    g.gdb.close()
+    g.relay.close()
+    script = g.machine.dir / "stepi-loop.gdb"
+    script.write_text(
+        "set pagination off\nset confirm off\n"
+        f"target remote {g.machine.gdb_socket}\n"
+        f"set scheduler-locking step\nthread {cpu + 1}\n"
+        "python import time; t0 = time.monotonic()\n"
+        f"set $i = 0\nwhile $i < {steps}\n  stepi\n  set $i = $i + 1\nend\n"
+        f"python print('CLI-STEPI-RATE', {steps} / (time.monotonic() - t0))\n"
+    )
+    out = subprocess.run(["gdb", "-nx", "-batch", "-x", str(script)], capture_output=True,
+                         text=True, timeout=600, check=False).stdout
+    m = re.search(r"CLI-STEPI-RATE ([0-9.]+)", out)
+    if m is None:
+        raise RuntimeError(f"the CLI loop printed no rate: {out[-500:]}")
+    return float(m.group(1))
+
+
+def mi_step_rate(g: Guest, steps: int) -> float:
+    """GDB/MI per step: -exec-step-instruction, wait *stopped, read rip+cr3 of every vCPU."""
+    assert g.gdb is not None
+    t0 = time.monotonic()
+    for _ in range(steps):
+        g.gdb.command(f"-exec-step-instruction --thread {g.config.isolated + 1}")
+        g.gdb.wait_stopped(30)
+        for cpu in range(g.config.smp):
+            g.gdb.command(f"-data-evaluate-expression --thread {cpu + 1} $cr3")
+    return steps / (time.monotonic() - t0)
+
+
+def checked_step_rate(g: Guest, steps: int) -> float:
+    cpu = g.config.isolated
+    w = Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
+    t0 = time.monotonic()
+    g.step(cpu, watches=[w], max_steps=steps)
+    dt = time.monotonic() - t0
+    g.traces.clear()
+    return steps / dt
+
+
+def rebreak(g: Guest) -> None:
+    g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", default=None)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    cache = default_cache_dir()
+    k = resolve_kernel(args.kernel, None, cache)
+    cfg = GuestConfig(kernel=k.image, initrd=build_initramfs(cache), vmlinux=k.vmlinux,
+                      label=k.label, cache_dir=cache)
+    # warm the kallsyms cache so boots compare like with like
+    Guest.boot(cfg).close()
+    plain: list[float] = []
+    first: list[float] = []
+    cli: list[float] = []
+    checked: list[float] = []
+    mi: list[float] = []
+    version = ""
+    for _ in range(args.rounds):
+        plain.append(plain_boot_seconds(cfg))
+        t, g = rig_first_hit_seconds(cfg)
+        first.append(t)
+        try:
+            version = g.machine.version
+            checked.append(checked_step_rate(g, args.steps))
+            rebreak(g)
+            mi.append(mi_step_rate(g, max(100, args.steps // 10)))
+            rebreak(g)
+            cli.append(gdb_cli_stepi_rate(g, args.steps))
+        finally:
+            g.close()
+    print(f"kernel: {k.label}; qemu: {version}; steps per sample: {args.steps}; rounds: {args.rounds}")
+    med = statistics.median
+    print(f"boot: plain to marker {med(plain):.2f} s; rig QEMU start to first hit {med(first):.2f} s;"
+          f" ratio {med(first) / med(plain):.2f} (goal <= 1.5)")
+    print(f"stepping: gdb CLI stepi {med(cli):.0f}/s (baseline); rig checked steps {med(checked):.0f}/s;"
+          f" GDB/MI per step {med(mi):.0f}/s")
+    print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0);"
+          f" MI/CLI {med(mi) / med(cli):.2f}")
+    print("samples: plain", [f"{x:.2f}" for x in plain], "first-hit", [f"{x:.2f}" for x in first],
+          "cli", [f"{x:.0f}" for x in cli], "checked", [f"{x:.0f}" for x in checked],
+          "mi", [f"{x:.0f}" for x in mi])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
