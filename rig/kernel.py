@@ -88,11 +88,33 @@ def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> K
             f"--kernel {spec}: no such file; pass a bzImage/vmlinux path, 'debian' or a reference name"
         )
     if vmlinux is None:
-        for candidate in (
-            path.parent / "vmlinux",
-            path.parents[3] / "vmlinux" if len(path.parents) > 3 else None,
-        ):
-            if candidate is not None and candidate.is_file() and candidate != path:
-                vmlinux = candidate
-                break
+        with open(path, "rb") as f:
+            is_elf = f.read(4) == b"\x7fELF"
+        if is_elf:
+            vmlinux = path
+        else:
+            tree = path.parents[3] if len(path.parents) > 3 else path.parent
+            for candidate in (path.parent / "vmlinux", tree / "vmlinux"):
+                if candidate.is_file():
+                    vmlinux = candidate
+                    break
     return Kernel(path.resolve(), vmlinux, str(path))
+
+
+def main() -> int:
+    """``python -m rig.kernel [SPEC]``: fetch/build the kernel and the initramfs into the cache."""
+    import sys
+
+    from rig.initramfs import build_initramfs
+    from rig.plugin import default_cache_dir
+
+    spec = sys.argv[1] if len(sys.argv) > 1 else None
+    cache = default_cache_dir()
+    k = resolve_kernel(spec, None, cache)
+    print(f"kernel: {k.image} ({k.label})")
+    print(f"initramfs: {build_initramfs(cache)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -86,7 +86,7 @@ class Trace:
 
     def frozen_violations(self) -> list[str]:
         """Every change of a non-stepping vCPU's rip or CR3 during the run (must be empty)."""
-        out = []
+        out: list[str] = []
         if not self.snapshots:
             return out
         first = self.snapshots[0]

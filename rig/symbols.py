@@ -120,7 +120,7 @@ def elf_build_id(vmlinux: Path) -> str | None:
         for sect in elf.iter_sections():
             if sect["sh_type"] != "SHT_NOTE":
                 continue
-            for note in sect.iter_notes():
+            for note in sect.iter_notes():  # type: ignore[attr-defined]
                 if note["n_type"] == "NT_GNU_BUILD_ID":
                     return str(note["n_desc"])
     return None

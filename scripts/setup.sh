@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# cr3rig set-up for a fresh Debian machine; the README, the Dockerfile and .ci/run all
+# call this one script. Idempotent: a second run only checks.
+#   system packages (QEMU, GDB, busybox-static, a C toolchain), the venv in .venv with
+#   cr3rig installed editable, then the default kernel and the guest initramfs in the
+#   cache ($CR3RIG_CACHE or ~/.cache/cr3rig).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+
+pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+    $SUDO apt-get update -q
+fi
+if [ -n "$missing" ]; then
+    echo "setup: installing$missing"
+    $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+# the default kernel (Debian's stock linux-image-amd64) and the initramfs, cached
+.venv/bin/python -m rig.kernel
