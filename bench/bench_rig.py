@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
-from pathlib import Path
 
 from rig.console import Console
 from rig.guest import Guest, GuestConfig
@@ -73,8 +72,9 @@ def gdb_cli_stepi_rate(g: Guest, steps: int) -> float:
         f"set $i = 0\nwhile $i < {steps}\n  stepi\n  set $i = $i + 1\nend\n"
         f"python print('CLI-STEPI-RATE', {steps} / (time.monotonic() - t0))\n"
     )
-    out = subprocess.run(["gdb", "-nx", "-batch", "-x", str(script)], capture_output=True,
-                         text=True, timeout=600, check=False).stdout
+    out = subprocess.run(
+        ["gdb", "-nx", "-batch", "-x", str(script)], capture_output=True, text=True, timeout=600, check=False
+    ).stdout
     m = re.search(r"CLI-STEPI-RATE ([0-9.]+)", out)
     if m is None:
         raise RuntimeError(f"the CLI loop printed no rate: {out[-500:]}")
@@ -115,8 +115,9 @@ def main() -> int:
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
-    cfg = GuestConfig(kernel=k.image, initrd=build_initramfs(cache), vmlinux=k.vmlinux,
-                      label=k.label, cache_dir=cache)
+    cfg = GuestConfig(
+        kernel=k.image, initrd=build_initramfs(cache), vmlinux=k.vmlinux, label=k.label, cache_dir=cache
+    )
     # warm the kallsyms cache so boots compare like with like
     Guest.boot(cfg).close()
     plain: list[float] = []
@@ -140,15 +141,27 @@ def main() -> int:
             g.close()
     print(f"kernel: {k.label}; qemu: {version}; steps per sample: {args.steps}; rounds: {args.rounds}")
     med = statistics.median
-    print(f"boot: plain to marker {med(plain):.2f} s; rig QEMU start to first hit {med(first):.2f} s;"
-          f" ratio {med(first) / med(plain):.2f} (goal <= 1.5)")
-    print(f"stepping: gdb CLI stepi {med(cli):.0f}/s (baseline); rig checked steps {med(checked):.0f}/s;"
-          f" GDB/MI per step {med(mi):.0f}/s")
-    print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0);"
-          f" MI/CLI {med(mi) / med(cli):.2f}")
-    print("samples: plain", [f"{x:.2f}" for x in plain], "first-hit", [f"{x:.2f}" for x in first],
-          "cli", [f"{x:.0f}" for x in cli], "checked", [f"{x:.0f}" for x in checked],
-          "mi", [f"{x:.0f}" for x in mi])
+    print(
+        f"boot: plain to marker {med(plain):.2f} s; rig QEMU start to first hit {med(first):.2f} s;"
+        f" ratio {med(first) / med(plain):.2f} (goal <= 1.5)"
+    )
+    print(
+        f"stepping: gdb CLI stepi {med(cli):.0f}/s (baseline); rig checked steps {med(checked):.0f}/s;"
+        f" GDB/MI per step {med(mi):.0f}/s"
+    )
+    print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0); MI/CLI {med(mi) / med(cli):.2f}")
+    print(
+        "samples: plain",
+        [f"{x:.2f}" for x in plain],
+        "first-hit",
+        [f"{x:.2f}" for x in first],
+        "cli",
+        [f"{x:.0f}" for x in cli],
+        "checked",
+        [f"{x:.0f}" for x in checked],
+        "mi",
+        [f"{x:.0f}" for x in mi],
+    )
     return 0
 
 

@@ -31,8 +31,9 @@ def initrd() -> Path:
 
 @pytest.fixture(scope="session")
 def base_config(stock_kernel: Kernel, initrd: Path) -> GuestConfig:
-    return GuestConfig(kernel=stock_kernel.image, initrd=initrd, label=stock_kernel.label,
-                       cache_dir=default_cache_dir())
+    return GuestConfig(
+        kernel=stock_kernel.image, initrd=initrd, label=stock_kernel.label, cache_dir=default_cache_dir()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,11 @@ def run_pytest(args: list[str], tag: str, timeout: float = 300) -> subprocess.Co
     env = dict(os.environ, CR3RIG_TEST_TAG=tag)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "testcases/", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,6 +1,6 @@
 """CR3 decoding and the page-table walker on synthetic tables (rig/x86.py)."""
 
-from rig.x86 import NX, P, PS, RW, US, G, decode_cr3, walk
+from rig.x86 import NX, PS, RW, US, G, P, decode_cr3, walk
 
 
 def test_cr3_decoding_pti_bits() -> None:
@@ -31,7 +31,7 @@ def _tables(five_level: bool) -> tuple[dict[int, int], int, int]:
 def test_walk_4_and_5_level() -> None:
     for five in (False, True):
         mem, pgd, va = _tables(five)
-        t = walk(pgd, va, lambda a: mem.get(a, 0), five_level=five)
+        t = walk(pgd, va, mem.__getitem__, five_level=five)
         assert t.present and t.physical == 0x1234080 and t.page_size == 4096
         assert t.writable and t.nx and t.global_ and not t.user
         assert len(t.steps) == (5 if five else 4)
