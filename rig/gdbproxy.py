@@ -6,8 +6,9 @@ than the raw protocol. The relay forwards GDB's bytes unchanged and watches them
 the two pieces of state the raw link must respect: the thread GDB believes the stub
 has selected for register and memory access (its last ``Hg``, or the thread of the last
 stop reply, which GDB records as current) and whether acknowledgements were switched
-off (``QStartNoAckMode``). While GDB is idle (the target stopped, no command in flight), :meth:`GdbRelay.borrow` hands the
-upstream socket to the caller as an :class:`~rig.rsp.RspLink`; on return it re-selects
+off (``QStartNoAckMode``). While GDB is idle (the target stopped, no command in
+flight), :meth:`GdbRelay.borrow` hands the upstream socket to the caller as an
+:class:`~rig.rsp.RspLink`; on return it re-selects
 GDB's ``Hg`` thread so GDB's belief about the stub is true again. The caller must then
 tell GDB to drop its register cache (``maintenance flush register-cache``).
 """
