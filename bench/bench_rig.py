@@ -24,7 +24,7 @@ from rig.guest import Guest, GuestConfig
 from rig.host import LocalHost
 from rig.initramfs import build_initramfs
 from rig.kernel import resolve_kernel
-from rig.plugin import default_cache_dir
+from rig.cache import default_cache_dir
 from rig.qemu import QemuConfig, QemuMachine
 from rig.stepping import Watch
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rig.cache import default_cache_dir
 from rig.console import Console
 from rig.disasm import disassemble
 from rig.errors import ConfigError, GuestError, RigError
@@ -57,7 +58,7 @@ class GuestConfig:
     gdb: str = "gdb"
     boot_timeout: float = 180.0
     label: str = ""
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "cr3rig")
+    cache_dir: Path = field(default_factory=default_cache_dir)
 
     @property
     def isolated(self) -> int:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
 
 __all__ = [
@@ -119,14 +120,6 @@ class WorkloadCompileError(InitramfsError):
         """Store the one-line ``message`` and the full compiler ``stderr``."""
         super().__init__(message)
         self.stderr = stderr
-
-
-def default_cache_dir() -> Path:
-    """Return ``$CR3RIG_CACHE`` if set, else ``~/.cache/cr3rig``."""
-    env = os.environ.get("CR3RIG_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "cr3rig"
 
 
 # --------------------------------------------------------------------------

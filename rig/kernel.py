@@ -106,7 +106,7 @@ def main() -> int:
     import sys
 
     from rig.initramfs import build_initramfs
-    from rig.plugin import default_cache_dir
+    from rig.cache import default_cache_dir
 
     spec = sys.argv[1] if len(sys.argv) > 1 else None
     cache = default_cache_dir()

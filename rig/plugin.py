@@ -14,7 +14,6 @@ the console tail, every vCPU's registers and the exact kernel and QEMU.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -23,16 +22,11 @@ from typing import Any
 
 import pytest
 
+from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig
 from rig.host import LocalHost
 from rig.qemu import check_accel, is_kernel_image
-
-
-def default_cache_dir() -> Path:
-    """``$CR3RIG_CACHE`` or ``~/.cache/cr3rig``."""
-    env = os.environ.get("CR3RIG_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "cr3rig"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

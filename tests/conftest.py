@@ -14,7 +14,7 @@ import pytest
 from rig.guest import Guest, GuestConfig
 from rig.initramfs import build_initramfs
 from rig.kernel import Kernel, resolve_kernel
-from rig.plugin import default_cache_dir
+from rig.cache import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
