@@ -19,12 +19,12 @@ import subprocess
 import sys
 import time
 
+from rig.cache import default_cache_dir
 from rig.console import Console
 from rig.guest import Guest, GuestConfig
 from rig.host import LocalHost
 from rig.initramfs import build_initramfs
 from rig.kernel import resolve_kernel
-from rig.cache import default_cache_dir
 from rig.qemu import QemuConfig, QemuMachine
 from rig.stepping import Watch
 

@@ -105,8 +105,8 @@ def main() -> int:
     """``python -m rig.kernel [SPEC]``: fetch/build the kernel and the initramfs into the cache."""
     import sys
 
-    from rig.initramfs import build_initramfs
     from rig.cache import default_cache_dir
+    from rig.initramfs import build_initramfs
 
     spec = sys.argv[1] if len(sys.argv) > 1 else None
     cache = default_cache_dir()
