@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
 
 __all__ = [
@@ -171,14 +172,6 @@ LogFn = Callable[[str], None]
 
 # --------------------------------------------------------------------------
 # Pure helpers
-
-
-def default_cache_dir() -> Path:
-    """Return ``$CR3RIG_CACHE`` if set, else ``~/.cache/cr3rig``."""
-    env = os.environ.get("CR3RIG_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "cr3rig"
 
 
 def get_flavor(name: str) -> Flavor:
