@@ -26,7 +26,8 @@ Layout under ``<cache>/kernels/`` (``<cache>`` is ``$CR3RIG_CACHE`` or
     first and copied into the second only if it changed.
 ``builds/<key>/``
     the cached results (``vmlinux``, ``bzImage``, ``config``, ``build.json``
-    and the GDB helpers ``vmlinux-gdb.py`` + ``scripts/gdb``). ``<key>`` is a
+    and the kernel's GDB helpers: ``source <entry>/gdb/vmlinux-gdb.py``
+    gives the ``lx-*`` commands). ``<key>`` is a
     SHA-256 over the source package version, the patches (names and contents)
     and the fragment; a second call with the same inputs returns at once.
 
@@ -79,7 +80,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO_ROOT / "guests" / "linux"
 
 #: Bumped whenever the meaning of a cache entry changes.
-_KEY_SCHEMA = "cr3rig-kernelbuild-1"
+_KEY_SCHEMA = "cr3rig-kernelbuild-3"
 #: Lines of build output kept for the error message.
 _TAIL_LINES = 40
 #: Used when the system's APT sources name no Debian mirror.
@@ -594,12 +595,19 @@ def _configure(flavor: Flavor, src: Path, tree: Path, fragment: str, jobs: int, 
 
 
 def _make(src: Path, build: Path, jobs: int, log: LogFn) -> None:
-    log(f"kernelbuild: make -j{jobs} vmlinux bzImage (O={build})")
+    targets = ["vmlinux", "bzImage"]
+    config = parse_fragment((build / ".config").read_text())
+    if config.get("CONFIG_GDB_SCRIPTS") == "y":
+        targets.append("scripts_gdb")  # vmlinux-gdb.py, the lx-* helpers
+    log(f"kernelbuild: make -j{jobs} {' '.join(targets)} (O={build})")
     _run(
-        ["make", "-C", str(src), f"O={build}", f"-j{jobs}", "vmlinux", "bzImage"],
+        ["make", "-C", str(src), f"O={build}", f"-j{jobs}", *targets],
         log=log,
         what="kernel build",
         stream=True,
+        # Set (even empty), it keeps setlocalversion from appending "+" for
+        # the git work tree: the release stays the Debian upstream version.
+        env={"LOCALVERSION": ""},
     )
 
 
@@ -607,18 +615,20 @@ def _store(build: Path, out: Path, meta: dict[str, object]) -> None:
     """Copy the results of ``build`` into the cache entry ``out`` (atomically)."""
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "gdb").mkdir(parents=True)
     shutil.copy2(build / "vmlinux", tmp / "vmlinux")
     shutil.copy2(build / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
     shutil.copy2(build / ".config", tmp / "config")
     gdb_dir = build / "scripts" / "gdb"
     if (build / "vmlinux-gdb.py").exists() and gdb_dir.is_dir():
-        # Let `gdb builds/<key>/vmlinux` find the lx-* helpers (resolving the
-        # symlinks into the work tree, which later builds change).
-        shutil.copy2(build / "vmlinux-gdb.py", tmp / "vmlinux-gdb.py")
+        # The lx-* helpers, resolved out of the work tree (which later builds
+        # change). Kept in gdb/ rather than next to vmlinux, where GDB would
+        # try to auto-load them (and warn about its safe-path) every time:
+        # `source <entry>/gdb/vmlinux-gdb.py` loads them.
+        shutil.copy2(build / "vmlinux-gdb.py", tmp / "gdb" / "vmlinux-gdb.py")
         shutil.copytree(
             gdb_dir,
-            tmp / "scripts" / "gdb",
+            tmp / "gdb" / "scripts" / "gdb",
             ignore=shutil.ignore_patterns("*.o", ".*.cmd", "__pycache__"),
         )
     (tmp / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
