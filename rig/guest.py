@@ -13,7 +13,7 @@ import contextlib
 import gzip
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class GuestConfig:
     qemu: str = "qemu-system-x86_64"
     gdb: str = "gdb"
     boot_timeout: float = 180.0
+    isolate: bool = True
     label: str = ""
     cache_dir: Path = field(default_factory=default_cache_dir)
 
@@ -72,7 +73,7 @@ class GuestConfig:
         parts = list(BASE_CMDLINE)
         if not keys & {"pti", "nopti", "mitigations"}:
             parts.append("pti=on")
-        if not keys & {"nohz_full", "isolcpus"}:
+        if self.isolate and not keys & {"nohz_full", "isolcpus"}:
             parts += [f"nohz_full={self.isolated}", f"isolcpus=nohz,domain,{self.isolated}"]
         return " ".join(parts + extra)
 
@@ -321,16 +322,21 @@ class Guest:
 
             return walk(pgd, virtual, read_u64, five_level=bool(regs["cr4"] & X86_CR4_LA57))
 
-    def break_on(self, address: int, cpu: int, timeout: float = 60.0) -> None:
+    def break_on(
+        self, address: int, cpu: int, timeout: float = 60.0, trigger: Callable[[], None] | None = None
+    ) -> None:
         """Run until vCPU ``cpu`` executes ``address``; other vCPUs' hits are filtered by GDB.
 
         The breakpoint exists only while waiting (armed after boot, deleted at the stop).
+        ``trigger`` runs right after the guest is resumed (e.g. to inject an NMI).
         """
         gdb = self._gdb()
         self.stop()
         gdb.cli(f"break *{address:#x} thread {cpu + 1}")
         try:
             self.resume()
+            if trigger is not None:
+                trigger()
             deadline = time.monotonic() + timeout
             while True:
                 stop = gdb.wait_stopped(max(0.1, deadline - time.monotonic()))

@@ -1,6 +1,9 @@
 """Which kernel to boot: resolve ``--kernel`` to a kernel image (and maybe a vmlinux).
 
-* ``debian`` (the default until a reference build is wired in): Debian's stock
+* ``reference-7.2`` (the default) / ``reference-6.1``: the reference kernel with the
+  CR3-signal patch series, built from Debian's kernel source package by
+  :mod:`rig.kernelbuild` and cached; symbols from its vmlinux.
+* ``debian``: Debian's stock
   ``linux-image-amd64`` of the running release, fetched with ``apt-get download`` into
   the cache. Its symbols come from the guest's /proc/kallsyms (the debug vmlinux is an
   858 MB download plus 2 GB of GDB indexing: not affordable per run).
@@ -17,6 +20,8 @@ from pathlib import Path
 from rig.errors import ConfigError
 
 DEBIAN = "debian"
+#: What ``--kernel`` means when it is not given.
+DEFAULT_KERNEL = "reference-7.2"
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ def debian_stock_kernel(cache_dir: Path) -> Kernel:
 
 def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:
     """Turn ``--kernel``/``--vmlinux`` into a :class:`Kernel` (downloading if needed)."""
-    if spec in (None, "", DEBIAN):
+    if not spec:
+        spec = DEFAULT_KERNEL
+    if spec == DEBIAN:
         stock = debian_stock_kernel(cache_dir)
         return Kernel(stock.image, vmlinux, stock.label)
     assert spec is not None

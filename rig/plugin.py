@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption(
         "--kernel",
         default=None,
-        help="bzImage/vmlinux path, 'debian' (stock kernel, default) or a reference name",
+        help="bzImage/vmlinux path, 'reference-7.2' (default), 'reference-6.1' or 'debian' (stock)",
     )
     g.addoption(
         "--vmlinux",
@@ -101,7 +101,11 @@ def _check_options(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "cmdline(extra): boot the guest with extra kernel parameters")
+    config.addinivalue_line(
+        "markers",
+        "cmdline(extra, isolate=True): boot the guest with extra kernel parameters; "
+        "isolate=False leaves out the rig's nohz_full/isolcpus",
+    )
     _check_options(config)
 
 
@@ -149,9 +153,11 @@ class GuestPool:
         self.settings = settings
         self.current: Guest | None = None
 
-    def get(self, extra_append: str = "") -> Guest:
+    def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
+        """The guest booted with ``extra_append`` (and, unless ``isolate`` is False, the
+        rig's nohz_full/isolcpus parameters for the isolated CPU)."""
         base = self.settings.base
-        config = replace(base, append=f"{base.append} {extra_append}".strip())
+        config = replace(base, append=f"{base.append} {extra_append}".strip(), isolate=isolate)
         cur = self.current
         if cur is not None and (cur.config != config or not cur.machine.alive or cur.closed):
             cur.close()
@@ -182,7 +188,10 @@ def guest_pool(rig_settings: RigSettings) -> Iterator[GuestPool]:
 def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Guest]:
     """The guest for this test (the ``cmdline`` marker adds kernel parameters)."""
     marker = request.node.get_closest_marker("cmdline")
-    g = guest_pool.get(marker.args[0] if marker else "")
+    g = guest_pool.get(
+        marker.args[0] if marker and marker.args else "",
+        isolate=bool(marker.kwargs.get("isolate", True)) if marker else True,
+    )
     g.traces.clear()
     request.node.stash[_GUEST_KEY] = g
     yield g
