@@ -109,6 +109,18 @@ def pytest_configure(config: pytest.Config) -> None:
     _check_options(config)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group tests by kernel command line (stable), so each is booted once."""
+
+    def key(item: pytest.Item) -> tuple[str, bool]:
+        m = item.get_closest_marker("cmdline")
+        if m is None:
+            return ("", True)
+        return (m.args[0] if m.args else "", bool(m.kwargs.get("isolate", True)))
+
+    items.sort(key=lambda it: (key(it) != ("", True), key(it)))
+
+
 @dataclass(frozen=True)
 class RigSettings:
     """The options, resolved: what every guest of this session boots."""

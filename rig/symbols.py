@@ -69,6 +69,13 @@ class SymbolTable:
             return f"{address:#x}"
         return self._names[i] if off == 0 else f"{self._names[i]}+{off:#x}"
 
+    def in_range(self, start: int, end: int) -> list[tuple[str, int]]:
+        """(name, address) of every symbol with ``start <= address < end``, by address."""
+        return sorted(
+            ((s.name, s.address) for s in self._by_name.values() if start <= s.address < end),
+            key=lambda x: x[1],
+        )
+
     def to_json(self) -> str:
         return json.dumps([[s.name, s.address, s.kind] for s in self._by_name.values()])
 

@@ -1,0 +1,541 @@
+"""Mutation testing of the testcases: mutant kernels that the testcases must catch.
+
+A *mutant* is a small patch in ``guests/linux/mutants/NAME.patch``, applied on top
+of a flavor's patch series (by :func:`rig.kernelbuild.build_kernel`, as
+``patches_extra``), that plants one realistic mistake in the CR3-signal code.
+The runner first runs ``pytest testcases/`` on the unmutated reference kernel,
+then on each mutant kernel, and gives each mutant a verdict:
+
+``CAUGHT``
+    at least one testcase that did not fail on the reference failed, or errored
+    with a message that reports a guest crash (see :data:`CRASH_RE`);
+``SURVIVED``
+    nothing caught it;
+``BUILD-FAILED``
+    the patch does not apply or the kernel does not build;
+``NO-RESULT``
+    pytest left no readable JUnit XML (it crashed or timed out).
+
+Command line::
+
+    python -m rig.mutants [--only NAME ...] [--flavor reference-7.2]
+
+prints a table (also written as Markdown to ``results/mutants.md``) and exits 1
+if the reference failed or errored any testcase, or any mutant is not CAUGHT.
+Progress lines go to stderr; the build and pytest output of each kernel goes to
+``results/mutants/<name>.build.log`` / ``<name>.pytest.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rig.kernelbuild import GUEST_DIR, REPO_ROOT, KernelBuild, KernelBuildError, build_kernel
+
+__all__ = [
+    "CRASH_RE",
+    "MUTANTS_DIR",
+    "MutantResult",
+    "Outcome",
+    "TestResults",
+    "UnknownMutantError",
+    "Verdict",
+    "discover_mutants",
+    "judge",
+    "main",
+    "parse_junit",
+    "render_markdown",
+    "render_table",
+    "select_mutants",
+    "short_name",
+]
+
+#: Where the mutant patches live.
+MUTANTS_DIR = GUEST_DIR / "mutants"
+#: Default flavor the mutants apply to.
+DEFAULT_FLAVOR = "reference-7.2"
+#: An error whose message matches this reports a guest crash (it counts as caught).
+CRASH_RE = re.compile(
+    r"crash|kernel panic|did not boot|QEMU is gone|QEMU exited|console closed|triple fault",
+    re.IGNORECASE,
+)
+#: Seconds one pytest run may take before it is interrupted.
+DEFAULT_PYTEST_TIMEOUT = 1800.0
+#: Seconds between SIGINT (the rig cleans up QEMU/GDB) and SIGKILL on timeout.
+_KILL_GRACE = 30.0
+
+LogFn = Callable[[str], None]
+
+
+class Outcome(enum.Enum):
+    """How one testcase ended, as recorded in JUnit XML."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    SKIPPED = "skipped"
+
+
+class Verdict(enum.Enum):
+    """The verdict on one mutant."""
+
+    CAUGHT = "CAUGHT"
+    SURVIVED = "SURVIVED"
+    BUILD_FAILED = "BUILD-FAILED"
+    NO_RESULT = "NO-RESULT"
+
+
+class UnknownMutantError(ValueError):
+    """``--only`` named a mutant that does not exist; the one-line message lists the valid ones."""
+
+
+@dataclass
+class TestResults:
+    """Outcomes of one pytest run: test id -> outcome, and the messages of failures/errors."""
+
+    __test__ = False  # not a pytest test class
+
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)
+
+    def ids(self, outcome: Outcome) -> list[str]:
+        """Return the ids with ``outcome``, in sorted order."""
+        return sorted(t for t, o in self.outcomes.items() if o is outcome)
+
+    @property
+    def passed(self) -> list[str]:
+        """Ids of the tests that passed."""
+        return self.ids(Outcome.PASSED)
+
+    @property
+    def failed(self) -> list[str]:
+        """Ids of the tests that failed."""
+        return self.ids(Outcome.FAILED)
+
+    @property
+    def errored(self) -> list[str]:
+        """Ids of the tests that errored (setup/teardown/collection)."""
+        return self.ids(Outcome.ERROR)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Ids of the tests that were skipped."""
+        return self.ids(Outcome.SKIPPED)
+
+    def summary(self) -> str:
+        """``N passed, N failed, N error, N skipped``."""
+        return ", ".join(f"{len(self.ids(o))} {o.value}" for o in Outcome)
+
+
+@dataclass
+class MutantResult:
+    """What happened to one mutant (or to the reference, with ``name="reference"``)."""
+
+    name: str
+    verdict: Verdict
+    #: Test ids that caught the mutant (failed, or errored with a crash message).
+    caught_by: list[str] = field(default_factory=list)
+    #: Test ids that errored without reporting a crash (not counted as caught).
+    other_errors: list[str] = field(default_factory=list)
+    results: TestResults | None = None
+    detail: str = ""
+    build_seconds: float = 0.0
+    test_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------
+# Pure logic
+
+
+_SEVERITY = {Outcome.PASSED: 0, Outcome.SKIPPED: 1, Outcome.ERROR: 2, Outcome.FAILED: 3}
+
+
+def _test_id(classname: str, name: str) -> str:
+    """``testcases.test_x`` + ``test_y[p]`` -> ``testcases/test_x.py::test_y[p]``.
+
+    A class in the classname (``testcases.test_x.TestZ``) is kept as ``::TestZ``
+    when its first letter is upper case.
+    """
+    if not classname:
+        return name
+    parts = classname.split(".")
+    classes: list[str] = []
+    while len(parts) > 1 and parts[-1][:1].isupper():
+        classes.insert(0, parts.pop())
+    return "::".join(["/".join(parts) + ".py", *classes, name])
+
+
+def parse_junit(source: str | Path) -> TestResults:
+    """Parse a pytest JUnit XML report (a path, or the XML text itself).
+
+    A testcase with a ``<failure>`` child failed, with an ``<error>`` child
+    errored, with a ``<skipped>`` child was skipped, otherwise it passed. A test
+    id that appears more than once (a failure in the call and an error in the
+    teardown) keeps its worst outcome; the messages are joined.
+
+    Raises :class:`ValueError` if the XML cannot be parsed.
+    """
+    try:
+        root = ET.parse(source).getroot() if isinstance(source, Path) else ET.fromstring(source)
+    except (ET.ParseError, OSError) as e:
+        raise ValueError(f"unreadable JUnit XML: {e}") from None
+    results = TestResults()
+    for case in root.iter("testcase"):
+        tid = _test_id(case.get("classname", ""), case.get("name", "?"))
+        outcome = Outcome.PASSED
+        texts: list[str] = []
+        for child in case:
+            tag = {"failure": Outcome.FAILED, "error": Outcome.ERROR, "skipped": Outcome.SKIPPED}.get(
+                child.tag
+            )
+            if tag is None:
+                continue
+            if _SEVERITY[tag] > _SEVERITY[outcome]:
+                outcome = tag
+            if tag is not Outcome.SKIPPED:
+                texts.append(" ".join(t for t in (child.get("message", ""), child.text or "") if t))
+        old = results.outcomes.get(tid)
+        if old is None or _SEVERITY[outcome] > _SEVERITY[old]:
+            results.outcomes[tid] = outcome
+        if texts:
+            previous = results.messages.get(tid)
+            joined = "\n".join(texts)
+            results.messages[tid] = f"{previous}\n{joined}" if previous else joined
+    return results
+
+
+def is_crash(message: str) -> bool:
+    """True if an error message clearly reports a guest crash."""
+    return bool(CRASH_RE.search(message))
+
+
+def judge(name: str, results: TestResults, reference: TestResults | None = None) -> MutantResult:
+    """Give the verdict on mutant ``name`` from its test results.
+
+    CAUGHT if a testcase failed, or errored with a crash message (:func:`is_crash`);
+    SURVIVED otherwise. With ``reference``, a testcase that already failed or
+    errored on the reference does not count as catching the mutant.
+    """
+    bad_on_reference = set(reference.failed + reference.errored) if reference else set()
+    caught: list[str] = []
+    other: list[str] = []
+    for tid in results.failed:
+        if tid not in bad_on_reference:
+            caught.append(tid)
+    for tid in results.errored:
+        if tid not in bad_on_reference and is_crash(results.messages.get(tid, "")):
+            caught.append(tid)
+        else:
+            other.append(tid)
+    verdict = Verdict.CAUGHT if caught else Verdict.SURVIVED
+    return MutantResult(name, verdict, sorted(caught), sorted(other), results)
+
+
+def short_name(test_id: str) -> str:
+    """``testcases/test_x.py::test_y[p]`` -> ``test_y[p]``."""
+    return test_id.rsplit("::", 1)[-1]
+
+
+def _describe(result: MutantResult) -> str:
+    """The third column of the table: the testcases that caught it, or why not."""
+    parts: list[str] = []
+    if result.verdict in (Verdict.BUILD_FAILED, Verdict.NO_RESULT):
+        return result.detail
+    for tid in result.caught_by:
+        outcome = result.results.outcomes.get(tid) if result.results else None
+        parts.append(short_name(tid) + (" (crash)" if outcome is Outcome.ERROR else ""))
+    for tid in result.other_errors:
+        parts.append(short_name(tid) + " (error)")
+    return ", ".join(parts) if parts else "-"
+
+
+def _reference_row(reference: MutantResult) -> tuple[str, str, str]:
+    res = reference.results
+    if res is None:
+        return ("reference", reference.verdict.value, reference.detail)
+    bad = [short_name(t) + ("" if t in res.failed else " (error)") for t in res.failed + res.errored]
+    verdict = "OK" if not bad else "FAILED"
+    return ("reference", verdict, (", ".join(bad) + "; " if bad else "") + res.summary())
+
+
+def _rows(reference: MutantResult | None, mutants: Sequence[MutantResult]) -> list[tuple[str, str, str]]:
+    rows = [_reference_row(reference)] if reference else []
+    rows += [(m.name, m.verdict.value, _describe(m)) for m in mutants]
+    return rows
+
+
+HEADER = ("mutant", "verdict", "testcases that failed")
+
+
+def render_table(reference: MutantResult | None, mutants: Sequence[MutantResult]) -> str:
+    """A plain-text table ``mutant | verdict | testcases that failed``, reference line first."""
+    rows = [HEADER, *_rows(reference, mutants)]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}} | {b:<{w1}} | {c}".rstrip() for a, b, c in rows]
+    lines.insert(1, f"{'-' * w0}-+-{'-' * w1}-+-{'-' * max(len(HEADER[2]), 3)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(reference: MutantResult | None, mutants: Sequence[MutantResult]) -> str:
+    """The same table as Markdown."""
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(HEADER) + " |", "| --- | --- | --- |"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in _rows(reference, mutants)]
+    return "\n".join(lines) + "\n"
+
+
+def run_failed(reference: MutantResult | None, mutants: Iterable[MutantResult]) -> bool:
+    """True if the run must exit non-zero: reference not clean, or a mutant not CAUGHT."""
+    if reference is not None:
+        res = reference.results
+        if res is None or res.failed or res.errored:
+            return True
+    return any(m.verdict is not Verdict.CAUGHT for m in mutants)
+
+
+def discover_mutants(directory: Path = MUTANTS_DIR) -> dict[str, Path]:
+    """Return ``{name: patch}`` for every ``NAME.patch`` in ``directory``, sorted by name."""
+    return {p.stem: p for p in sorted(directory.glob("*.patch"))}
+
+
+def select_mutants(available: dict[str, Path], only: Sequence[str] | None) -> dict[str, Path]:
+    """Keep the mutants named in ``only`` (all if empty/None), in sorted order.
+
+    Raises :class:`UnknownMutantError` (one line, naming the valid mutants) for
+    a name that is not available.
+    """
+    if not only:
+        return dict(available)
+    unknown = sorted(set(only) - set(available))
+    if unknown:
+        valid = ", ".join(available) or "(none)"
+        raise UnknownMutantError(f"unknown mutant(s) {', '.join(unknown)}; valid mutants: {valid}")
+    return {n: p for n, p in available.items() if n in set(only)}
+
+
+# --------------------------------------------------------------------------
+# Running pytest on a kernel
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_testcases(
+    build: KernelBuild,
+    log_file: Path,
+    *,
+    timeout: float = DEFAULT_PYTEST_TIMEOUT,
+    extra_args: Sequence[str] = (),
+) -> tuple[TestResults | None, str]:
+    """Run ``pytest testcases/`` on ``build`` in a subprocess (cwd = repo root).
+
+    Its output goes to ``log_file``. Returns the parsed JUnit results, or
+    ``None`` and a one-line reason if there are none (pytest timed out or
+    left no readable XML).
+    """
+    with tempfile.TemporaryDirectory(prefix="cr3rig-mutants-") as tmp:
+        junit = Path(tmp, "junit.xml")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "testcases/",
+            "--kernel",
+            str(build.bzimage),
+            "--vmlinux",
+            str(build.vmlinux),
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            *extra_args,
+        ]
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("w") as out:
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            # A session of its own: on timeout or Ctrl-C the whole group (pytest,
+            # QEMU, GDB) gets SIGINT, so that the rig shuts its guests down.
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            reason = ""
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc)
+                reason = f"pytest timed out after {timeout:.0f} s"
+                rc = proc.returncode
+            except BaseException:
+                _stop_group(proc)
+                raise
+        if reason:
+            return None, reason
+        try:
+            return parse_junit(junit), ""
+        except ValueError as e:
+            return None, f"pytest exited {rc} without a readable JUnit report ({e})"
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT the process group of ``proc``, then SIGKILL it if it lingers."""
+    for sig, wait in ((signal.SIGINT, _KILL_GRACE), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
+
+
+# --------------------------------------------------------------------------
+# The run
+
+
+def _build(
+    flavor: str, name: str, patches: Sequence[Path], logs: Path, log: LogFn
+) -> tuple[KernelBuild | None, str, float]:
+    """Build one kernel; return (build or None, one-line failure reason, seconds)."""
+    build_log = logs / f"{name}.build.log"
+    build_log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with build_log.open("w") as f:
+
+        def to_file(line: str) -> None:
+            f.write(line + "\n")
+
+        try:
+            build = build_kernel(flavor, patches_extra=[p.resolve() for p in patches], log=to_file)
+        except KernelBuildError as e:
+            f.write(str(e) + "\n")
+            seconds = time.monotonic() - start
+            log(f"mutants: {name}: build FAILED after {seconds:.0f} s: {e.summary} (log: {build_log})")
+            return None, e.summary, seconds
+    seconds = time.monotonic() - start
+    log(f"mutants: {name}: build {seconds:.1f} s")
+    return build, "", seconds
+
+
+def _test(
+    name: str, build: KernelBuild, logs: Path, timeout: float, log: LogFn
+) -> tuple[TestResults | None, str, float]:
+    start = time.monotonic()
+    results, reason = run_testcases(build, logs / f"{name}.pytest.log", timeout=timeout)
+    seconds = time.monotonic() - start
+    summary = results.summary() if results else reason
+    log(f"mutants: {name}: test {seconds:.1f} s: {summary}")
+    return results, reason, seconds
+
+
+def run(
+    flavor: str,
+    mutants: dict[str, Path],
+    *,
+    logs: Path,
+    timeout: float = DEFAULT_PYTEST_TIMEOUT,
+    log: LogFn = _stderr,
+) -> tuple[MutantResult, list[MutantResult]]:
+    """Test the reference kernel of ``flavor``, then each mutant; return all results."""
+    build, reason, bsec = _build(flavor, "reference", [], logs, log)
+    if build is None:
+        ref = MutantResult("reference", Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec)
+        return ref, []
+    results, reason, tsec = _test("reference", build, logs, timeout, log)
+    # The reference's verdict only tells NO-RESULT apart; its row is made from its results.
+    ref = MutantResult(
+        "reference",
+        Verdict.NO_RESULT if results is None else Verdict.SURVIVED,
+        results=results,
+        detail=reason,
+        build_seconds=bsec,
+        test_seconds=tsec,
+    )
+    out: list[MutantResult] = []
+    for i, (name, patch) in enumerate(sorted(mutants.items()), 1):
+        log(f"mutants: [{i}/{len(mutants)}] {name}")
+        build, reason, bsec = _build(flavor, name, [patch], logs, log)
+        if build is None:
+            out.append(MutantResult(name, Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec))
+            continue
+        results, reason, tsec = _test(name, build, logs, timeout, log)
+        if results is None:
+            res = MutantResult(name, Verdict.NO_RESULT, detail=reason)
+        else:
+            res = judge(name, results, ref.results)
+        res.build_seconds, res.test_seconds = bsec, tsec
+        log(f"mutants: {name}: {res.verdict.value}")
+        out.append(res)
+    return ref, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; see the module docstring."""
+    available = discover_mutants()
+    parser = argparse.ArgumentParser(
+        prog="python -m rig.mutants",
+        description="Build each mutant kernel and check that the testcases catch it.",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        default=[],
+        help="run only these mutants (repeatable); known: " + (", ".join(available) or "(none)"),
+    )
+    parser.add_argument("--flavor", default=DEFAULT_FLAVOR, help=f"kernel flavor (default {DEFAULT_FLAVOR})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_PYTEST_TIMEOUT,
+        help=f"seconds per pytest run (default {DEFAULT_PYTEST_TIMEOUT:.0f})",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=REPO_ROOT / "results",
+        help="where mutants.md and the per-kernel logs (mutants/) go (default: results/)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        selected = select_mutants(available, args.only)
+    except UnknownMutantError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    if not selected:
+        print(f"ERROR: no mutants in {MUTANTS_DIR}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    ref, results = run(args.flavor, selected, logs=args.results / "mutants", timeout=args.timeout)
+    table = render_table(ref, results)
+    print(table, end="")
+    args.results.mkdir(parents=True, exist_ok=True)
+    md = args.results / "mutants.md"
+    md.write_text(f"# Mutants ({args.flavor})\n\n" + render_markdown(ref, results))
+    _stderr(f"mutants: done in {time.monotonic() - start:.0f} s; table in {md}")
+    return 1 if run_failed(ref, results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
