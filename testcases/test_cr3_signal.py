@@ -19,6 +19,7 @@ import pytest
 from rig.checks import allowed_scratch, memory_operands, signal_problems, store_windows
 from rig.guest import Guest
 from rig.stepping import StopCondition, Trace, Watch, at_any, in_user_mode
+from rig.vcpu import read_physical
 from testcases.conftest import SIGNAL
 
 #: Most boundaries allowed between the store of 0 and the write of the user CR3
@@ -171,8 +172,6 @@ def test_signal_reads_the_same_through_every_view(signal_guest: Guest) -> None:
         t = g.translate(addr, user_tables=False)
         assert t.physical is not None
         with g.stopped(), g.link() as link:
-            from rig.vcpu import read_physical
-
             phys = int.from_bytes(read_physical(link, t.physical, 4), "little")
             virt = g.vcpu(obs).read(link, addr, 4)
         assert virt is not None and phys == int.from_bytes(virt, "little"), (
