@@ -78,6 +78,11 @@ class Console:
             raise GuestError(f"guest command {command!r} failed with status {status}: {out[-200:]}")
         return out
 
+    def send(self, line: str) -> None:
+        """Type ``line`` into the shell without waiting for anything (the guest may be
+        stopped by a breakpoint before it runs; later commands tolerate its output)."""
+        self.child.sendline(line)
+
     def start_background(self, command: str, marker: str, timeout: float = 30.0) -> str:
         """Start ``command &`` and wait for a line matching regex ``marker``; return the line."""
         self.child.sendline(f"{command} &")

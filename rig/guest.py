@@ -13,7 +13,7 @@ import contextlib
 import gzip
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,16 +323,24 @@ class Guest:
             return walk(pgd, virtual, read_u64, five_level=bool(regs["cr4"] & X86_CR4_LA57))
 
     def break_on(
-        self, address: int, cpu: int, timeout: float = 60.0, trigger: Callable[[], None] | None = None
-    ) -> None:
-        """Run until vCPU ``cpu`` executes ``address``; other vCPUs' hits are filtered by GDB.
+        self,
+        address: int | Sequence[int],
+        cpu: int,
+        timeout: float = 60.0,
+        trigger: Callable[[], None] | None = None,
+    ) -> int:
+        """Run until vCPU ``cpu`` executes ``address`` (or any of several); return the one hit.
 
-        The breakpoint exists only while waiting (armed after boot, deleted at the stop).
+        Hits on other vCPUs are filtered by GDB (thread-specific breakpoints). The
+        breakpoints exist only while waiting (armed after boot, deleted at the stop).
         ``trigger`` runs right after the guest is resumed (e.g. to inject an NMI).
         """
+        addresses = [address] if isinstance(address, int) else list(address)
+        what = " or ".join(self.symbols.describe(a) for a in addresses)
         gdb = self._gdb()
         self.stop()
-        gdb.cli(f"break *{address:#x} thread {cpu + 1}")
+        for a in addresses:
+            gdb.cli(f"break *{a:#x} thread {cpu + 1}")
         try:
             self.resume()
             if trigger is not None:
@@ -343,14 +351,12 @@ class Guest:
                 self.running = False
                 tid = str(stop.get("thread-id", ""))
                 if tid == str(cpu + 1) and stop.get("reason") == "breakpoint-hit":
-                    return
+                    return int(stop.get("frame", {}).get("addr", "0"), 16)
                 if time.monotonic() > deadline:
-                    raise GuestError(f"vCPU {cpu} did not reach {self.symbols.describe(address)}")
+                    raise GuestError("timeout")
                 self.resume()
-        except GuestError as exc:
-            raise GuestError(
-                f"vCPU {cpu} did not reach {self.symbols.describe(address)} within {timeout:.0f} s ({exc})"
-            ) from None
+        except RigError as exc:
+            raise GuestError(f"vCPU {cpu} did not reach {what} within {timeout:.0f} s ({exc})") from None
         finally:
             if self.running:
                 self.stop()

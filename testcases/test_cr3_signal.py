@@ -50,7 +50,7 @@ def check(guest: Guest, trace: Trace, *, round_trip: bool) -> None:
 def from_user(
     guest: Guest,
     cpu: int,
-    entry: str,
+    entry: str | tuple[str, ...],
     steps: int,
     stop: StopCondition,
     trigger: Callable[[], None] | None = None,
@@ -59,8 +59,10 @@ def from_user(
 ) -> Trace:
     """Break on ``entry`` until vCPU ``cpu`` arrives there on the user CR3 (and the trace
     passes ``accept``), then return the stepped trace."""
+    names = (entry,) if isinstance(entry, str) else entry
+    addresses = [guest.symbols.address(n) for n in names if n in guest.symbols]
     for _ in range(tries):
-        guest.break_on(guest.symbols.address(entry), cpu, trigger=trigger)
+        guest.break_on(addresses, cpu, trigger=trigger)
         trace = step_watching(guest, cpu, steps, stop)
         if trace.snapshots[0].user_tables(cpu) and accept(trace):
             return trace
@@ -88,10 +90,26 @@ def test_signal_on_page_fault_entry(signal_guest: Guest) -> None:
     check(signal_guest, trace, round_trip=False)
 
 
-def test_signal_on_timer_interrupt_from_user(signal_guest: Guest) -> None:
-    cpu = signal_guest.config.isolated
-    signal_guest.start_workload("user-spin", cpu)
-    trace = from_user(signal_guest, cpu, "asm_sysvec_apic_timer_interrupt", 60000, in_user_mode(cpu))
+#: Interrupt entries an isolated CPU spinning in user mode takes: its residual tick, and
+#: the IPIs a wake-up of a task pinned to it sends.
+INTERRUPT_ENTRIES = (
+    "asm_sysvec_apic_timer_interrupt",
+    "asm_sysvec_reschedule_ipi",
+    "asm_sysvec_call_function_single",
+    "asm_sysvec_call_function",
+)
+
+
+def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
+    g = signal_guest
+    cpu = g.config.isolated
+    g.start_workload("user-spin", cpu)
+
+    def wake_a_task_there() -> None:  # an IPI to the isolated CPU, in case its tick is off
+        assert g.console is not None
+        g.console.send(f"taskset -c {cpu} true &")
+
+    trace = from_user(g, cpu, INTERRUPT_ENTRIES, 60000, in_user_mode(cpu), trigger=wake_a_task_there)
     check(signal_guest, trace, round_trip=True)
 
 
