@@ -43,7 +43,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.kernelbuild import GUEST_DIR, REPO_ROOT, KernelBuild, KernelBuildError, build_kernel
+from rig.kernelbuild import (
+    GUEST_DIR,
+    REPO_ROOT,
+    KernelBuild,
+    KernelBuildError,
+    UnknownFlavorError,
+    build_kernel,
+    get_flavor,
+)
 
 __all__ = [
     "CRASH_RE",
@@ -184,7 +192,9 @@ def parse_junit(source: str | Path) -> TestResults:
     A testcase with a ``<failure>`` child failed, with an ``<error>`` child
     errored, with a ``<skipped>`` child was skipped, otherwise it passed. A test
     id that appears more than once (a failure in the call and an error in the
-    teardown) keeps its worst outcome; the messages are joined.
+    teardown) keeps its worst outcome; the messages are joined. The message of
+    a failure/error is its ``message`` attribute (the one-line summary), or the
+    first line of its text if that is missing.
 
     Raises :class:`ValueError` if the XML cannot be parsed.
     """
@@ -206,7 +216,9 @@ def parse_junit(source: str | Path) -> TestResults:
             if _SEVERITY[tag] > _SEVERITY[outcome]:
                 outcome = tag
             if tag is not Outcome.SKIPPED:
-                texts.append(" ".join(t for t in (child.get("message", ""), child.text or "") if t))
+                # the one-line message, not the traceback (whose console tail may say anything)
+                text = (child.text or "").strip()
+                texts.append(child.get("message") or (text.splitlines()[0] if text else ""))
         old = results.outcomes.get(tid)
         if old is None or _SEVERITY[outcome] > _SEVERITY[old]:
             results.outcomes[tid] = outcome
@@ -519,15 +531,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        get_flavor(args.flavor)
         selected = select_mutants(available, args.only)
-    except UnknownMutantError as e:
+    except (UnknownMutantError, UnknownFlavorError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     if not selected:
         print(f"ERROR: no mutants in {MUTANTS_DIR}", file=sys.stderr)
         return 2
     start = time.monotonic()
-    ref, results = run(args.flavor, selected, logs=args.results / "mutants", timeout=args.timeout)
+    try:
+        ref, results = run(args.flavor, selected, logs=args.results / "mutants", timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("mutants: interrupted", file=sys.stderr)
+        return 130
     table = render_table(ref, results)
     print(table, end="")
     args.results.mkdir(parents=True, exist_ok=True)
