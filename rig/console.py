@@ -60,7 +60,7 @@ class Console:
         tag = f"__CR3RIG_{n}__"
         # the marker is split in the echoed command line so only the real output matches
         self.child.sendline(f'{command}; echo __CR3RIG_{n}""__ $?')
-        idx = self._expect([re.escape(tag) + r" (\d+)", *PANIC_PATTERNS], timeout, command)
+        idx = self._expect([re.escape(tag) + r" (\d+)\r?\n", *PANIC_PATTERNS], timeout, command)
         if idx != 0:
             raise GuestError(f"the guest kernel crashed while running {command!r}")
         status = int(self.child.match.group(1))

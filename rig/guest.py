@@ -377,6 +377,12 @@ class Guest:
         self.workloads[int(m.group(1))] = name
         return int(m.group(1))
 
+    def shell(self, command: str, timeout: float = 30.0) -> tuple[str, int]:
+        """Run ``command`` in the guest shell (resuming the guest first); (output, status)."""
+        assert self.console is not None
+        self.resume()
+        return self.console.run(command, timeout)
+
     def stop_workload(self, pid: int) -> None:
         """Kill a workload started with :meth:`start_workload`."""
         assert self.console is not None

@@ -757,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build = build_kernel(
             args.flavor,
             cache_dir=args.cache_dir,
-            patches_extra=args.patches,
+            patches_extra=[p.resolve() for p in args.patches],
             jobs=args.jobs,
             refresh=args.refresh,
         )

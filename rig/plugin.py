@@ -205,6 +205,7 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
         isolate=bool(marker.kwargs.get("isolate", True)) if marker else True,
     )
     g.traces.clear()
+    g.resume()  # a previous test may have left it stopped at a breakpoint
     request.node.stash[_GUEST_KEY] = g
     yield g
     if g.machine.alive and not g.closed:

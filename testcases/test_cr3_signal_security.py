@@ -7,7 +7,7 @@ import pytest
 
 from rig.guest import Guest
 from rig.stepping import Watch, in_user_mode
-from rig.x86 import PAGE_SIZE
+from rig.x86 import PAGE_SIZE, US
 from testcases.conftest import SIGNAL
 
 
@@ -24,6 +24,12 @@ def test_signal_page_is_mapped_kernel_only_rw_nx(signal_guest: Guest) -> None:
             problems.append(f"CPU {cpu}: user tables map a different frame ({t.physical:#x} vs {k.physical})")
         if t.user or not t.writable or not t.nx:
             problems.append(f"CPU {cpu}: {addr:#x} mapped {t.flags()} (want P RW NX, not US)")
+        leaf = t.steps[-1]
+        if leaf.entry & US:
+            problems.append(
+                f"CPU {cpu}: the {leaf.level} entry {leaf.entry:#x} has _PAGE_USER (masked only by "
+                "upper levels today)"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -42,7 +48,7 @@ def test_user_write_to_signal_faults(signal_guest: Guest) -> None:
     g = signal_guest
     cpu = g.config.isolated
     addr = g.per_cpu(SIGNAL, cpu)
-    out, status = g.console.run(f"/bin/poke {cpu} {addr:#x} 0x5a5a5a5a")  # type: ignore[union-attr]
+    out, status = g.shell(f"/bin/poke {cpu} {addr:#x} 0x5a5a5a5a")
     with g.stopped(), g.link() as link:
         value = g.vcpu(1 - cpu if g.config.smp == 2 else 0).read(link, addr, 4)
     assert "CR3RIG-POKE wrote" not in out, f"a user program wrote {SIGNAL}: {out}"
