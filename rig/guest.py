@@ -79,24 +79,37 @@ class GuestConfig:
 
     def validate(self, host: Host) -> None:
         """Raise :class:`ConfigError` for bad input, before anything is started."""
-        if not self.kernel.exists():
-            raise ConfigError(f"--kernel {self.kernel}: no such file; pass a bzImage or vmlinux")
-        why = is_kernel_image(self.kernel)
-        if why is not None:
-            raise ConfigError(f"--kernel {self.kernel}: {why}; pass a bzImage or vmlinux")
-        if self.vmlinux is not None and not self.vmlinux.exists():
-            raise ConfigError(f"--vmlinux {self.vmlinux}: no such file")
-        if not self.initrd.exists():
-            raise ConfigError(f"--initrd {self.initrd}: no such file")
-        if self.smp < 2:
-            raise ConfigError(f"--smp {self.smp}: the rig needs at least 2 vCPUs (one steps, one watches)")
-        if not 0 <= self.isolated < self.smp:
-            raise ConfigError(
-                f"--isolated-cpu {self.isolated} is outside --smp {self.smp} (valid: 0..{self.smp - 1})"
-            )
-        check_accel(host, self.accel)
+        check_inputs(host, self.kernel, self.vmlinux, self.initrd, self.smp, self.isolated, self.accel)
         require_program(host, self.qemu, "qemu-system-x86")
         require_program(host, self.gdb, "gdb")
+
+
+def check_inputs(
+    host: Host,
+    kernel: Path | None,
+    vmlinux: Path | None,
+    initrd: Path | None,
+    smp: int,
+    isolated: int,
+    accel: str,
+) -> None:
+    """The static input checks (files, CPU numbers, accelerator): a one-line
+    :class:`ConfigError` naming the option and the fix. ``None`` skips a file check."""
+    if kernel is not None:
+        if not kernel.exists():
+            raise ConfigError(f"--kernel {kernel}: no such file; pass a bzImage or vmlinux")
+        why = is_kernel_image(kernel)
+        if why is not None:
+            raise ConfigError(f"--kernel {kernel}: {why}; pass a bzImage or vmlinux")
+    if vmlinux is not None and not vmlinux.exists():
+        raise ConfigError(f"--vmlinux {vmlinux}: no such file")
+    if initrd is not None and not initrd.exists():
+        raise ConfigError(f"--initrd {initrd}: no such file")
+    if smp < 2:
+        raise ConfigError(f"--smp {smp}: the rig needs at least 2 vCPUs (one steps, one watches)")
+    if not 0 <= isolated < smp:
+        raise ConfigError(f"--isolated-cpu {isolated} is outside --smp {smp} (valid: 0..{smp - 1})")
+    check_accel(host, accel)
 
 
 class Guest:

@@ -24,9 +24,8 @@ import pytest
 
 from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
-from rig.guest import Guest, GuestConfig
+from rig.guest import Guest, GuestConfig, check_inputs
 from rig.host import LocalHost
-from rig.qemu import check_accel, is_kernel_image
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -77,25 +76,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _check_options(config: pytest.Config) -> None:
     """Static checks of the options, so bad input fails in seconds with one line."""
     opt = config.option
-    kernel = opt.kernel
-    if kernel and kernel != "debian" and not kernel.startswith("reference"):
-        path = Path(kernel)
-        if not path.exists():
-            raise pytest.UsageError(f"--kernel {kernel}: no such file; pass a bzImage or vmlinux")
-        why = is_kernel_image(path)
-        if why:
-            raise pytest.UsageError(f"--kernel {kernel}: {why}; pass a bzImage or vmlinux")
-    if opt.vmlinux is not None and not opt.vmlinux.exists():
-        raise pytest.UsageError(f"--vmlinux {opt.vmlinux}: no such file")
-    if opt.initrd is not None and not opt.initrd.exists():
-        raise pytest.UsageError(f"--initrd {opt.initrd}: no such file")
-    if opt.smp < 2:
-        raise pytest.UsageError(f"--smp {opt.smp}: the rig needs at least 2 vCPUs")
+    named = opt.kernel in (None, "", "debian") or str(opt.kernel).startswith("reference")
     iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
-    if not 0 <= iso < opt.smp:
-        raise pytest.UsageError(f"--isolated-cpu {iso} is outside --smp {opt.smp} (valid: 0..{opt.smp - 1})")
     try:
-        check_accel(LocalHost(), opt.accel)
+        check_inputs(
+            LocalHost(), None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
+        )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
