@@ -35,6 +35,7 @@ from rig.symbols import (
     elf_symbols,
     notes_build_id,
     parse_kallsyms,
+    per_cpu_address,
 )
 from rig.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
 from rig.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
@@ -317,7 +318,7 @@ class Guest:
 
     def per_cpu(self, name: str, cpu: int) -> int:
         """The address of ``name``'s copy for ``cpu``."""
-        return (self.symbols.address(name) + self.per_cpu_offsets[cpu]) & (2**64 - 1)
+        return per_cpu_address(self.symbols, self.per_cpu_offsets, name, cpu)
 
     def translate(self, virtual: int, *, user_tables: bool, cpu: int = 0) -> Translation:
         """Walk ``virtual`` through vCPU ``cpu``'s kernel or PTI user page tables (physically).
