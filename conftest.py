@@ -2,5 +2,5 @@
 
 import importlib.metadata
 
-if not any(ep.value == "rig.plugin" for ep in importlib.metadata.entry_points(group="pytest11")):
-    pytest_plugins = ["rig.plugin"]
+if not any(ep.value == "rig.pytestplugin.plugin" for ep in importlib.metadata.entry_points(group="pytest11")):
+    pytest_plugins = ["rig.pytestplugin.plugin"]

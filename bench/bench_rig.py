@@ -19,14 +19,14 @@ import subprocess
 import sys
 import time
 
-from rig.cache import default_cache_dir
-from rig.console import Console
 from rig.guest import Guest, GuestConfig
-from rig.host import LocalHost
-from rig.initramfs import build_initramfs
-from rig.kernel import resolve_kernel
-from rig.qemu import QemuConfig, QemuMachine
-from rig.stepping import Watch
+from rig.observe.stepping import Watch
+from rig.supply.cache import default_cache_dir
+from rig.supply.initramfs import build_initramfs
+from rig.supply.kernel import resolve_kernel
+from rig.transport.console import Console
+from rig.transport.host import LocalHost
+from rig.transport.qemu import QemuConfig, QemuMachine
 
 
 def plain_boot_seconds(cfg: GuestConfig) -> float:

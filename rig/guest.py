@@ -17,18 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.cache import default_cache_dir
-from rig.console import Console
-from rig.disasm import disassemble
 from rig.errors import ConfigError, GuestError, RigError
-from rig.gdbmi import GdbMi
-from rig.gdbproxy import GdbRelay
-from rig.host import Host, LocalHost, require_program
-from rig.initramfs import WORKLOAD_MARKER
-from rig.qemu import QemuConfig, QemuMachine, check_accel, is_kernel_image
-from rig.rsp import RspLink
-from rig.stepping import Stepper, StopCondition, Trace, Watch
-from rig.symbols import (
+from rig.machine.disasm import disassemble
+from rig.machine.symbols import (
     SymbolTable,
     cache_path,
     elf_build_id,
@@ -37,8 +28,17 @@ from rig.symbols import (
     parse_kallsyms,
     per_cpu_address,
 )
-from rig.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
-from rig.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
+from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
+from rig.machine.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
+from rig.observe.stepping import Stepper, StopCondition, Trace, Watch
+from rig.supply.cache import default_cache_dir
+from rig.supply.initramfs import WORKLOAD_MARKER
+from rig.transport.console import Console
+from rig.transport.gdbmi import GdbMi
+from rig.transport.gdbproxy import GdbRelay
+from rig.transport.host import Host, LocalHost, require_program
+from rig.transport.qemu import QemuConfig, QemuMachine, check_accel, is_kernel_image
+from rig.transport.rsp import RspLink
 
 #: Parameters every boot gets unless the user's ``--append`` sets them otherwise.
 BASE_CMDLINE = ("console=ttyS0", "la57=off", "nokaslr", "panic=-1", "quiet")

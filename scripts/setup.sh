@@ -33,5 +33,5 @@ fi
 
 # the default kernel (the 7.2 reference build, ~7 min cold on 2 cores), Debian's stock
 # kernel (the rig's own tests boot it), and the initramfs, all cached
-.venv/bin/python -m rig.kernel
-.venv/bin/python -m rig.kernel debian
+.venv/bin/python -m rig.supply.kernel
+.venv/bin/python -m rig.supply.kernel debian

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import pytest
 
-from rig.checks import allowed_scratch, memory_operands, signal_problems, store_windows
 from rig.guest import Guest
-from rig.stepping import StopCondition, Trace, Watch, at_any, in_user_mode
-from rig.vcpu import read_physical
+from rig.machine.vcpu import read_physical
+from rig.observe.checks import allowed_scratch, memory_operands, signal_problems, store_windows
+from rig.observe.stepping import StopCondition, Trace, Watch, at_any, in_user_mode
 from testcases.conftest import SIGNAL
 
 #: Most boundaries allowed between the store of 0 and the write of the user CR3

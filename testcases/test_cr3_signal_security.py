@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
-from rig.stepping import Watch, in_user_mode
-from rig.x86 import PAGE_SIZE, US
+from rig.machine.x86 import PAGE_SIZE, US
+from rig.observe.stepping import Watch, in_user_mode
 from testcases.conftest import SIGNAL
 
 

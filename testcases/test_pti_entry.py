@@ -7,9 +7,9 @@ frozen, and checks the CR3 flip rules at every instruction boundary.
 
 from __future__ import annotations
 
-from rig.checks import cr3_flip_problems, side_problems
 from rig.guest import Guest
-from rig.stepping import Trace, in_user_mode
+from rig.observe.checks import cr3_flip_problems, side_problems
+from rig.observe.stepping import Trace, in_user_mode
 
 #: Bound on the steps of one getppid()/kill() syscall round trip (the Debian 6.1 SYSCALL
 #: path is ~450 instructions; a signal delivery a few thousand).

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rig.cache import default_cache_dir
 from rig.guest import Guest, GuestConfig
-from rig.initramfs import build_initramfs
-from rig.kernel import Kernel, resolve_kernel
+from rig.supply.cache import default_cache_dir
+from rig.supply.initramfs import build_initramfs
+from rig.supply.kernel import Kernel, resolve_kernel
 
 REPO = Path(__file__).resolve().parent.parent
 

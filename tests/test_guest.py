@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rig.guest import Guest
-from rig.stepping import Watch
+from rig.observe.stepping import Watch
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for rig.initramfs: the archive is read back with a tiny newc parser.
+"""Tests for rig.supply.initramfs: the archive is read back with a tiny newc parser.
 
 These build the real archive (busybox-static and gcc needed, no root, no QEMU).
 """
@@ -269,7 +269,7 @@ def test_interrupted_build_leaves_nothing(
         def write(self, data: object) -> int:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(gzip, "GzipFile", Boom)  # the module rig.initramfs uses
+    monkeypatch.setattr(gzip, "GzipFile", Boom)  # the module rig.supply.initramfs uses
     with pytest.raises(KeyboardInterrupt):
         initramfs.build_initramfs(tmp_path)
     assert list((tmp_path / "initramfs").iterdir()) == []

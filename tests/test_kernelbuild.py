@@ -1,4 +1,4 @@
-"""Tests of the pure parts of rig.kernelbuild (no kernel is built)."""
+"""Tests of the pure parts of rig.supply.kernelbuild (no kernel is built)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from rig import kernelbuild
 from rig.errors import ConfigError
-from rig.kernelbuild import (
+from rig.supply.kernelbuild import (
     FLAVORS,
     KernelBuildError,
     UnknownFlavorError,

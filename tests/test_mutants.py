@@ -1,4 +1,4 @@
-"""Tests of the pure parts of rig.mutants (no kernel is built, no guest is booted)."""
+"""Tests of the pure parts of rig.tools.mutants (no kernel is built, no guest is booted)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rig import mutants
-from rig.mutants import (
+from rig.tools.mutants import (
     MUTANTS_DIR,
     MutantResult,
     Outcome,

@@ -1,6 +1,6 @@
 """RSP framing, escaping and run-length decoding (rig/rsp.py)."""
 
-from rig.rsp import checksum, frame, hex_le, is_error, unescape
+from rig.transport.rsp import checksum, frame, hex_le, is_error, unescape
 
 
 def test_frame_checksum_matches_gdb_examples() -> None:

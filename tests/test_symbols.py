@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rig.symbols import SymbolTable, elf_build_id, notes_build_id, parse_kallsyms, per_cpu_address
+from rig.machine.symbols import SymbolTable, elf_build_id, notes_build_id, parse_kallsyms, per_cpu_address
 
 KALLSYMS = """\
 0000000000006000 A cpu_tss_rw

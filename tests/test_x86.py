@@ -1,6 +1,6 @@
 """CR3 decoding and the page-table walker on synthetic tables (rig/x86.py)."""
 
-from rig.x86 import NX, PS, RW, US, G, P, decode_cr3, walk
+from rig.machine.x86 import NX, PS, RW, US, G, P, decode_cr3, walk
 
 
 def test_cr3_decoding_pti_bits() -> None:

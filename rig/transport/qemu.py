@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rig.errors import ConfigError, GuestError
-from rig.host import Host, kill_process_group, remove_tree, require_program
+from rig.transport.host import Host, kill_process_group, remove_tree, require_program
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512

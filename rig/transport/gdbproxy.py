@@ -8,7 +8,7 @@ has selected for register and memory access (its last ``Hg``, or the thread of t
 stop reply, which GDB records as current) and whether acknowledgements were switched
 off (``QStartNoAckMode``). While GDB is idle (the target stopped, no command in
 flight), :meth:`GdbRelay.borrow` hands the upstream socket to the caller as an
-:class:`~rig.rsp.RspLink`; on return it re-selects
+:class:`~rig.transport.rsp.RspLink`; on return it re-selects
 GDB's ``Hg`` thread so GDB's belief about the stub is true again. The caller must then
 tell GDB to drop its register cache (``maintenance flush register-cache``).
 """
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rig.errors import GuestError
-from rig.rsp import RspLink
+from rig.transport.rsp import RspLink
 
 _HG = re.compile(rb"\$(Hg[^#]*)#")
 _NOACK = re.compile(rb"\$QStartNoAckMode#")

@@ -33,7 +33,7 @@ Layout under ``<cache>/kernels/`` (``<cache>`` is ``$CR3RIG_CACHE`` or
 
 Command line::
 
-    python -m rig.kernelbuild reference-7.2 [--cache-dir D] [--patch extra.patch ...]
+    python -m rig.supply.kernelbuild reference-7.2 [--cache-dir D] [--patch extra.patch ...]
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
+from rig.supply.cache import default_cache_dir
 
 __all__ = [
     "FLAVORS",
@@ -75,7 +75,7 @@ __all__ = [
 ]
 
 #: Root of the repository (``rig/`` is one level below it).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Where the patch series, the config fragments and build-deps.txt live.
 GUEST_DIR = REPO_ROOT / "guests" / "linux"
 
@@ -732,7 +732,7 @@ def build_kernel(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: build a flavor, print the paths of the results."""
     parser = argparse.ArgumentParser(
-        prog="python -m rig.kernelbuild",
+        prog="python -m rig.supply.kernelbuild",
         description="Build a patched reference kernel (cached).",
     )
     parser.add_argument("flavor", help="one of: " + ", ".join(sorted(FLAVORS)))

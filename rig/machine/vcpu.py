@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rig.rsp import RspLink, hex_le, is_error
+from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Registers every snapshot and report shows.
 REPORT_REGISTERS = (

@@ -17,7 +17,7 @@ import pexpect
 import pexpect.fdpexpect
 
 from rig.errors import GuestError
-from rig.initramfs import READY_MARKER, strip_console_noise
+from rig.supply.initramfs import READY_MARKER, strip_console_noise
 
 #: Patterns that mean the guest kernel is dead.
 PANIC_PATTERNS = (r"Kernel panic - not syncing", r"\bBUG: ", r"general protection fault")

@@ -2,7 +2,7 @@
 
 * ``reference-7.2`` (the default) / ``reference-6.1``: the reference kernel with the
   CR3-signal patch series, built from Debian's kernel source package by
-  :mod:`rig.kernelbuild` and cached; symbols from its vmlinux.
+  :mod:`rig.supply.kernelbuild` and cached; symbols from its vmlinux.
 * ``debian``: Debian's stock
   ``linux-image-amd64`` of the running release, fetched with ``apt-get download`` into
   the cache. Its symbols come from the guest's /proc/kallsyms (the debug vmlinux is an
@@ -85,7 +85,7 @@ def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> K
         return Kernel(stock.image, vmlinux, stock.label)
     assert spec is not None
     if spec.startswith("reference"):
-        from rig.kernelbuild import build_kernel
+        from rig.supply.kernelbuild import build_kernel
 
         build = build_kernel(spec)
         return Kernel(build.bzimage, vmlinux or build.vmlinux, f"{spec} {build.source_version}")
@@ -109,11 +109,11 @@ def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> K
 
 
 def main() -> int:
-    """``python -m rig.kernel [SPEC]``: fetch/build the kernel and the initramfs into the cache."""
+    """``python -m rig.supply.kernel [SPEC]``: fetch/build the kernel and the initramfs into the cache."""
     import sys
 
-    from rig.cache import default_cache_dir
-    from rig.initramfs import build_initramfs
+    from rig.supply.cache import default_cache_dir
+    from rig.supply.initramfs import build_initramfs
 
     spec = sys.argv[1] if len(sys.argv) > 1 else None
     cache = default_cache_dir()

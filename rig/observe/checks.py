@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rig.stepping import Trace
+from rig.observe.stepping import Trace
 
 #: AT&T text of a write to CR3 (``mov %reg,%cr3``).
 MOV_TO_CR3 = re.compile(r"^mov\s+%\w+,%cr3$")

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rig.errors import GuestError
-from rig.rsp import RspLink, hex_le, is_error
-from rig.vcpu import RegisterMap, thread_id
-from rig.x86 import PTI_USER_PGTABLE_BIT
+from rig.machine.vcpu import RegisterMap, thread_id
+from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Longest x86 instruction (bytes); what is read at each new rip to disassemble later.
 MAX_INSN = 15

@@ -1,7 +1,7 @@
 """Mutation testing of the testcases: mutant kernels that the testcases must catch.
 
 A *mutant* is a small patch in ``guests/linux/mutants/NAME.patch``, applied on top
-of a flavor's patch series (by :func:`rig.kernelbuild.build_kernel`, as
+of a flavor's patch series (by :func:`rig.supply.kernelbuild.build_kernel`, as
 ``patches_extra``), that plants one realistic mistake in the CR3-signal code.
 The runner first runs ``pytest testcases/`` on the unmutated reference kernel,
 then on each mutant kernel, and gives each mutant a verdict:
@@ -18,7 +18,7 @@ then on each mutant kernel, and gives each mutant a verdict:
 
 Command line::
 
-    python -m rig.mutants [--only NAME ...] [--flavor reference-7.2]
+    python -m rig.tools.mutants [--only NAME ...] [--flavor reference-7.2]
 
 prints a table (also written as Markdown to ``results/mutants.md``) and exits 1
 if the reference failed or errored any testcase, or any mutant is not CAUGHT.
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.kernelbuild import (
+from rig.supply.kernelbuild import (
     GUEST_DIR,
     REPO_ROOT,
     KernelBuild,
@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     available = discover_mutants()
     parser = argparse.ArgumentParser(
-        prog="python -m rig.mutants",
+        prog="python -m rig.tools.mutants",
         description="Build each mutant kernel and check that the testcases catch it.",
     )
     parser.add_argument(

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig, check_inputs
-from rig.host import LocalHost
+from rig.supply.cache import default_cache_dir
+from rig.transport.host import LocalHost
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -117,8 +117,8 @@ class RigSettings:
 
 @pytest.fixture(scope="session")
 def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
-    from rig.initramfs import build_initramfs
-    from rig.kernel import resolve_kernel
+    from rig.supply.initramfs import build_initramfs
+    from rig.supply.kernel import resolve_kernel
 
     opt = pytestconfig.option
     cache = opt.cr3rig_cache or default_cache_dir()

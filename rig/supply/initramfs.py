@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rig.cache import default_cache_dir
 from rig.errors import ConfigError, RigError
+from rig.supply.cache import default_cache_dir
 
 __all__ = [
     "BUSYBOX_PATH",
@@ -85,7 +85,7 @@ def strip_console_noise(text: str) -> str:
 
 
 #: Guest sources: ``init`` and ``workloads/*.c`` / ``*.h``.
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "guests" / "initramfs"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "guests" / "initramfs"
 #: Debian's busybox-static installs its binary here.
 BUSYBOX_PATH = Path("/bin/busybox")
 #: Flags for every workload.

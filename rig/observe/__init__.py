@@ -1,0 +1,1 @@
+"""Observation: stepping vCPUs, and the checks run on what was observed."""

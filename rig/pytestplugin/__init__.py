@@ -1,0 +1,1 @@
+"""The cr3rig pytest plugin."""
