@@ -27,6 +27,7 @@ from rig.machine.symbols import (
     notes_build_id,
     parse_kallsyms,
     per_cpu_address,
+    vmlinux_problem,
 )
 from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
@@ -37,7 +38,7 @@ from rig.transport.console import Console
 from rig.transport.gdbmi import GdbMi
 from rig.transport.gdbproxy import GdbRelay
 from rig.transport.host import Host, LocalHost, require_program
-from rig.transport.qemu import QemuConfig, QemuMachine, check_accel, is_kernel_image
+from rig.transport.qemu import QemuConfig, QemuMachine, check_accel, check_cmdline_length, is_kernel_image
 from rig.transport.rsp import RspLink
 
 #: Parameters every boot gets unless the user's ``--append`` sets them otherwise.
@@ -81,6 +82,11 @@ class GuestConfig:
     def validate(self, host: Host) -> None:
         """Raise :class:`ConfigError` for bad input, before anything is started."""
         check_inputs(host, self.kernel, self.vmlinux, self.initrd, self.smp, self.isolated, self.accel)
+        if not self.boot_timeout > 0:
+            raise ConfigError(
+                f"--boot-timeout {self.boot_timeout:g}: must be more than 0 seconds (default 180)"
+            )
+        check_cmdline_length(self.cmdline())
         require_program(host, self.qemu, "qemu-system-x86")
         require_program(host, self.gdb, "gdb")
 
@@ -102,8 +108,12 @@ def check_inputs(
         why = is_kernel_image(kernel)
         if why is not None:
             raise ConfigError(f"--kernel {kernel}: {why}; pass a bzImage or vmlinux")
-    if vmlinux is not None and not vmlinux.exists():
-        raise ConfigError(f"--vmlinux {vmlinux}: no such file")
+    if vmlinux is not None:
+        if not vmlinux.exists():
+            raise ConfigError(f"--vmlinux {vmlinux}: no such file")
+        why = vmlinux_problem(vmlinux)
+        if why is not None:
+            raise ConfigError(f"--vmlinux {vmlinux}: {why}; pass the unstripped vmlinux of this kernel build")
     if initrd is not None and not initrd.exists():
         raise ConfigError(f"--initrd {initrd}: no such file")
     if smp < 2:
@@ -111,6 +121,14 @@ def check_inputs(
     if not 0 <= isolated < smp:
         raise ConfigError(f"--isolated-cpu {isolated} is outside --smp {smp} (valid: 0..{smp - 1})")
     check_accel(host, accel)
+
+
+@dataclass
+class Effort:
+    """What the current test cost: breakpoint hits taken and steps of each stepped trace."""
+
+    breaks: int = 0
+    steps: list[int] = field(default_factory=list)
 
 
 class Guest:
@@ -144,6 +162,7 @@ class Guest:
         self.started_at = 0.0
         self.closed = False
         self.traces: list[Trace] = []
+        self.effort = Effort()
         self.workloads: dict[int, str] = {}
 
     # -- life cycle --------------------------------------------------------------
@@ -267,6 +286,17 @@ class Guest:
             raise GuestError("GDB is not attached")
         return self.gdb
 
+    def usable(self) -> bool:
+        """True while QEMU, GDB and the console all still work (a test may reuse it)."""
+        return (
+            not self.closed
+            and self.machine.alive
+            and self.gdb is not None
+            and self.gdb.alive
+            and self.console is not None
+            and self.console.closed_during is None
+        )
+
     def _check_alive(self) -> None:
         if not self.machine.alive:
             raise GuestError(f"QEMU is gone: {self.machine.exit_reason()}")
@@ -365,6 +395,7 @@ class Guest:
                 self.running = False
                 tid = str(stop.get("thread-id", ""))
                 if tid == str(cpu + 1) and stop.get("reason") == "breakpoint-hit":
+                    self.effort.breaks += 1
                     return int(stop.get("frame", {}).get("addr", "0"), 16)
                 if time.monotonic() > deadline:
                     raise GuestError("timeout")
@@ -429,6 +460,7 @@ class Guest:
         with self.link() as link:
             trace = stepper.run(link, max_steps=max_steps, stop=stop)
         self.traces.append(trace)
+        self.effort.steps.append(len(trace.snapshots) - 1)
         text = disassemble(trace.code)
         for snap in trace.snapshots:
             snap.insn = text.get(snap.pc, "?")

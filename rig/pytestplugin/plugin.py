@@ -22,10 +22,19 @@ from typing import Any
 
 import pytest
 
+from rig.diagnosis import diagnose
 from rig.errors import ConfigError, RigError
-from rig.guest import Guest, GuestConfig, check_inputs
+from rig.guest import Effort, Guest, GuestConfig, check_inputs
+from rig.pytestplugin.failfast import (
+    BootFailed,
+    BootFailures,
+    check_writable,
+    one_line_report,
+    wants_one_line,
+)
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
+from rig.transport.qemu import check_cmdline_length
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -81,6 +90,17 @@ def _check_options(config: pytest.Config) -> None:
     try:
         check_inputs(
             LocalHost(), None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
+        )
+        if not opt.boot_timeout > 0:
+            raise ConfigError(
+                f"--boot-timeout {opt.boot_timeout:g}: must be more than 0 seconds (default 180)"
+            )
+        check_cmdline_length(
+            GuestConfig(Path(), Path(), smp=opt.smp, isolated_cpu=iso, append=opt.append).cmdline()
+        )
+        check_writable(opt.trace_dir or config.rootpath / "results", "trace directory", "--trace-dir")
+        check_writable(
+            opt.cr3rig_cache or default_cache_dir(), "cache directory", "--cr3rig-cache or $CR3RIG_CACHE"
         )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -145,11 +165,18 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
 
 
 class GuestPool:
-    """Boots guests on demand, one per distinct command line, at most one alive."""
+    """Boots guests on demand, one per distinct command line, at most one alive.
 
-    def __init__(self, settings: RigSettings) -> None:
+    A configuration that fails to boot is not booted again: later tests needing it get
+    the same one-line error at once. If the default configuration (no ``cmdline``
+    marker) cannot boot, the session ends, as it does for bad input.
+    """
+
+    def __init__(self, settings: RigSettings, on_fatal: Any = None) -> None:
         self.settings = settings
         self.current: Guest | None = None
+        self.failures = BootFailures()
+        self.on_fatal = on_fatal
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
         """The guest booted with ``extra_append`` (and, unless ``isolate`` is False, the
@@ -157,14 +184,24 @@ class GuestPool:
         base = self.settings.base
         config = replace(base, append=f"{base.append} {extra_append}".strip(), isolate=isolate)
         cur = self.current
-        if cur is not None and (cur.config != config or not cur.machine.alive or cur.closed):
+        if cur is not None and (cur.config != config or not cur.usable()):
             cur.close()
             self.current = None
         if self.current is None:
+            self.failures.check(config)
             try:
                 self.current = Guest.boot(config)
             except ConfigError as exc:
                 pytest.exit(f"cr3rig: {exc}", returncode=4)
+            except RigError as exc:
+                failed = self.failures.remember(config, exc)
+                if extra_append == "" and isolate:
+                    if self.on_fatal is not None:
+                        self.on_fatal(failed)
+                    pytest.exit(
+                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", returncode=3
+                    )
+                raise failed from None
         return self.current
 
     def close(self) -> None:
@@ -174,8 +211,16 @@ class GuestPool:
 
 
 @pytest.fixture(scope="session")
-def guest_pool(rig_settings: RigSettings) -> Iterator[GuestPool]:
-    pool = GuestPool(rig_settings)
+def guest_pool(rig_settings: RigSettings, pytestconfig: pytest.Config) -> Iterator[GuestPool]:
+    def show_console(failed: BootFailed) -> None:
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capman is not None and failed.console_tail:
+            with capman.global_and_fixture_disabled():
+                reporter.write_sep("-", "cr3rig: console tail of the failed boot")
+                reporter.write_line(failed.console_tail)
+
+    pool = GuestPool(rig_settings, show_console)
     try:
         yield pool
     finally:
@@ -191,10 +236,13 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
         isolate=bool(marker.kwargs.get("isolate", True)) if marker else True,
     )
     g.traces.clear()
+    g.effort = Effort()
     g.resume()  # a previous test may have left it stopped at a breakpoint
     request.node.stash[_GUEST_KEY] = g
     yield g
-    if g.machine.alive and not g.closed:
+    if request.node.stash.get(_BROKEN_KEY, False):
+        g.close()  # a rig error mid-test: the next test gets a fresh guest
+    elif g.machine.alive and not g.closed:
         try:
             g.kill_workloads()
         except RigError:
@@ -213,6 +261,7 @@ def pti_guest(guest: Guest) -> Guest:
 
 
 _GUEST_KEY = pytest.StashKey[Guest]()
+_BROKEN_KEY = pytest.StashKey[bool]()
 
 
 def _safe_name(nodeid: str) -> str:
@@ -223,10 +272,23 @@ def _safe_name(nodeid: str) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome: Any = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
-        return
     g = item.stash.get(_GUEST_KEY, None)
-    if g is None:
+    if report.when == "call" and g is not None:
+        # the testcases' retries (breakpoint hits taken, steps of each stepped trace), for the soak
+        report.user_properties.append(("cr3rig.breaks", g.effort.breaks))
+        report.user_properties.append(("cr3rig.steps", ",".join(map(str, g.effort.steps))))
+    if not report.failed:
+        return
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, RigError):
+        item.stash[_BROKEN_KEY] = True
+    if wants_one_line(exc, item.config.option.tbstyle):
+        assert exc is not None
+        where, lineno, _ = item.location
+        report.longrepr = one_line_report(exc, diagnose(g) if g is not None else "", where, (lineno or 0) + 1)
+    if isinstance(exc, BootFailed) and exc.console_tail:
+        report.sections.append(("cr3rig console tail of the failed boot", exc.console_tail))
+    if report.when != "call" or g is None:
         return
     settings: RigSettings | None = None
     try:

@@ -39,6 +39,8 @@ class Console:
             maxread=65536,
         )
         self._ids = itertools.count(1)
+        #: What the console was waiting for when it closed (None while it is open).
+        self.closed_during: str | None = None
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for the guest's readiness marker; a panic or EOF raises :class:`GuestError`."""
@@ -52,7 +54,8 @@ class Console:
         except pexpect.TIMEOUT:
             raise GuestError(f"no {what} within {timeout:.0f} s") from None
         except pexpect.EOF:
-            raise GuestError(f"the console closed during {what} (QEMU exited)") from None
+            self.closed_during = what
+            raise GuestError(f"the console closed during {what}") from None
 
     def run(self, command: str, timeout: float = 30.0) -> tuple[str, int]:
         """Run ``command`` in the guest shell; return (output, exit status)."""

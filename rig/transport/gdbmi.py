@@ -69,6 +69,8 @@ class GdbMi:
         self._pending: dict[int, _Pending] = {}
         self._current: _Pending | None = None
         self._dead = threading.Event()
+        self._answered = 0
+        self.path = path
         self.proc = subprocess.Popen(
             [path, "--interpreter=mi3", "-nx", "-q"],
             stdin=subprocess.PIPE,
@@ -119,7 +121,7 @@ class GdbMi:
         """Send one MI command, wait for its result record; raise :class:`GdbError` on ``^error``."""
         with self._lock:
             if self._dead.is_set():
-                raise GdbError(f"gdb has exited; last output: {self.tail(3)}")
+                raise GdbError(self.death(f"while running {cmd!r}"))
             self._token += 1
             tok = self._token
             pend = _Pending()
@@ -131,14 +133,15 @@ class GdbMi:
                 self.proc.stdin.flush()
                 if not pend.event.wait(timeout):
                     raise GdbError(f"gdb gave no answer to {cmd!r} within {timeout:.0f} s")
-            except BrokenPipeError as exc:
-                raise GdbError(f"gdb has exited; last output: {self.tail(3)}") from exc
+            except BrokenPipeError:
+                raise GdbError(self.death(f"while running {cmd!r}")) from None
             finally:
                 self._current = None
                 del self._pending[tok]
         rec = pend.record
         if rec is None:
-            raise GdbError(f"gdb exited while running {cmd!r}; last output: {self.tail(3)}")
+            raise GdbError(self.death(f"while running {cmd!r}"))
+        self._answered += 1
         payload = rec.get("payload") or {}
         if rec.get("message") == "error":
             msg = payload.get("msg", "") if isinstance(payload, dict) else str(payload)
@@ -162,7 +165,7 @@ class GdbMi:
         if rec.get("type") == "target-lost":
             raise GdbError("the remote target went away (QEMU exited or closed the gdbstub)")
         if rec.get("type") == "eof":
-            raise GdbError(f"gdb exited while waiting for a stop; last output: {self.tail(3)}")
+            raise GdbError(self.death("while waiting for a stop"))
         payload = rec.get("payload")
         return payload if isinstance(payload, dict) else {}
 
@@ -173,6 +176,19 @@ class GdbMi:
                 self._stopped.get_nowait()
             except queue.Empty:
                 return
+
+    def death(self, doing: str) -> str:
+        """One line on GDB's exit: its status, ``doing`` (e.g. "while running 'x'"), its
+        last output."""
+        from rig.transport.qemu import describe_status
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        rc = self.proc.returncode
+        status = "an unknown status" if rc is None else describe_status(rc)
+        said = f"its last output: {self.tail(3)}" if self.transcript else "it printed nothing"
+        hint = "; check --gdb (it must be GNU gdb with MI3)" if self._answered == 0 else ""
+        return f"gdb ({self.path}) exited with {status} {doing}; {said}{hint}"
 
     def tail(self, n: int = 20) -> str:
         """The last ``n`` lines GDB printed, joined by `` | ``."""

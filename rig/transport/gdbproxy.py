@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rig.errors import GuestError
-from rig.transport.rsp import RspLink
+from rig.transport.rsp import REPLY_TIMEOUT, ReplyTimeout, RspLink, set_receive_timeout
 
 _HG = re.compile(rb"\$(Hg[^#]*)#")
 _NOACK = re.compile(rb"\$QStartNoAckMode#")
@@ -39,6 +39,8 @@ class GdbRelay:
         self.stub_path = stub_path
         self.listen_path = listen_path
         self.last_hg: str | None = None
+        #: Bound (seconds) on each reply while the link is borrowed (see RspLink).
+        self.reply_timeout = REPLY_TIMEOUT
         self.acks = True
         self._noack_requested = False
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,14 +132,22 @@ class GdbRelay:
                 if not self._thread.is_alive():
                     raise GuestError("the gdbstub connection is gone (did QEMU die?)")
                 self._state.wait(1.0)
-        link = RspLink(self._upstream, acks=self.acks)
+        upstream = self._upstream
+        link = RspLink(upstream, acks=self.acks, reply_timeout=self.reply_timeout)
+        set_receive_timeout(upstream, self.reply_timeout)
+        in_sync = True
         try:
             yield link
+        except ReplyTimeout:
+            in_sync = _interrupt(link)
+            raise
         finally:
             try:
-                if self.last_hg is not None:
+                if self.last_hg is not None and in_sync:
                     link.transact([self.last_hg])
             finally:
+                with contextlib.suppress(OSError):
+                    set_receive_timeout(upstream, None)
                 with self._state:
                     self._borrowed = False
                     self._state.notify_all()
@@ -160,3 +170,13 @@ class GdbRelay:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _interrupt(link: RspLink) -> bool:
+    """After a reply that never came: stop the VM (``\\x03``) and read its stop reply, so
+    the link is in step again. False if QEMU does not answer that either."""
+    try:
+        reply = link.interrupt()
+    except (OSError, GuestError):
+        return False
+    return reply[:1] in ("S", "T")

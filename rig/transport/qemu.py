@@ -9,6 +9,7 @@ any failure of the pexpect side.
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,10 @@ def is_kernel_image(path: Path) -> str | None:
     except OSError as exc:
         return f"cannot read it ({exc.strerror})"
     if head[:4] == b"\x7fELF":
-        return None
+        from rig.machine.symbols import x86_64_elf_problem
+
+        why = x86_64_elf_problem(path)
+        return None if why is None else f"it is {why}"
     if len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
         return None
     return "it is neither a bzImage (no 'HdrS' boot header) nor an ELF vmlinux"
@@ -63,6 +67,8 @@ class QemuMachine:
         self.console_socket = self.dir / "console.sock"
         self.console_log = self.dir / "console.log"
         self.qemu_log = self.dir / "qemu.log"
+        #: QEMU's ``-d cpu_reset`` log: "Triple fault" lands here (resets are rare, so it stays small).
+        self.debug_log = self.dir / "qemu-debug.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.version = ""
         self._qmp: Any = None
@@ -88,22 +94,22 @@ class QemuMachine:
             "-kernel", str(c.kernel),
             "-initrd", str(c.initrd),
             "-append", c.append,
+            "-d", "cpu_reset", "-D", str(self.debug_log),
             *c.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> None:
         """Start QEMU frozen; return once its QMP socket answers."""
         qemu_path = require_program(self.host, self.config.qemu, "qemu-system-x86")
-        self.version = subprocess.run(
-            [qemu_path, "--version"], capture_output=True, text=True, check=False
-        ).stdout.splitlines()[0]
+        said = subprocess.run([qemu_path, "--version"], capture_output=True, text=True, check=False).stdout
+        self.version = (said.splitlines() or [f"{qemu_path} (printed no version)"])[0]
         self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise GuestError(f"QEMU exited at start: {self.log_tail(1)}")
+                raise ConfigError(self.start_failure(qemu_path))
             if self.qmp_socket.exists():
                 qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
@@ -116,6 +122,18 @@ class QemuMachine:
             if time.monotonic() > deadline:
                 raise GuestError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
             time.sleep(0.02)  # polling for a socket file to appear; not in any hot path
+
+    def start_failure(self, qemu_path: str) -> str:
+        """One line on why QEMU exited at start: its own last error line and exit status."""
+        assert self.proc is not None
+        status = describe_status(self.proc.wait())
+        said = self.log_tail(1)
+        if not said:
+            return (
+                f"QEMU ({qemu_path}) exited at start with {status} and printed nothing; "
+                "check --qemu (it must be qemu-system-x86_64)"
+            )
+        return f"QEMU exited at start with {status}: {said}"
 
     def qmp(self, command: str, **args: object) -> Any:
         """Run one QMP command and return its ``return`` value."""
@@ -149,7 +167,22 @@ class QemuMachine:
         rc = self.proc.poll()
         if rc is None:
             return "QEMU still running"
-        return f"QEMU exited with status {rc}: {self.log_tail(1)}"
+        said = self.log_tail(1)
+        why = (
+            f"QEMU exited with {describe_status(rc)}: {said}"
+            if said
+            else f"QEMU exited with {describe_status(rc)}"
+        )
+        if self.triple_faulted():
+            why += " after a triple fault (the guest reset; -no-reboot ends QEMU)"
+        return why
+
+    def triple_faulted(self) -> bool:
+        """True if QEMU logged a triple fault (its ``-d cpu_reset`` log)."""
+        try:
+            return b"Triple fault" in self.debug_log.read_bytes()
+        except OSError:
+            return False
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines QEMU printed on stderr."""
@@ -183,6 +216,32 @@ class QemuMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The kernel's command-line buffer on x86 (COMMAND_LINE_SIZE), including the final NUL.
+COMMAND_LINE_SIZE = 2048
+
+
+def check_cmdline_length(cmdline: str) -> None:
+    """Raise :class:`ConfigError` if the kernel would cut ``cmdline`` (it does so silently)."""
+    size = len(cmdline.encode())
+    if size >= COMMAND_LINE_SIZE:
+        raise ConfigError(
+            f"the kernel command line is {size} bytes; an x86 kernel keeps only the first "
+            f"{COMMAND_LINE_SIZE - 1} (COMMAND_LINE_SIZE {COMMAND_LINE_SIZE}) and drops the rest "
+            "silently: shorten --append"
+        )
+
+
+def describe_status(returncode: int) -> str:
+    """``status N`` or ``signal N (SIGNAME)`` for a Popen return code."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "?"
+        return f"signal {-returncode} ({name})"
+    return f"status {returncode}"
 
 
 def check_accel(host: Host, accel: str) -> None:

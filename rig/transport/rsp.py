@@ -9,7 +9,9 @@ step itself while a vCPU runs, because a byte arriving while the VM runs stops i
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
 from collections.abc import Sequence
 
 from rig.errors import GuestError
@@ -51,22 +53,52 @@ def unescape(data: bytes) -> bytes:
     return bytes(out)
 
 
+#: Default bound (seconds) on waiting for any one reply: a step that never returns
+#: (e.g. a vCPU halted with interrupts masked) ends in an error, not a wait forever.
+REPLY_TIMEOUT = 20.0
+
+
+class ReplyTimeout(GuestError):
+    """QEMU sent no reply within the link's reply timeout."""
+
+
+def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """Bound each blocking ``recv`` on ``sock`` in the kernel (``SO_RCVTIMEO``).
+
+    The socket stays in blocking mode, so a read whose data is already there (every
+    read of the stepping loop) costs nothing extra; only a late reply hits the bound.
+    ``None`` or 0 removes the bound.
+    """
+    sec = seconds or 0.0
+    whole = int(sec)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((sec - whole) * 1e6)))
+
+
 class RspLink:
     """A client end of an RSP connection over a connected stream socket.
 
     ``acks`` says whether the connection still uses ``+``/``-`` acknowledgements (it
     does not after a successful ``QStartNoAckMode``, which GDB negotiates with QEMU).
+    ``reply_timeout`` (seconds) bounds the wait for each reply (see
+    :func:`set_receive_timeout`; the owner of the socket sets it): a late reply raises
+    :class:`ReplyTimeout`.
     """
 
-    def __init__(self, sock: socket.socket, *, acks: bool) -> None:
+    def __init__(self, sock: socket.socket, *, acks: bool, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.sock = sock
         self.acks = acks
+        self.reply_timeout = reply_timeout
         self._buf = bytearray()
 
     def transact(self, packets: Sequence[str]) -> list[str]:
         """Send ``packets`` in one write; return their replies, in order, as text."""
         self.sock.sendall(b"".join(frame(p) for p in packets))
         return [self._read_packet() for _ in packets]
+
+    def interrupt(self) -> str:
+        """Send the break byte (``\\x03``, stop the VM) and return the stop reply."""
+        self.sock.sendall(b"\x03")
+        return self._read_packet()
 
     def _read_packet(self) -> str:
         buf = self._buf
@@ -83,7 +115,15 @@ class RspLink:
             elif buf and not self.acks:
                 # stray '+' or notification bytes before a packet: drop them
                 del buf[:]
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise ReplyTimeout(
+                        f"QEMU sent no reply within {self.reply_timeout:g} s (a step that never "
+                        "returns: the vCPU may be halted with interrupts masked, or QEMU is hung)"
+                    ) from None
+                raise GuestError(f"the gdbstub connection failed: {exc}") from None
             if not chunk:
                 raise GuestError("QEMU closed the gdbstub connection (did QEMU die?)")
             buf += chunk

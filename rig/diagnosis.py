@@ -1,0 +1,48 @@
+"""What went wrong with a guest, in one line: which part is dead and what it said last.
+
+:func:`diagnose` looks at a :class:`~rig.guest.Guest` after a failure: QEMU's exit status
+and last stderr line (and a triple fault, from its ``-d cpu_reset`` log), GDB's exit
+status and last output, a panic or oops on the serial console, a console that closed
+while QEMU still ran. It starts nothing and never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rig.guest import Guest
+
+#: Console lines that say the guest kernel died, most telling first.
+_DEATH = (
+    re.compile(r"Kernel panic - not syncing:[^\r\n]*"),
+    re.compile(r"(?:BUG|Oops|general protection fault)[^\r\n]*"),
+)
+
+
+def console_death(console_text: str) -> str | None:
+    """The first line of ``console_text`` that says the kernel panicked or oopsed."""
+    for pattern in _DEATH:
+        m = pattern.search(console_text)
+        if m is not None:
+            return m.group(0).strip()
+    return None
+
+
+def diagnose(guest: Guest) -> str:
+    """One line: what is dead (QEMU, GDB, the kernel, the console) and why; "" if all live."""
+    parts: list[str] = []
+    machine = guest.machine
+    if machine.proc is not None and not machine.alive:
+        parts.append(machine.exit_reason())
+    gdb = guest.gdb
+    if gdb is not None and not gdb.alive:
+        parts.append(gdb.death("during the test"))
+    died = console_death(machine.console_tail(400))
+    if died is not None:
+        parts.append(f"the guest kernel printed {died!r}")
+    console = guest.console
+    if console is not None and console.closed_during is not None and machine.alive:
+        parts.append(f"the serial console closed during {console.closed_during} while QEMU still ran")
+    return "; ".join(parts)

@@ -1,0 +1,115 @@
+"""Failing fast and clean inside a pytest session.
+
+* :class:`BootFailures`: a configuration that failed to boot once is not booted again
+  in the session; every later test that needs it errors at once with the same line.
+* :func:`one_line_report`: a :class:`~rig.errors.RigError` (a problem the user can act
+  on) is reported as one line, not a traceback (``--tb=long`` keeps the traceback).
+* :func:`check_writable`: the static check of the trace and cache directories.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rig.diagnosis import console_death
+from rig.errors import ConfigError, GuestError, RigError
+from rig.guest import GuestConfig
+
+_TAIL_MARK = "; console tail:"
+
+
+class BootFailed(GuestError):
+    """The guest of one configuration did not boot; ``console_tail`` is what it printed."""
+
+    def __init__(self, reason: str, console_tail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.console_tail = console_tail
+
+
+def split_boot_error(exc: BaseException) -> tuple[str, str]:
+    """(one-line reason, console tail) of an error from :meth:`Guest.boot`."""
+    text = str(exc)
+    head, _, tail = text.partition("\n")
+    if head.endswith(_TAIL_MARK):
+        return head.removesuffix(_TAIL_MARK), tail
+    return head, tail
+
+
+@dataclass
+class _Failure:
+    reason: str
+    console_tail: str
+
+
+class BootFailures:
+    """The configurations that failed to boot in this session, with their reason."""
+
+    def __init__(self) -> None:
+        self._failed: dict[GuestConfig, _Failure] = {}
+
+    def check(self, config: GuestConfig) -> None:
+        """Raise :class:`BootFailed` (the first failure's line) if ``config`` failed before."""
+        f = self._failed.get(config)
+        if f is not None:
+            raise BootFailed(
+                f"{f.reason} [not booted again: this configuration failed earlier]", f.console_tail
+            )
+
+    def remember(self, config: GuestConfig, exc: RigError) -> BootFailed:
+        """Record the failure of ``config``; return the one-line error to raise."""
+        reason, tail = split_boot_error(exc)
+        died = console_death(tail)
+        if died is not None and died not in reason:
+            reason += f": {died}"
+        self._failed[config] = _Failure(reason, tail)
+        return BootFailed(reason, tail)
+
+
+class OneLineRepr:
+    """A failure report that is one line (pytest prints it in place of a traceback)."""
+
+    def __init__(self, line: str, path: str, lineno: int) -> None:
+        from _pytest._code.code import ReprFileLocation
+
+        self.line = line
+        self.reprcrash = ReprFileLocation(path, lineno, line)
+
+    def toterminal(self, tw: Any) -> None:
+        tw.line(self.line, red=True, bold=True)
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def one_line_report(exc: BaseException, diagnosis: str, path: str, lineno: int) -> OneLineRepr:
+    """The one-line report of a rig error: its class, its first line and the diagnosis."""
+    head = split_boot_error(exc)[0]
+    line = f"{type(exc).__name__}: {head}"
+    if diagnosis and diagnosis not in head:
+        line += f" [diagnosis: {diagnosis}]"
+    return OneLineRepr(line, path, lineno)
+
+
+def wants_one_line(exc: BaseException | None, tbstyle: str) -> bool:
+    """True for a rig error unless the user asked for tracebacks (``--tb=long``)."""
+    return isinstance(exc, RigError) and tbstyle != "long"
+
+
+def check_writable(directory: Path, what: str, option: str) -> None:
+    """Raise :class:`ConfigError` unless ``directory`` (the ``what``, set by ``option``)
+    exists or can be made, and takes files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".cr3rig-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {directory}: cannot write there ({exc.strerror}); "
+            f"pass a writable directory with {option}"
+        ) from None

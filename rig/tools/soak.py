@@ -1,0 +1,200 @@
+"""Soak: run ``pytest testcases/`` N times; print pass/fail per run, retries and leftovers.
+
+    python -m rig.tools.soak N [--log FILE] [-- extra pytest args]
+
+Each run is a child pytest with a JUnit XML report; the cr3rig plugin puts into it,
+per testcase, the breakpoint hits it took (``cr3rig.breaks``: a testcase that retries
+takes more than one) and the steps of each stepped trace (``cr3rig.steps``). Every
+process a run starts carries ``CR3RIG_SOAK_TAG=<run tag>`` in its environment; any
+still alive after the run is printed (and then killed, so it cannot spoil the next
+run). Exit status: 0 only if every run passed and none left a process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+REPO = Path(__file__).resolve().parents[2]
+TAG_VARIABLE = "CR3RIG_SOAK_TAG"
+
+
+@dataclass
+class CaseResult:
+    """One testcase of one run: outcome, breakpoint hits, steps per stepped trace."""
+
+    name: str
+    outcome: str  # passed | failed | error | skipped
+    seconds: float
+    breaks: int = 0
+    steps: list[int] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class RunResult:
+    index: int
+    returncode: int
+    seconds: float
+    cases: list[CaseResult]
+    leftovers: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.returncode == 0 and not any(c.outcome in ("failed", "error") for c in self.cases)
+
+    def count(self, outcome: str) -> int:
+        return sum(c.outcome == outcome for c in self.cases)
+
+
+def processes_tagged(tag: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose environment has ``CR3RIG_SOAK_TAG=tag``."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+            if needle in env.split(b"\0"):
+                cmd = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+                found.append((int(entry), cmd.strip()[:160]))
+        except OSError:
+            continue
+    return found
+
+
+def parse_junit(path: Path) -> list[CaseResult]:
+    """The testcases of a pytest JUnit XML report."""
+    cases = []
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        name = f"{tc.get('classname', '')}::{tc.get('name', '')}".rsplit(".", 1)[-1]
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            el = tc.find(kind)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
+                message = (el.get("message") or "").splitlines()[0][:200] if el.get("message") else ""
+                break
+        props = {p.get("name"): p.get("value") or "" for p in tc.iter("property")}
+        steps = [int(s) for s in props.get("cr3rig.steps", "").split(",") if s]
+        cases.append(
+            CaseResult(
+                name,
+                outcome,
+                float(tc.get("time", "0")),
+                int(props.get("cr3rig.breaks", "0")),
+                steps,
+                message,
+            )
+        )
+    return cases
+
+
+def run_once(index: int, pytest_args: Sequence[str], workdir: Path, out: TextIO) -> RunResult:
+    """Run ``pytest testcases/`` once; collect its results and its leftover processes."""
+    tag = uuid.uuid4().hex
+    xml = workdir / f"run-{index}.xml"
+    log = workdir / f"run-{index}.log"
+    env = dict(os.environ, **{TAG_VARIABLE: tag})
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "testcases/"]
+    t0 = time.monotonic()
+    with open(log, "w") as logf:
+        rc = subprocess.run(
+            [*argv, *pytest_args], cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT
+        ).returncode
+    seconds = time.monotonic() - t0
+    cases = parse_junit(xml) if xml.exists() else []
+    left = processes_tagged(tag)
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    result = RunResult(index, rc, seconds, cases, [f"{pid} {cmd}" for pid, cmd in left])
+    if not cases:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        print(f"    (no report; pytest exit {rc}; log {log}: {' | '.join(tail)})", file=out)
+    return result
+
+
+def describe_run(r: RunResult, total: int) -> str:
+    """One line per run, then one per failed testcase and per testcase that retried."""
+    verdict = "PASS" if r.passed else "FAIL"
+    lines = [
+        f"run {r.index}/{total}: {verdict} in {r.seconds:.1f} s: {r.count('passed')} passed, "
+        f"{r.count('failed')} failed, {r.count('error')} error, {r.count('skipped')} skipped; "
+        f"leftover processes: {len(r.leftovers)}"
+    ]
+    for c in r.cases:
+        if c.outcome in ("failed", "error"):
+            lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
+        if c.breaks > 1 or len(c.steps) > 1:
+            lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.steps}")
+    lines += [f"    LEFT BEHIND {p}" for p in r.leftovers]
+    return "\n".join(lines)
+
+
+def summary(runs: Sequence[RunResult]) -> str:
+    """Totals, and for each testcase its tries (stepped traces) and steps over all runs."""
+    ok = sum(r.passed for r in runs)
+    lines = [
+        f"soak: {ok}/{len(runs)} runs passed, {len(runs) - ok} failed; "
+        f"leftover processes: {sum(len(r.leftovers) for r in runs)}; "
+        f"run time {min(r.seconds for r in runs):.0f}-{max(r.seconds for r in runs):.0f} s"
+    ]
+    names = sorted({c.name for r in runs for c in r.cases})
+    lines.append(
+        f"{'testcase':<70} {'fail':>4} {'tries max':>9} {'tries mean':>10} {'max steps/try':>13} {'max s':>6}"
+    )
+    for name in names:
+        cs = [c for r in runs for c in r.cases if c.name == name]
+        tries = [max(len(c.steps), c.breaks) for c in cs]
+        steps = [s for c in cs for s in c.steps]
+        fails = sum(c.outcome in ("failed", "error") for c in cs)
+        lines.append(
+            f"{name[-70:]:<70} {fails:>4} {max(tries):>9} {sum(tries) / len(tries):>10.2f} "
+            f"{max(steps, default=0):>13} {max(c.seconds for c in cs):>6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rig.tools.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=int, help="how many consecutive runs of pytest testcases/")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where run logs and reports go (default: a temp dir)"
+    )
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"runs {args.runs}: must be at least 1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cr3rig-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"soak: {args.runs} runs of pytest testcases/ {' '.join(args.pytest_args)}; logs in {workdir}",
+        flush=True,
+    )
+    runs = []
+    for i in range(1, args.runs + 1):
+        r = run_once(i, args.pytest_args, workdir, sys.stdout)
+        runs.append(r)
+        print(describe_run(r, args.runs), flush=True)
+    print(summary(runs), flush=True)
+    return 0 if all(r.passed and not r.leftovers for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
