@@ -9,6 +9,7 @@ while QEMU still ran. It starts nothing and never raises.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,14 +31,19 @@ def console_death(console_text: str) -> str | None:
     return None
 
 
-def diagnose(guest: Guest) -> str:
-    """One line: what is dead (QEMU, GDB, the kernel, the console) and why; "" if all live."""
+def diagnose(guest: Guest, already_said: str = "") -> str:
+    """One line: what is dead (QEMU, GDB, the kernel, the console) and why; "" if all
+    live. A finding whose gist is already in ``already_said`` is left out."""
     parts: list[str] = []
     machine = guest.machine
     if machine.proc is not None and not machine.alive:
         parts.append(machine.exit_reason())
+    elif machine.proc is not None and _process_state(machine.proc.pid) == "T":
+        parts.append(
+            f"QEMU (pid {machine.proc.pid}) is stopped by a signal (SIGSTOP/SIGTSTP): it cannot answer"
+        )
     gdb = guest.gdb
-    if gdb is not None and not gdb.alive:
+    if gdb is not None and not gdb.alive and f"gdb ({gdb.path}) exited" not in already_said:
         parts.append(gdb.death("during the test"))
     died = console_death(machine.console_tail(400))
     if died is not None:
@@ -45,4 +51,13 @@ def diagnose(guest: Guest) -> str:
     console = guest.console
     if console is not None and console.closed_during is not None and machine.alive:
         parts.append(f"the serial console closed during {console.closed_during} while QEMU still ran")
-    return "; ".join(parts)
+    return "; ".join(p for p in parts if p.split(":")[0] not in already_said)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` for stopped ...), "" if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[0]

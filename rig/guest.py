@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -250,7 +251,7 @@ class Guest:
         if len(table) < 1000:
             raise GuestError(f"/proc/kallsyms gave only {len(table)} symbols")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer: sessions share the cache
         tmp.write_text(table.to_json())
         tmp.replace(path)
         return table

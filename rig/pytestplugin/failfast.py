@@ -86,13 +86,19 @@ class OneLineRepr:
         return self.line
 
 
-def one_line_report(exc: BaseException, diagnosis: str, path: str, lineno: int) -> OneLineRepr:
-    """The one-line report of a rig error: its class, its first line and the diagnosis."""
-    head = split_boot_error(exc)[0]
-    line = f"{type(exc).__name__}: {head}"
-    if diagnosis and diagnosis not in head:
-        line += f" [diagnosis: {diagnosis}]"
-    return OneLineRepr(line, path, lineno)
+def one_line_head(exc: BaseException) -> str:
+    """``Class: first line`` of a rig error (a boot error without its console tail)."""
+    return f"{type(exc).__name__}: {split_boot_error(exc)[0]}"
+
+
+def one_line_report(head: str, diagnosis: str, path: str, lineno: int) -> OneLineRepr:
+    """The one-line report of a rig error: its head and the diagnosis of the guest."""
+    return OneLineRepr(f"{head} [diagnosis: {diagnosis}]" if diagnosis else head, path, lineno)
+
+
+def breaks_guest(exc: BaseException | None) -> bool:
+    """True if ``exc`` leaves the guest in an unknown state (a rig error, a dead socket)."""
+    return isinstance(exc, (RigError, OSError))
 
 
 def wants_one_line(exc: BaseException | None, tbstyle: str) -> bool:

@@ -28,7 +28,9 @@ from rig.guest import Effort, Guest, GuestConfig, check_inputs
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
+    breaks_guest,
     check_writable,
+    one_line_head,
     one_line_report,
     wants_one_line,
 )
@@ -275,17 +277,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     g = item.stash.get(_GUEST_KEY, None)
     if report.when == "call" and g is not None:
         # the testcases' retries (breakpoint hits taken, steps of each stepped trace), for the soak
-        report.user_properties.append(("cr3rig.breaks", g.effort.breaks))
-        report.user_properties.append(("cr3rig.steps", ",".join(map(str, g.effort.steps))))
+        item.user_properties.append(("cr3rig.breaks", g.effort.breaks))
+        item.user_properties.append(("cr3rig.steps", ",".join(map(str, g.effort.steps))))
     if not report.failed:
         return
     exc = call.excinfo.value if call.excinfo is not None else None
-    if isinstance(exc, RigError):
+    if breaks_guest(exc):
         item.stash[_BROKEN_KEY] = True
     if wants_one_line(exc, item.config.option.tbstyle):
         assert exc is not None
         where, lineno, _ = item.location
-        report.longrepr = one_line_report(exc, diagnose(g) if g is not None else "", where, (lineno or 0) + 1)
+        head = one_line_head(exc)
+        report.longrepr = one_line_report(
+            head, diagnose(g, head) if g is not None else "", where, (lineno or 0) + 1
+        )
     if isinstance(exc, BootFailed) and exc.console_tail:
         report.sections.append(("cr3rig console tail of the failed boot", exc.console_tail))
     if report.when != "call" or g is None:

@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,19 +64,34 @@ def debian_stock_kernel(cache_dir: Path) -> Kernel:
     root = cache_dir / "debian" / pkg
     image = root / "boot" / f"vmlinuz-{release}"
     if not image.exists():
-        dl = cache_dir / "debian" / "download"
-        dl.mkdir(parents=True, exist_ok=True)
-        _run(["apt-get", "download", pkg], cwd=dl)
-        debs = sorted(dl.glob(f"{pkg}_*.deb"))
-        if not debs:
-            raise ConfigError(f"apt-get download {pkg} left no .deb in {dl}")
-        tmp = root.with_name(root.name + ".tmp")
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
-        _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
-        tmp.rename(root)
-        for deb in debs:
-            deb.unlink()
+        with _locked(cache_dir / "debian" / ".lock"):  # another session may be fetching it too
+            if not image.exists():
+                _fetch_stock(pkg, root, cache_dir / "debian" / "download")
     return Kernel(image, None, f"debian {release} (stock, unpatched)")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _fetch_stock(pkg: str, root: Path, dl: Path) -> None:
+    """Download ``pkg`` and unpack it to ``root`` (atomically: unpacked beside, then renamed)."""
+    dl.mkdir(parents=True, exist_ok=True)
+    _run(["apt-get", "download", pkg], cwd=dl)
+    debs = sorted(dl.glob(f"{pkg}_*.deb"))
+    if not debs:
+        raise ConfigError(f"apt-get download {pkg} left no .deb in {dl}")
+    tmp = root.with_name(root.name + ".tmp")
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
+    tmp.rename(root)
+    for deb in debs:
+        deb.unlink()
 
 
 def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:

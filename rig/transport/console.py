@@ -62,7 +62,7 @@ class Console:
         n = next(self._ids)
         tag = f"__CR3RIG_{n}__"
         # the marker is split in the echoed command line so only the real output matches
-        self.child.sendline(f'{command}; echo __CR3RIG_{n}""__ $?')
+        self._sendline(f'{command}; echo __CR3RIG_{n}""__ $?', command)
         idx = self._expect([re.escape(tag) + r" (\d+)\r?\n", *PANIC_PATTERNS], timeout, command)
         if idx != 0:
             raise GuestError(f"the guest kernel crashed while running {command!r}")
@@ -84,15 +84,22 @@ class Console:
     def send(self, line: str) -> None:
         """Type ``line`` into the shell without waiting for anything (the guest may be
         stopped by a breakpoint before it runs; later commands tolerate its output)."""
-        self.child.sendline(line)
+        self._sendline(line, line)
 
     def start_background(self, command: str, marker: str, timeout: float = 30.0) -> str:
         """Start ``command &`` and wait for a line matching regex ``marker``; return the line."""
-        self.child.sendline(f"{command} &")
+        self._sendline(f"{command} &", command)
         idx = self._expect([marker + r"[^\r\n]*\r?\n", *PANIC_PATTERNS], timeout, f"{marker!r}")
         if idx != 0:
             raise GuestError(f"the guest kernel crashed while starting {command!r}")
         return str(self.child.after).strip()
+
+    def _sendline(self, line: str, what: str) -> None:
+        try:
+            self.child.sendline(line)
+        except OSError as exc:
+            self.closed_during = what
+            raise GuestError(f"the console closed before {what!r} could be typed ({exc.strerror})") from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

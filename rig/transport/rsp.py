@@ -54,7 +54,7 @@ def unescape(data: bytes) -> bytes:
 
 
 #: Default bound (seconds) on waiting for any one reply: a step that never returns
-#: (e.g. a vCPU halted with interrupts masked) ends in an error, not a wait forever.
+#: (a hung or stopped QEMU) ends in an error, not a wait forever.
 REPLY_TIMEOUT = 20.0
 
 
@@ -92,7 +92,10 @@ class RspLink:
 
     def transact(self, packets: Sequence[str]) -> list[str]:
         """Send ``packets`` in one write; return their replies, in order, as text."""
-        self.sock.sendall(b"".join(frame(p) for p in packets))
+        try:
+            self.sock.sendall(b"".join(frame(p) for p in packets))
+        except OSError as exc:
+            raise GuestError(f"the gdbstub connection failed: {exc.strerror} (did QEMU exit?)") from None
         return [self._read_packet() for _ in packets]
 
     def interrupt(self) -> str:
@@ -121,7 +124,7 @@ class RspLink:
                 if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     raise ReplyTimeout(
                         f"QEMU sent no reply within {self.reply_timeout:g} s (a step that never "
-                        "returns: the vCPU may be halted with interrupts masked, or QEMU is hung)"
+                        "returns: QEMU is hung or stopped, or the vCPU never completes the instruction)"
                     ) from None
                 raise GuestError(f"the gdbstub connection failed: {exc}") from None
             if not chunk:
