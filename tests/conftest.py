@@ -61,11 +61,13 @@ def processes_tagged(tag: str) -> list[str]:
     return found
 
 
-def run_pytest(args: list[str], tag: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``pytest testcases/ ARGS`` in a child whose processes carry ``tag``."""
+def run_pytest(
+    args: list[str], tag: str, timeout: float = 300, target: str = "testcases/"
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pytest TARGET ARGS`` in a child whose processes carry ``tag``."""
     env = dict(os.environ, CR3RIG_TEST_TAG=tag)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "testcases/", *args],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", target, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -81,3 +83,17 @@ def tag() -> Iterator[str]:
     yield t
     left = processes_tagged(t)
     assert not left, f"processes left behind: {left}"
+
+
+def junit_outcomes(path: Path) -> dict[str, tuple[str, str, float]]:
+    """test name -> (outcome, one-line message, seconds) from a pytest JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for el in tc:
+            if el.tag in ("failure", "error", "skipped"):
+                outcome, message = el.tag, el.get("message") or ""
+        out[tc.get("name", "")] = (outcome, message, float(tc.get("time", "0")))
+    return out

@@ -6,11 +6,14 @@ Each case runs ``pytest testcases/`` in a child process the way a user would.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from rig.errors import ConfigError
+from rig.transport.qemu import COMMAND_LINE_SIZE, check_cmdline_length
 from tests.conftest import run_pytest
 
 
@@ -64,3 +67,107 @@ def test_vmlinux_that_does_not_match(tag: str) -> None:
     line = next((ln for ln in out.splitlines() if "does not match" in ln or "no symbol table" in ln), "")
     assert line, out[-2000:]
     assert "vmlinux" in line
+
+
+#: A real ELF for another architecture, shipped with QEMU (qemu-system-data).
+RISCV_ELF = Path("/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.elf")
+
+
+@pytest.fixture(scope="module")
+def small_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unstripped x86-64 ELF (with .symtab) built here: not a kernel, but a valid ELF."""
+    d = tmp_path_factory.mktemp("elf")
+    (d / "x.c").write_text("int answer(void) { return 42; }\nint main(void) { return answer(); }\n")
+    subprocess.run(["gcc", "-g", "-o", str(d / "x"), str(d / "x.c")], check=True)
+    return d / "x"
+
+
+def _static_case(tag: str, args: list[str]) -> tuple[str, float, str]:
+    """Run the child; return (its output, seconds, the one ERROR line)."""
+    t0 = time.monotonic()
+    res = run_pytest(args, tag)
+    elapsed = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 4, out[-2000:]  # a usage error: before collection, no boot
+    errors = [ln for ln in out.splitlines() if ln.startswith("ERROR: ")]
+    assert len(errors) == 1 and "Traceback" not in out, out[-2000:]
+    return out, elapsed, errors[0]
+
+
+def test_static_checks_do_not_boot(tag: str, tmp_path: Path, small_elf: Path) -> None:
+    """Each bad input is one line, naming the problem and the fix, before anything boots."""
+    truncated = tmp_path / "vmlinux-truncated"
+    truncated.write_bytes(small_elf.read_bytes()[:4000])
+    junk = tmp_path / "vmlinux-junk"
+    junk.write_bytes(b"not an ELF at all\n" * 100)
+    stripped = tmp_path / "vmlinux-stripped"
+    subprocess.run(["strip", "-o", str(stripped), str(small_elf)], check=True)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        (["--vmlinux", str(truncated)], ["truncated", "pass the unstripped vmlinux"]),
+        (["--vmlinux", str(junk)], ["not an ELF file", "pass the unstripped vmlinux"]),
+        (["--vmlinux", str(stripped)], ["no symbol table", "pass the unstripped vmlinux"]),
+        (["--vmlinux", str(RISCV_ELF)], ["ELF64 for RISCV, not x86-64", "pass the unstripped vmlinux"]),
+        (["--kernel", str(RISCV_ELF)], ["ELF64 for RISCV, not x86-64", "pass a bzImage or vmlinux"]),
+        (["--append", "x" * 3000], ["command line is 3", "2047", "shorten --append"]),
+        (["--boot-timeout", "0"], ["--boot-timeout 0", "more than 0 seconds"]),
+        (["--boot-timeout", "-5"], ["--boot-timeout -5", "more than 0 seconds"]),
+        (["--trace-dir", str(a_file / "traces")], ["trace directory", "Not a directory", "--trace-dir"]),
+        (["--cr3rig-cache", str(a_file / "cache")], ["cache directory", "Not a directory", "--cr3rig-cache"]),
+    ]
+    for args, needles in cases:
+        _, elapsed, line = _static_case(tag, args)
+        for needle in needles:
+            assert needle in line, (args[0], needle, line)
+        assert elapsed < 10, f"{args[0]}: {elapsed:.1f} s"
+
+
+def test_cmdline_at_the_limit_is_accepted() -> None:
+    check_cmdline_length("x" * (COMMAND_LINE_SIZE - 1))
+    with pytest.raises(ConfigError, match="2048 bytes"):
+        check_cmdline_length("x" * COMMAND_LINE_SIZE)
+
+
+def _boot_case(tag: str, args: list[str]) -> tuple[str, float]:
+    """Run the child on the stock kernel; return (the one line that ends it, seconds)."""
+    t0 = time.monotonic()
+    res = run_pytest(["--kernel", "debian", *args], tag)
+    elapsed = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in out, out[-2000:]
+    lines = [ln for ln in out.splitlines() if "cr3rig: " in ln]
+    assert len(lines) == 1, out[-2000:]
+    return lines[0], elapsed
+
+
+def test_qemu_that_exits_silently(tag: str) -> None:
+    line, elapsed = _boot_case(tag, ["--qemu", "/bin/false"])
+    assert "QEMU (/bin/false) exited at start with status 1 and printed nothing; check --qemu" in line
+    assert elapsed < 10
+
+
+def test_qemu_error_line_is_quoted(tag: str, small_elf: Path) -> None:
+    # an x86-64 ELF that is no kernel passes the static check; QEMU itself refuses it
+    line, elapsed = _boot_case(tag, ["--kernel", str(small_elf)])
+    assert "QEMU exited at start with status 1: qemu-system-x86_64: Error loading uncompressed kernel" in line
+    assert elapsed < 10
+
+
+def test_gdb_that_exits_silently(tag: str) -> None:
+    line, elapsed = _boot_case(tag, ["--gdb", "/bin/true"])
+    assert (
+        "gdb (/bin/true) exited with status 0 while running '-gdb-set mi-async on'; it printed nothing"
+        in line
+    )
+    assert "check --gdb" in line
+    assert elapsed < 10
+
+
+def test_gdb_death_quotes_its_last_output(tag: str, tmp_path: Path) -> None:
+    fake = tmp_path / "gdb"
+    fake.write_text("#!/bin/sh\necho 'fake-gdb: cannot load libpython' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    line, elapsed = _boot_case(tag, ["--gdb", str(fake)])
+    assert "exited with status 3" in line and "its last output: fake-gdb: cannot load libpython" in line
+    assert elapsed < 10

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from rig.errors import GuestError, RigError
 from rig.guest import Guest, GuestConfig
-from tests.conftest import REPO, processes_tagged
+from tests.conftest import REPO, junit_outcomes, processes_tagged, run_pytest
 
 
 @pytest.fixture
@@ -88,3 +89,32 @@ def test_ctrl_c_leaves_nothing(tag: str) -> None:
             child.wait()
     assert "KeyboardInterrupt" in out or child.returncode == 2, out[-1000:]
     assert not processes_tagged(tag)
+
+
+#: Each fault in tests/cases/fault_cases.py and what its one-line report must say.
+FAULTS = {
+    "test_fault_qemu_killed": ("QEMU exited with signal 9 (SIGKILL)",),
+    "test_fault_gdb_killed": ("gdb (", "exited with signal 9 (SIGKILL)", "its last output"),
+    "test_fault_console_closed": ("console closed", "while QEMU still ran"),
+    "test_fault_step_never_returns": ("no reply within 3 s", "QEMU (pid", "is stopped by a signal"),
+    "test_fault_triple_fault_while_stepped": ("gdbstub connection", "after a triple fault"),
+    "test_fault_panic_while_stepped": ("Kernel panic - not syncing: sysrq triggered crash",),
+}
+
+
+def test_faults_mid_test_diagnosed_and_next_test_passes(tag: str, tmp_path: Path) -> None:
+    """Each fault ends its test with a one-line diagnosis (no traceback), the test after
+    it passes on a fresh guest, and nothing is left running (7 boots of the stock kernel)."""
+    xml = tmp_path / "faults.xml"
+    res = run_pytest(["--kernel", "debian", f"--junitxml={xml}"], tag, target="tests/cases/fault_cases.py")
+    results = junit_outcomes(xml)
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out, out[-3000:]
+    for name, needles in FAULTS.items():
+        outcome, message, _ = results[name]
+        assert outcome == "failure", (name, outcome, message)
+        assert "\n" not in message.strip(), (name, message)
+        for needle in needles:
+            assert needle in message, (name, needle, message)
+        after = name.replace("test_fault_", "test_after_").replace("_while_stepped", "")
+        assert results[after][0] == "passed", (after, results[after])

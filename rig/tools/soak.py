@@ -141,7 +141,7 @@ def describe_run(r: RunResult, total: int) -> str:
     for c in r.cases:
         if c.outcome in ("failed", "error"):
             lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
-        if c.breaks > 1 or len(c.steps) > 1:
+        if len(c.steps) > 1:  # each try of a testcase steps one trace
             lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.steps}")
     lines += [f"    LEFT BEHIND {p}" for p in r.leftovers]
     return "\n".join(lines)
@@ -161,7 +161,7 @@ def summary(runs: Sequence[RunResult]) -> str:
     )
     for name in names:
         cs = [c for r in runs for c in r.cases if c.name == name]
-        tries = [max(len(c.steps), c.breaks) for c in cs]
+        tries = [len(c.steps) for c in cs]
         steps = [s for c in cs for s in c.steps]
         fails = sum(c.outcome in ("failed", "error") for c in cs)
         lines.append(
