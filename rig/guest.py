@@ -269,11 +269,13 @@ class Guest:
         if self.closed:
             return
         self.closed = True
-        for part in (self.console, self.gdb, self.relay):
-            if part is not None:
-                with contextlib.suppress(Exception):
-                    part.close()
-        self.machine.close()
+        try:
+            for part in (self.console, self.gdb, self.relay):
+                if part is not None:
+                    with contextlib.suppress(Exception):
+                        part.close()
+        finally:
+            self.machine.close()
 
     def __enter__(self) -> Guest:
         return self

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from rig.errors import GuestError, RigError
 from rig.guest import Guest, GuestConfig
+from rig.transport.host import LocalHost
 from tests.conftest import REPO, junit_outcomes, processes_tagged, run_pytest
 
 
@@ -118,3 +121,28 @@ def test_faults_mid_test_diagnosed_and_next_test_passes(tag: str, tmp_path: Path
             assert needle in message, (name, needle, message)
         after = name.replace("test_fault_", "test_after_").replace("_while_stepped", "")
         assert results[after][0] == "passed", (after, results[after])
+
+
+def test_ctrl_c_inside_a_qmp_call_leaves_no_qemu(base_config: GuestConfig) -> None:
+    """A Ctrl-C that lands inside a QMP call is re-raised when QMP is closed: QEMU must
+    be killed before that (a soak run left a QEMU behind this way)."""
+    g = Guest(LocalHost(), base_config)
+    g.machine.start()
+    assert g.machine.proc is not None
+    pid = g.machine.proc.pid
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                g.machine.qmp("query-qmp-schema")  # a big reply: time goes into its decoding
+        with contextlib.suppress(KeyboardInterrupt):
+            g.close()
+    finally:
+        timer.cancel()
+        alive = g.machine.proc.poll() is None
+        g.machine.proc.kill()  # clean up even when close() failed to
+        g.machine.proc.wait()
+    assert not alive, "QEMU survived Guest.close() after a Ctrl-C inside QMP"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -203,13 +203,19 @@ class QemuMachine:
 
     def close(self) -> None:
         """Quit QEMU (SIGKILL its process group) and remove the private directory."""
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                self._qmp.close()
-            self._qmp = None
-        if self.proc is not None:
-            kill_process_group(self.proc)
-        remove_tree(self.dir)
+        # Kill first: closing QMP runs its asyncio loop, which re-raises a Ctrl-C that
+        # landed inside an earlier QMP call (a KeyboardInterrupt, not an Exception).
+        try:
+            if self.proc is not None:
+                kill_process_group(self.proc)
+        finally:
+            qmp, self._qmp = self._qmp, None
+            try:
+                if qmp is not None:
+                    with contextlib.suppress(Exception):
+                        qmp.close()
+            finally:
+                remove_tree(self.dir)
 
     def __enter__(self) -> QemuMachine:
         return self
