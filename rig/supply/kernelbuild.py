@@ -615,6 +615,19 @@ def _store(build: Path, out: Path, meta: dict[str, object]) -> None:
     """Copy the results of ``build`` into the cache entry ``out`` (atomically)."""
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _copy_results(build, tmp, meta)
+    except OSError as exc:  # e.g. the disk filled up: no half-written entry stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KernelBuildError(
+            f"cannot store the build in {out.parent}: {exc.strerror}; free space there (or set $CR3RIG_CACHE)"
+        ) from exc
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _copy_results(build: Path, tmp: Path, meta: dict[str, object]) -> None:
+    """Copy vmlinux, bzImage, config, the gdb helpers and ``build.json`` into ``tmp``."""
     (tmp / "gdb").mkdir(parents=True)
     shutil.copy2(build / "vmlinux", tmp / "vmlinux")
     shutil.copy2(build / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
@@ -632,8 +645,6 @@ def _store(build: Path, out: Path, meta: dict[str, object]) -> None:
             ignore=shutil.ignore_patterns("*.o", ".*.cmd", "__pycache__"),
         )
     (tmp / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def _result(out: Path, source_version: str, key: str) -> KernelBuild:
