@@ -146,3 +146,12 @@ def test_ctrl_c_inside_a_qmp_call_leaves_no_qemu(base_config: GuestConfig) -> No
         g.machine.proc.wait()
     assert not alive, "QEMU survived Guest.close() after a Ctrl-C inside QMP"
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_tb_long_brings_the_traceback_back(tag: str) -> None:
+    args = ["--kernel", "debian", "-k", "test_fault_gdb_killed"]
+    short = run_pytest(args, tag, target="tests/cases/fault_cases.py")
+    assert "GdbError: gdb (" in short.stdout and "Traceback" not in short.stdout, short.stdout[-2000:]
+    assert "raise GdbError" not in short.stdout, short.stdout[-2000:]
+    long = run_pytest([*args, "--tb=long"], tag, target="tests/cases/fault_cases.py")
+    assert "raise GdbError" in long.stdout, long.stdout[-2000:]

@@ -239,7 +239,11 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
     )
     g.traces.clear()
     g.effort = Effort()
-    g.resume()  # a previous test may have left it stopped at a breakpoint
+    try:
+        g.resume()  # a previous test may have left it stopped at a breakpoint
+    except RigError:
+        g.close()  # not reused by the next test
+        raise
     request.node.stash[_GUEST_KEY] = g
     yield g
     if request.node.stash.get(_BROKEN_KEY, False):
