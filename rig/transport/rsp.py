@@ -68,6 +68,33 @@ class RspLink:
         self.sock.sendall(b"".join(frame(p) for p in packets))
         return [self._read_packet() for _ in packets]
 
+    def resume(self, packet: str, timeout: float) -> str:
+        """Send a resume packet (``vCont;c:…``) and return the stop reply.
+
+        ``timeout`` (seconds) bounds a target that never stops: then the link sends an
+        interrupt (``\\x03``), waits for that stop reply and raises :class:`GuestError`
+        saying so. The wait itself is one blocking read; the deadline only matters
+        when no stop arrives.
+        """
+        self.sock.sendall(frame(packet))
+        self.sock.settimeout(timeout)
+        try:
+            return self._read_packet()
+        except TimeoutError:
+            self.sock.settimeout(5.0)
+            self.sock.sendall(b"\x03")
+            try:
+                reply = self._read_packet()
+            except TimeoutError:
+                raise GuestError(
+                    f"the target ignored an interrupt after `{packet}` ran {timeout:.0f} s"
+                ) from None
+            raise GuestError(
+                f"no stop within {timeout:.0f} s after `{packet}` (interrupted: {reply})"
+            ) from None
+        finally:
+            self.sock.settimeout(None)
+
     def _read_packet(self) -> str:
         buf = self._buf
         while True:
