@@ -43,7 +43,7 @@ from rig.machine.sites import Site
 from rig.machine.vcpu import thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.checks import signal_problems
-from rig.observe.stepping import Snapshot, Trace, Watch
+from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
@@ -75,7 +75,8 @@ class Window:
     ``direction``: ``entry`` (user->kernel CR3) or ``exit`` (kernel->user);
     ``from_user``: the arrival must be on the user CR3 (entry paths from user mode);
     ``before``/``after``: boundaries tried before the signal store and past the CR3
-    write; boundary 0 (the first instruction) is always tried.
+    write; boundary 0 (the first instruction) is always tried; ``nmi_arrival``: the
+    path is itself an NMI's (one is injected for each arrival).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Window:
     before: int = 2
     after: int = 3
     scout_steps: int = 400
+    nmi_arrival: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,19 +213,10 @@ class Explorer:
         ]
 
     # -- arriving ---------------------------------------------------------------------
-    def _arrive(self, window: Window, tries: int = 30) -> None:
-        g = self.guest
-        addresses = [g.symbols.address(n) for n in window.entry if n in g.symbols]
-        if not addresses:
-            raise GuestError(f"{window.name}: none of {window.entry} is a kernel symbol")
-        for _ in range(tries):
-            g.break_on(addresses, self.cpu)
-            with g.link() as link:
-                cr3 = g.vcpu(self.cpu).registers(link, ("cr3",))["cr3"]
-            if _user(cr3) == window.from_user:
-                return
-        want = "user" if window.from_user else "kernel"
-        raise GuestError(f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3")
+    def _arrive(self, window: Window) -> None:
+        self.guest.stop()
+        with self.guest.link() as link:
+            self.arrive_on_link(link, window)
 
     def _watch(self) -> Watch:
         return Watch(self.signal, self.signal_address, 4)
@@ -292,32 +285,56 @@ class Explorer:
             link.transact([f"z0,{addr:x},1"])
             self._armed.discard(addr)
 
-    def run_boundary(self, window: Window, k: int, expected_pc: int) -> BoundaryRun | None:
+    def arrive_on_link(self, link: RspLink, window: Window, tries: int = 200) -> None:
+        """Run the guest until vCPU ``cpu`` reaches the window's entry on the wanted CR3
+        side (on the raw link: every vCPU runs, siblings' hits are stepped over)."""
+        g = self.guest
+        entries = {g.symbols.address(n) for n in window.entry if n in g.symbols}
+        self._arm(link, entries)
+        try:
+            seen: list[str] = []
+            for _ in range(tries):
+                if window.nmi_arrival:
+                    self.guest.machine.inject_nmi()
+                pc = self._continue(link, window, None)
+                cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
+                if pc in entries and _user(cr3) == window.from_user:
+                    return
+                seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x}"]
+                self._step_over(link, self.cpu, pc)
+        finally:
+            for a in entries:
+                self._disarm(link, a)
+        want = "user" if window.from_user else "kernel"
+        raise GuestError(
+            f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 (last: {seen})"
+        )
+
+    def run_boundary(self, link: RspLink, window: Window, k: int, scout: Snapshot) -> BoundaryRun | None:
         """Arrive, step to boundary ``k``, inject an NMI there and fast-forward.
 
-        None if this arrival took another path (its pc at ``k`` is not ``expected_pc``).
+        None if this arrival took another path (its pc at ``k`` is not the scout's).
         """
-        g = self.guest
         t0 = time.monotonic()
-        self._arrive(window)
-        trace = g.step(self.cpu, watches=[self._watch()], max_steps=k)
-        g.traces.pop()
-        at = trace.snapshots[-1]
-        if at.pc != expected_pc:
+        self.arrive_on_link(link, window)
+        stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
+        at = stepper.run(link, max_steps=k).snapshots[-1]
+        if at.pc != scout.pc:
             return None
-        run = BoundaryRun(k, at.where, at.insn, at.cr3[self.cpu], at.words[self.signal][self.observer], "NMI")
-        g.machine.inject_nmi()  # pending; taken at the next continue, before the instruction at k
-        with g.link() as link:
-            self._armed = set()
-            try:
-                self._fast_forward(link, window, run, at.pc)
-            finally:
-                link.transact([f"z0,{a:x},1" for a in sorted(self._armed)] or ["?"])
-                self._armed = set()
+        run = BoundaryRun(
+            k, scout.where, scout.insn, at.cr3[self.cpu], at.words[self.signal][self.observer], "NMI"
+        )
+        self.guest.machine.inject_nmi()  # pending; taken at the next continue, before the instruction at k
+        try:
+            self._fast_forward(link, window, run, at.pc)
+        finally:
+            armed, self._armed = sorted(self._armed), set()
+            if armed:
+                link.transact([f"z0,{a:x},1" for a in armed])
         run.seconds = time.monotonic() - t0
         return run
 
-    def _continue(self, link: RspLink, window: Window, run: BoundaryRun) -> int:
+    def _continue(self, link: RspLink, window: Window, run: BoundaryRun | None) -> int:
         """Run every vCPU until vCPU ``cpu`` stops at a breakpoint; return its pc.
 
         The siblings run too (frozen, one could hold a lock the stepping vCPU needs);
@@ -329,9 +346,10 @@ class Explorer:
                 reply = link.resume("vCont;c", CONTINUE_TIMEOUT)
             except GuestError as exc:
                 pc, cr3, _, signal = self._state(link)
-                last = run.stops[-1].where if run.stops else f"boundary {run.k}"
+                k = "arrival" if run is None else f"boundary {run.k}"
+                last = run.stops[-1].where if run is not None and run.stops else k
                 raise GuestError(
-                    f"{window.name} boundary {run.k}: vCPU {self.cpu} hit no switch site after {last} "
+                    f"{window.name} {k}: vCPU {self.cpu} hit no switch site after {last} "
                     f"({exc}); it is at {sym.describe(pc)} on the {_side(cr3)} CR3, signal {signal}"
                 ) from None
             m = _STOP_THREAD.search(reply)
@@ -342,7 +360,7 @@ class Explorer:
             if cpu == self.cpu:
                 return pc
             self._step_over(link, cpu, pc)
-        raise GuestError(f"{window.name} boundary {run.k}: the siblings kept hitting switch sites")
+        raise GuestError(f"{window.name}: the siblings kept hitting switch sites")
 
     def _fast_forward(self, link: RspLink, window: Window, run: BoundaryRun, pc_k: int) -> None:
         sym = self.guest.symbols
@@ -375,6 +393,7 @@ class Explorer:
                 if not delivered:
                     delivered = True
                     return_to = ret
+                    found_signal, found_cr3 = signal, cr3  # as the event found them
                     if ret < 1 << 63:
                         run.path = "from user"
                     elif ret != pc_k:
@@ -499,15 +518,19 @@ def explore(
             )
         )
     last = len(scout.snapshots) - 1
-    for k in boundaries_of(window, store, cr3_write, last):
-        if scout.snapshots[k].pc < 1 << 63:
-            continue  # user mode: not part of the window
-        for _ in range(tries):
-            run = ex.run_boundary(window, k, scout.snapshots[k].pc)
-            if run is not None:
-                result.runs.append(run)
-                break
-        else:
-            raise GuestError(f"{window.name}: {tries} arrivals in a row took another path to boundary {k}")
+    guest.stop()
+    with guest.link() as link:
+        for k in boundaries_of(window, store, cr3_write, last):
+            if scout.snapshots[k].pc < 1 << 63:
+                continue  # user mode: not part of the window
+            for _ in range(tries):
+                run = ex.run_boundary(link, window, k, scout.snapshots[k])
+                if run is not None:
+                    result.runs.append(run)
+                    break
+            else:
+                raise GuestError(
+                    f"{window.name}: {tries} arrivals in a row took another path to boundary {k}"
+                )
     result.seconds = time.monotonic() - t0
     return result

@@ -24,8 +24,12 @@ import pytest
 
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig, check_inputs
+from rig.observe.coverage import SiteCoverage, coverage_of
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
+
+#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
+SIGNAL = "kernel_cr3_loaded"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         type=Path,
         help="cache directory (default $CR3RIG_CACHE or ~/.cache/cr3rig)",
+    )
+    g.addoption(
+        "--site-coverage",
+        default="auto",
+        choices=("auto", "require", "report", "off"),
+        help="CR3 switch-site coverage table at the end; 'require' fails the session if a site "
+        "TCG can reach was executed by no testcase ('auto': require on a full run of testcases/ "
+        "against a kernel with the CR3 signal, else report)",
     )
     g.addoption(
         "--trace-dir",
@@ -113,6 +125,7 @@ class RigSettings:
 
     base: GuestConfig
     trace_dir: Path
+    site_coverage: str = "auto"
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +154,7 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
 
 
 class GuestPool:
@@ -150,6 +163,7 @@ class GuestPool:
     def __init__(self, settings: RigSettings) -> None:
         self.settings = settings
         self.current: Guest | None = None
+        self._coverage: SiteCoverage | None = None
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
         """The guest booted with ``extra_append`` (and, unless ``isolate`` is False, the
@@ -167,6 +181,14 @@ class GuestPool:
                 pytest.exit(f"cr3rig: {exc}", returncode=4)
         return self.current
 
+    def coverage(self, guest: Guest) -> SiteCoverage | None:
+        """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
+        if self.settings.site_coverage == "off":
+            return None
+        if self._coverage is None and guest.config.vmlinux is not None:
+            self._coverage = coverage_of(guest, SIGNAL)
+        return self._coverage
+
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
@@ -174,12 +196,67 @@ class GuestPool:
 
 
 @pytest.fixture(scope="session")
-def guest_pool(rig_settings: RigSettings) -> Iterator[GuestPool]:
+def guest_pool(rig_settings: RigSettings, pytestconfig: pytest.Config) -> Iterator[GuestPool]:
     pool = GuestPool(rig_settings)
+    pytestconfig.stash[_POOL_KEY] = pool
     try:
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture
+def site_coverage(guest_pool: GuestPool, guest: Guest) -> SiteCoverage | None:
+    """The session's CR3 switch-site coverage (None if the kernel has no vmlinux)."""
+    return guest_pool.coverage(guest)
+
+
+_POOL_KEY = pytest.StashKey[GuestPool]()
+_DESELECTED_KEY = pytest.StashKey[bool]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[_DESELECTED_KEY] = True
+
+
+def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
+    mode = config.option.site_coverage
+    if mode != "auto":
+        return bool(mode == "require")
+    testcases = (config.rootpath / "testcases").resolve()
+    full = [Path(a.split("::")[0]).resolve() for a in config.args] in (
+        [testcases],
+        [config.rootpath.resolve()],
+    )
+    return coverage.has_signal and full and not config.stash.get(_DESELECTED_KEY, False)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    pool = config.stash.get(_POOL_KEY, None)
+    coverage = pool._coverage if pool is not None else None
+    if coverage is None:
+        return
+    terminalreporter.section("cr3rig: CR3 switch-site coverage")
+    terminalreporter.write_line(coverage.table())
+    missing = coverage.missing()
+    if missing and _coverage_required(config, coverage):
+        terminalreporter.write_line(
+            f"FAILED: {len(missing)} reachable CR3 switch site(s) executed by no testcase: "
+            + ", ".join(s.where for s in missing)
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pool = session.config.stash.get(_POOL_KEY, None)
+    coverage = pool._coverage if pool is not None else None
+    if (
+        coverage is not None
+        and exitstatus == 0
+        and coverage.missing()
+        and _coverage_required(session.config, coverage)
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -194,6 +271,10 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
     g.resume()  # a previous test may have left it stopped at a breakpoint
     request.node.stash[_GUEST_KEY] = g
     yield g
+    coverage = guest_pool.coverage(g)
+    if coverage is not None:
+        for trace in g.traces:
+            coverage.record_trace(request.node.nodeid, trace)
     if g.machine.alive and not g.closed:
         try:
             g.kill_workloads()
