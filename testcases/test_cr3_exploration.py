@@ -26,6 +26,19 @@ WINDOWS = (
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
     Window("interrupt-entry", "user-spin", INTERRUPT_ENTRIES, "entry"),
     Window("nmi-entry", "user-spin", ("asm_exc_nmi",), "entry", nmi_arrival=True),
+    # an IRET to user mode that faults: #GP from kernel mode on the user CR3, error_entry's
+    # .Lerror_bad_iret path switches CR3
+    Window("bad-iret-entry", "bad-iret-loop", ("asm_exc_general_protection",), "entry"),
+    # 32-bit tasks (IA32_EMULATION); TCG's -cpu max runs both compat gates
+    Window("compat-sysenter-entry", "compat-sysenter-loop", ("entry_SYSENTER_compat",), "entry"),
+    Window("compat-syscall-entry", "compat-syscall-loop", ("entry_SYSCALL_compat",), "entry"),
+    Window(
+        "sysretl-exit",
+        "compat-syscall-loop",
+        ("entry_SYSRETL_compat_unsafe_stack",),
+        "exit",
+        from_user=False,
+    ),
 )
 
 
@@ -36,8 +49,7 @@ def test_nmi_at_every_boundary(
     g = signal_guest
     if not g.config.vmlinux:
         pytest.skip("exploration needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
-    if site_coverage is None:
-        pytest.skip("no switch sites: --site-coverage off")
+    assert site_coverage is not None
     g.start_workload(window.workload, NMI_CPU)
     result = explore(g, site_coverage.sites, window, signal=SIGNAL)
     site_coverage.record(request.node.nodeid, result.executed())

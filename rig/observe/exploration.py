@@ -31,9 +31,10 @@ loaded the user CR3 again (or, for an exit window, when it returns to the user C
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -202,6 +203,7 @@ class Explorer:
         self.paranoid = sym.get("paranoid_entry")
         self._thread = thread_id(cpu)
         self._armed: set[int] = set()
+        self.mismatch = ""
         rm = guest.regmap
         self._read = [
             f"Hg{self._thread}",
@@ -295,20 +297,53 @@ class Explorer:
             seen: list[str] = []
             for _ in range(tries):
                 if window.nmi_arrival:
-                    self.guest.machine.inject_nmi()
+                    self._to_user_mode(link, window)
+                    self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
                 pc = self._continue(link, window, None)
                 cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
                 if pc in entries and _user(cr3) == window.from_user:
                     return
-                seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x}"]
+                r = link.transact([g.regmap.packet("rsp")])
+                frame = link.transact([f"m{hex_le(r[0]):x},8"])[0]
+                came = (
+                    "?"
+                    if is_error(frame)
+                    else g.symbols.describe(int.from_bytes(bytes.fromhex(frame), "little"))
+                )
+                seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x} from {came}"]
                 self._step_over(link, self.cpu, pc)
         finally:
             for a in entries:
                 self._disarm(link, a)
         want = "user" if window.from_user else "kernel"
         raise GuestError(
-            f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 (last: {seen})"
+            f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 "
+            f"(last: {seen})"
         )
+
+    def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
+        """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write that loads
+        the user CR3, then step to user mode. (An NMI made pending in kernel mode would
+        be taken there; one made pending in user mode is an NMI from user.)"""
+        g = self.guest
+        cs_packet, cr3_packet = g.regmap.packet("cs"), g.regmap.packet("cr3")
+        writes = [a for a, s in self.sites.items() if s.kind == "cr3-write"]
+        for _ in range(20):
+            if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
+                return
+            self._arm(link, writes)
+            try:
+                pc = self._continue(link, window, None)
+                self._step_over(link, self.cpu, pc)
+            finally:
+                for a in writes:
+                    self._disarm(link, a)
+            for _ in range(max_steps):
+                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet])
+                if hex_le(r[1]) & 3 or not _user(hex_le(r[2])):
+                    break
+                self._step_over(link, self.cpu, 0)
+        raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
 
     def run_boundary(self, link: RspLink, window: Window, k: int, scout: Snapshot) -> BoundaryRun | None:
         """Arrive, step to boundary ``k``, inject an NMI there and fast-forward.
@@ -320,6 +355,7 @@ class Explorer:
         stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
         at = stepper.run(link, max_steps=k).snapshots[-1]
         if at.pc != scout.pc:
+            self.mismatch = f"at {self.guest.symbols.describe(at.pc)}, not {scout.where}"
             return None
         run = BoundaryRun(
             k, scout.where, scout.insn, at.cr3[self.cpu], at.words[self.signal][self.observer], "NMI"
@@ -366,8 +402,12 @@ class Explorer:
         sym = self.guest.symbols
         fixed = set(self.sites) | {self.nmi_entry}
         fixed |= {a for a in (self.handler, self.paranoid) if a is not None}
-        # pc_k is armed once the NMI is taken: the first continue must not stop there first
-        self._arm(link, fixed - {pc_k})
+        # A deliverable NMI is taken before the instruction at pc_k, so pc_k is armed only
+        # once it is taken. Inside an NMI (an nmi_arrival window) the new one is latched
+        # until the IRET: the instruction at pc_k runs first, and is a stop of its own.
+        latched = window.nmi_arrival
+        self._arm(link, fixed if latched else fixed - {pc_k})
+        first: int | None = pc_k if latched else None
         found_signal, found_cr3 = run.signal, run.cr3
         last_signal = run.signal
         depth = 0
@@ -376,7 +416,10 @@ class Explorer:
         after_return_user_write = False
         wrong_kernel_since: str | None = None
         for _ in range(MAX_STOPS):
-            pc = self._continue(link, window, run)
+            initial = first is not None
+            pc = first if first is not None else self._continue(link, window, run)
+            first = None
+            self._arm(link, fixed)
             _, cr3, rsp, signal = self._state(link)
             where = sym.describe(pc)
             if signal != last_signal:
@@ -385,7 +428,9 @@ class Explorer:
                 )
             last_signal = signal
             kind = ""
-            if pc == self.nmi_entry:
+            if initial:
+                pass  # the interrupted instruction itself, not an event's stop
+            elif pc == self.nmi_entry:
                 kind = "event"
                 depth += 1
                 frame = link.transact([f"Hg{self._thread}", f"m{rsp:x},8"])[1]
@@ -506,6 +551,36 @@ def explore(
     up to ``tries`` times when the path differs from the scouted one.
     """
     t0 = time.monotonic()
+    with quiet_console(guest):
+        result = _explore(guest, sites, window, signal, cpu, tries)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+@contextlib.contextmanager
+def quiet_console(guest: Guest) -> Iterator[None]:
+    """Keep kernel messages off the serial console for the block (console_loglevel 0).
+
+    Every injected NMI makes the kernel print "Uhhuh. NMI received for unknown reason"
+    at KERN_EMERG; under TCG each line on the emulated UART costs the vCPU ~0.5 s, which
+    would dominate the exploration. Panics and oopses still reach the console (they
+    call console_verbose()); the messages stay in the kernel log.
+    """
+    out, status = guest.shell("cat /proc/sys/kernel/printk")
+    if status != 0 or not out.split():
+        yield  # no sysctl: nothing to quiet
+        return
+    guest.shell("echo 0 > /proc/sys/kernel/printk")
+    try:
+        yield
+    finally:
+        if guest.machine.alive and not guest.closed:
+            guest.shell(f"echo {out.split()[0]} > /proc/sys/kernel/printk")
+
+
+def _explore(
+    guest: Guest, sites: Sequence[Site], window: Window, signal: str, cpu: int, tries: int
+) -> Exploration:
     ex = Explorer(guest, sites, cpu=cpu, signal=signal)
     scout, store, cr3_write = ex.scout(window)
     result = Exploration(window, cpu, scout, store, cr3_write)
@@ -530,7 +605,7 @@ def explore(
                     break
             else:
                 raise GuestError(
-                    f"{window.name}: {tries} arrivals in a row took another path to boundary {k}"
+                    f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "
+                    f"(last {ex.mismatch})"
                 )
-    result.seconds = time.monotonic() - t0
     return result

@@ -183,8 +183,6 @@ class GuestPool:
 
     def coverage(self, guest: Guest) -> SiteCoverage | None:
         """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
-        if self.settings.site_coverage == "off":
-            return None
         if self._coverage is None and guest.config.vmlinux is not None:
             self._coverage = coverage_of(guest, SIGNAL)
         return self._coverage
@@ -235,7 +233,7 @@ def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     pool = config.stash.get(_POOL_KEY, None)
     coverage = pool._coverage if pool is not None else None
-    if coverage is None:
+    if coverage is None or config.option.site_coverage == "off":
         return
     terminalreporter.section("cr3rig: CR3 switch-site coverage")
     terminalreporter.write_line(coverage.table())

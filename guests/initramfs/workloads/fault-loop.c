@@ -13,6 +13,7 @@
  */
 #include "workload.h"
 
+#include <errno.h>
 #include <sys/mman.h>
 
 #define REGION_PAGES 256
@@ -36,8 +37,25 @@ int main(int argc, char **argv)
 	for (;;) {
 		for (size_t off = 0; off < len; off += (size_t)page)
 			region[off] = 1; /* write fault: allocates a page */
-		if (madvise((void *)region, len, MADV_DONTNEED) != 0) {
+		/*
+		 * Drop the pages so the next pass faults again. Kernels built
+		 * without ADVISE_SYSCALLS (tinyconfig) have no madvise: unmap
+		 * and map the region afresh instead.
+		 */
+		if (madvise((void *)region, len, MADV_DONTNEED) == 0)
+			continue;
+		if (errno != ENOSYS) {
 			perror("fault-loop: madvise");
+			return 2;
+		}
+		if (munmap((void *)region, len) != 0) {
+			perror("fault-loop: munmap");
+			return 2;
+		}
+		region = mmap(NULL, len, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (region == MAP_FAILED) {
+			perror("fault-loop: mmap");
 			return 2;
 		}
 	}
