@@ -44,7 +44,11 @@ WINDOWS = (
 
 @pytest.mark.parametrize("window", WINDOWS, ids=[w.name for w in WINDOWS])
 def test_nmi_at_every_boundary(
-    signal_guest: Guest, site_coverage: SiteCoverage | None, window: Window, request: pytest.FixtureRequest
+    signal_guest: Guest,
+    site_coverage: SiteCoverage | None,
+    exploration_report: list[str],
+    window: Window,
+    request: pytest.FixtureRequest,
 ) -> None:
     g = signal_guest
     if not g.config.vmlinux:
@@ -53,6 +57,6 @@ def test_nmi_at_every_boundary(
     g.start_workload(window.workload, NMI_CPU)
     result = explore(g, site_coverage.sites, window, signal=SIGNAL)
     site_coverage.record(request.node.nodeid, result.executed())
-    print(result.table())
+    exploration_report.append(result.table())
     problems = result.problems()
     assert not problems, "\n".join(problems[:12]) + "\n" + result.table()

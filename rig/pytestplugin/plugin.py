@@ -209,8 +209,15 @@ def site_coverage(guest_pool: GuestPool, guest: Guest) -> SiteCoverage | None:
     return guest_pool.coverage(guest)
 
 
+@pytest.fixture
+def exploration_report(pytestconfig: pytest.Config) -> list[str]:
+    """Where testcases put their exploration tables (printed at the end of the session)."""
+    return pytestconfig.stash.setdefault(_EXPLORATIONS_KEY, [])
+
+
 _POOL_KEY = pytest.StashKey[GuestPool]()
 _DESELECTED_KEY = pytest.StashKey[bool]()
+_EXPLORATIONS_KEY = pytest.StashKey[list[str]]()
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -231,6 +238,11 @@ def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    tables = config.stash.get(_EXPLORATIONS_KEY, [])
+    if tables:
+        terminalreporter.section("cr3rig: explorations (an NMI at each boundary of each window)")
+        for table in tables:
+            terminalreporter.write_line(table)
     pool = config.stash.get(_POOL_KEY, None)
     coverage = pool._coverage if pool is not None else None
     if coverage is None or config.option.site_coverage == "off":
