@@ -242,6 +242,7 @@ def test_protocol_constants() -> None:
         "poke",
         "bad-iret-loop",
         "compat-sysenter-loop",
+        "compat-sysenter-tf-loop",
         "compat-syscall-loop",
         "compat-int80-loop",
     )

@@ -12,7 +12,11 @@ user and the kernel page tables:
 * ``compat-syscall-loop``: 32-bit SYSCALL enters at entry_SYSCALL_compat, returns
   through entry_SYSRETL_compat_unsafe_stack;
 * ``compat-int80-loop``: int $0x80 enters at asm_int80_emulation, whose switch is
-  error_entry's from-user one.
+  error_entry's from-user one;
+* ``compat-sysenter-tf-loop`` (on vCPU 0): SYSENTER with EFLAGS.TF set raises #DB
+  in kernel mode at the start of entry_SYSENTER_compat, on the user CR3; the #DB
+  returns through paranoid_exit, whose PARANOID_RESTORE_CR3 writes the user CR3
+  back before the IRETQ to entry_SYSENTER_compat.
 
 The site of each switch is printed as ``symbol+offset address`` with the time
 break_on took (run with ``-s`` to see it).
@@ -29,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from rig.guest import Guest, GuestConfig
+from rig.machine.sites import find_sites
 from rig.observe.stepping import Snapshot, StopCondition, Trace, in_user_mode
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import COMPAT_WORKLOADS, build_initramfs
@@ -42,6 +47,8 @@ ENTRY_STEPS = 80
 EXIT_STEPS = 20
 #: Breakpoint hits to look through for one IRET that faults (3 IRETs per loop).
 BAD_IRET_TRIES = 12
+#: Instructions allowed from paranoid_exit back to the code the #DB interrupted.
+PARANOID_EXIT_STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +190,49 @@ def test_bad_iret(wl_guest: Guest) -> None:
     )
     assert switch.where.startswith("error_entry+")
     assert switch.address != normal.address, "took error_entry's from-user switch, not .Lerror_bad_iret's"
+
+
+def test_compat_sysenter_tf(wl_guest: Guest) -> None:
+    """A #DB from kernel mode on the user CR3 returns through paranoid_exit's CR3 write.
+
+    Runs on vCPU 0 (a paranoid exit is not tied to the isolated vCPU). The sites are
+    paranoid_exit's CR3 write and signal stores as :func:`find_sites` lists them in
+    the vmlinux; each must be hit by vCPU 0 and return to entry_SYSENTER_compat, the
+    code the #DB interrupted; the CR3 write must load the user CR3 there.
+    """
+    guest = wl_guest
+    cpu = 0
+    assert guest.config.vmlinux is not None
+    sites = [s for s in find_sites(guest.config.vmlinux, guest.symbols) if s.function == "paranoid_exit"]
+    (write,) = [s for s in sites if s.kind == "cr3-write"]
+    pid = guest.start_workload("compat-sysenter-tf-loop", cpu)
+    start = guest.symbols.address("entry_SYSENTER_compat")
+    sysenter = range(start, guest.symbols.address("__end_entry_SYSENTER_compat"))
+
+    def back_in_sysenter(s: Snapshot) -> bool:
+        return s.pc in sysenter
+
+    for site in sorted(sites, key=lambda s: s.kind != "cr3-write"):
+        begin = time.perf_counter()
+        guest.break_on(site.address, cpu, timeout=60)
+        seconds = time.perf_counter() - begin
+        trace = guest.step(cpu, max_steps=PARANOID_EXIT_STEPS, stop=back_in_sysenter)
+        assert trace.stopped_because == "condition", (
+            f"{site.where} did not return to entry_SYSENTER_compat within {PARANOID_EXIT_STEPS} steps"
+        )
+        back = trace.snapshots[-1]
+        flips = switches(trace)
+        if site is write:
+            assert not trace.snapshots[0].user_tables(cpu), f"{site.where} ran on the user CR3"
+            assert flips == [Switch(site.where, site.address, to_user=True)], flips
+            assert back.user_tables(cpu), f"returned to {back.where} on the kernel CR3"
+            what = "kernel->user CR3"
+        else:
+            what = f"signal store, then {len(flips)} CR3 writes,"
+        print(f"{what} at {site.where} {site.address:#x} (break {seconds:.3f} s; back to {back.where})")
+    # Still looping: every getpid() returned the pid and brought exactly one SIGTRAP.
+    out, status = guest.shell(f"kill -0 {pid}")
+    assert status == 0, f"compat-sysenter-tf-loop (pid {pid}) is gone: {out}"
 
 
 # --------------------------------------------------------------------------

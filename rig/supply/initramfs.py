@@ -71,6 +71,7 @@ WORKLOADS: tuple[str, ...] = (
     "poke",
     "bad-iret-loop",
     "compat-sysenter-loop",
+    "compat-sysenter-tf-loop",
     "compat-syscall-loop",
     "compat-int80-loop",
 )
@@ -78,6 +79,7 @@ WORKLOADS: tuple[str, ...] = (
 #: freestanding with :data:`COMPAT_CFLAGS` (no 32-bit libc needed).
 COMPAT_WORKLOADS: tuple[str, ...] = (
     "compat-sysenter-loop",
+    "compat-sysenter-tf-loop",
     "compat-syscall-loop",
     "compat-int80-loop",
 )

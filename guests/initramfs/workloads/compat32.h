@@ -15,10 +15,16 @@
  *                                                  run on, "" for none)
  *     static const char cr3rig_refused_hint[];    (why, and what to do)
  *
+ * and optionally, before including it,
+ *
+ *     #define CR3RIG_SETUP cr3rig_setup   (static void cr3rig_setup(void),
+ *                                          run once before the marker line)
+ *
  * and includes this header, which provides _start: it parses argv[1] as the
  * CPU, pins itself (exit 2 with a message on failure), checks that the
  * kernel mapped the 32-bit vDSO and that the CPU vendor is not the refused
- * one (exit 2 with a message), prints the marker line of workload.h
+ * one (exit 2 with a message), runs CR3RIG_SETUP if defined, prints the
+ * marker line of workload.h
  *
  *     CR3RIG-WORKLOAD <name> cpu=<N> pid=<pid>
  *
@@ -144,6 +150,9 @@ static int cr3rig_parse_cpu(const char *s)
 }
 
 static long cr3rig_loop_syscall(long nr);
+#ifdef CR3RIG_SETUP
+static void CR3RIG_SETUP(void);
+#endif
 
 /* The 12-character CPUID vendor string (leaf 0) into @out[13]. */
 static void cr3rig_cpu_vendor(char out[13])
@@ -225,6 +234,10 @@ __attribute__((noreturn, used)) void cr3rig_start32(unsigned long *sp)
 			cr3rig_exit(2);
 		}
 	}
+
+#ifdef CR3RIG_SETUP
+	CR3RIG_SETUP();
+#endif
 
 	pid = int80_3(NR32_getpid, 0, 0, 0);
 	pos = cr3rig_put_str(line, pos, CR3RIG_WORKLOAD_MARKER " ");
