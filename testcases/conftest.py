@@ -9,6 +9,15 @@ from rig.guest import Guest
 #: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
 SIGNAL = "kernel_cr3_loaded"
 
+#: Interrupt entries a CPU spinning in user mode takes: its tick, and the IPIs a wake-up
+#: of a task pinned to it sends.
+INTERRUPT_ENTRIES = (
+    "asm_sysvec_apic_timer_interrupt",
+    "asm_sysvec_reschedule_ipi",
+    "asm_sysvec_call_function_single",
+    "asm_sysvec_call_function",
+)
+
 
 @pytest.fixture
 def signal_guest(pti_guest: Guest) -> Guest:

@@ -8,6 +8,9 @@ through its own page tables at every instruction boundary:
   CR3 becomes the user CR3 (at most ``MAX_STORE_TO_CR3_WINDOW`` boundaries between);
 * between each signal store and its CR3 write no instruction touches memory other than
   the stack and per-CPU scratch, so the serializing CR3 write publishes the store.
+
+NMIs (from user and from kernel mode, at every boundary of each switch) are explored in
+test_cr3_exploration.py.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ import pytest
 from rig.guest import Guest
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import allowed_scratch, memory_operands, signal_problems, store_windows
-from rig.observe.stepping import StopCondition, Trace, Watch, at_any, in_user_mode
-from testcases.conftest import SIGNAL
+from rig.observe.stepping import StopCondition, Trace, Watch, in_user_mode
+from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 #: Most boundaries allowed between the store of 0 and the write of the user CR3
 #: (NOTE_CR3_SWITCH sits immediately before the switch).
 MAX_STORE_TO_CR3_WINDOW = 8
-#: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
-NMI_CPU = 0
 
 
 def observer_of(guest: Guest, cpu: int) -> int:
@@ -75,11 +76,6 @@ def returned(trace: Trace) -> bool:
     return trace.stopped_because == "condition"
 
 
-def not_paranoid(trace: Trace) -> bool:
-    """True if the NMI came from user mode (an NMI from kernel mode runs paranoid_entry)."""
-    return not any(s.where.startswith("paranoid_entry") for s in trace.snapshots)
-
-
 @pytest.mark.parametrize("workload", ["syscall-loop", "iret-loop"])
 def test_signal_over_a_syscall_round_trip(signal_guest: Guest, workload: str) -> None:
     cpu = signal_guest.config.isolated
@@ -93,16 +89,6 @@ def test_signal_on_page_fault_entry(signal_guest: Guest) -> None:
     signal_guest.start_workload("fault-loop", cpu)
     trace = from_user(signal_guest, cpu, "asm_exc_page_fault", 400, lambda s: not s.user_tables(cpu))
     check(signal_guest, trace, round_trip=False)
-
-
-#: Interrupt entries an isolated CPU spinning in user mode takes: its residual tick, and
-#: the IPIs a wake-up of a task pinned to it sends.
-INTERRUPT_ENTRIES = (
-    "asm_sysvec_apic_timer_interrupt",
-    "asm_sysvec_reschedule_ipi",
-    "asm_sysvec_call_function_single",
-    "asm_sysvec_call_function",
-)
 
 
 def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
@@ -125,39 +111,6 @@ def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
         accept=returned,  # an interrupt that ends in a long softirq/schedule run is tried again
     )
     check(signal_guest, trace, round_trip=True)
-
-
-def test_signal_on_nmi_from_user(signal_guest: Guest) -> None:
-    signal_guest.start_workload("user-spin", NMI_CPU)
-    trace = from_user(
-        signal_guest,
-        NMI_CPU,
-        "asm_exc_nmi",
-        60000,
-        in_user_mode(NMI_CPU),
-        trigger=signal_guest.machine.inject_nmi,
-        tries=15,
-        accept=lambda t: not_paranoid(t) and returned(t),
-    )
-    check(signal_guest, trace, round_trip=True)
-
-
-def test_signal_on_paranoid_nmi_over_the_user_cr3(signal_guest: Guest) -> None:
-    """An NMI that hits kernel code still on the user CR3 (before SWITCH_TO_KERNEL_CR3 of
-    the SYSCALL entry) takes the paranoid path: it must switch, and switch back, with
-    the signal stored first."""
-    g = signal_guest
-    g.start_workload("syscall-loop", NMI_CPU)
-    entry = g.symbols.address("entry_SYSCALL_64")
-    g.break_on(entry, NMI_CPU)
-    g.machine.inject_nmi()  # pending while stopped: delivered at the first boundary
-    g.break_on(g.symbols.address("asm_exc_nmi"), NMI_CPU, timeout=10)
-    trace = step_watching(g, NMI_CPU, 60000, at_any([entry]))
-    first = trace.snapshots[0]
-    assert first.user_tables(NMI_CPU), "the NMI did not arrive on the user CR3"
-    assert not not_paranoid(trace), "the NMI did not take the paranoid path (no paranoid_entry)"
-    check(g, trace, round_trip=True)
-    assert len([u for _, u in trace.cr3_flips() if not u]) == 1, "expected one switch to the kernel CR3"
 
 
 def test_store_then_cr3_write_window(signal_guest: Guest) -> None:

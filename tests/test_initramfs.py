@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from rig import initramfs
+    from rig.supply import initramfs
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from rig import initramfs
+    from rig.supply import initramfs
 
 from rig.errors import ConfigError
 
@@ -78,6 +78,22 @@ def is_static_x86_64_elf(data: bytes) -> bool:
     phoff = int.from_bytes(data[0x20:0x28], "little")
     phentsize = int.from_bytes(data[0x36:0x38], "little")
     phnum = int.from_bytes(data[0x38:0x3A], "little")
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def is_static_i386_elf(data: bytes) -> bool:
+    """True for a 32-bit little-endian i386 ELF executable with no PT_INTERP."""
+    if data[:4] != b"\x7fELF" or data[4] != 1 or data[5] != 1:
+        return False
+    if int.from_bytes(data[0x12:0x14], "little") != 3:  # EM_386
+        return False
+    phoff = int.from_bytes(data[0x1C:0x20], "little")
+    phentsize = int.from_bytes(data[0x2A:0x2C], "little")
+    phnum = int.from_bytes(data[0x2C:0x2E], "little")
     for i in range(phnum):
         off = phoff + i * phentsize
         if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
@@ -206,7 +222,10 @@ def test_busybox_and_applets(built: Built) -> None:
 def test_workload_binaries(built: Built, name: str) -> None:
     member = built.members[f"bin/{name}"]
     assert member.mode == stat.S_IFREG | 0o755
-    assert is_static_x86_64_elf(member.data), f"{name} is not a static x86-64 ELF"
+    if name in initramfs.COMPAT_WORKLOADS:
+        assert is_static_i386_elf(member.data), f"{name} is not a static i386 ELF"
+    else:
+        assert is_static_x86_64_elf(member.data), f"{name} is not a static x86-64 ELF"
     assert initramfs.WORKLOAD_MARKER.encode() in member.data
     assert (initramfs.SOURCE_DIR / "workloads" / f"{name}.c").is_file()
 
@@ -215,9 +234,23 @@ def test_protocol_constants() -> None:
     assert initramfs.READY_MARKER == "CR3RIG-READY"
     assert initramfs.PROMPT == "cr3rig# "
     assert initramfs.WORKLOAD_MARKER == "CR3RIG-WORKLOAD"
-    assert initramfs.WORKLOADS == ("syscall-loop", "fault-loop", "iret-loop", "user-spin", "poke")
+    assert initramfs.WORKLOADS == (
+        "syscall-loop",
+        "fault-loop",
+        "iret-loop",
+        "user-spin",
+        "poke",
+        "bad-iret-loop",
+        "compat-sysenter-loop",
+        "compat-sysenter-tf-loop",
+        "compat-syscall-loop",
+        "compat-int80-loop",
+    )
+    assert set(initramfs.COMPAT_WORKLOADS) <= set(initramfs.WORKLOADS)
     header = (initramfs.SOURCE_DIR / "workloads" / "workload.h").read_text()
     assert f'"{initramfs.WORKLOAD_MARKER}"' in header
+    compat_header = (initramfs.SOURCE_DIR / "workloads" / "compat32.h").read_text()
+    assert f'"{initramfs.WORKLOAD_MARKER}"' in compat_header
 
 
 def test_strip_console_noise() -> None:

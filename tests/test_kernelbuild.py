@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rig import kernelbuild
+from rig.supply import kernelbuild
 from rig.errors import ConfigError
 from rig.supply.kernelbuild import (
     FLAVORS,

@@ -25,6 +25,7 @@ import pytest
 from rig.diagnosis import diagnose
 from rig.errors import ConfigError, RigError
 from rig.guest import Effort, Guest, GuestConfig, check_inputs
+from rig.observe.coverage import SiteCoverage, coverage_of
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
@@ -37,6 +38,9 @@ from rig.pytestplugin.failfast import (
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
 from rig.transport.qemu import check_cmdline_length
+
+#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
+SIGNAL = "kernel_cr3_loaded"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -75,6 +79,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         type=Path,
         help="cache directory (default $CR3RIG_CACHE or ~/.cache/cr3rig)",
+    )
+    g.addoption(
+        "--site-coverage",
+        default="auto",
+        choices=("auto", "require", "report", "off"),
+        help="CR3 switch-site coverage table at the end; 'require' fails the session if a site "
+        "TCG can reach was executed by no testcase ('auto': require on a full run of testcases/ "
+        "against a kernel with the CR3 signal, else report)",
     )
     g.addoption(
         "--trace-dir",
@@ -135,6 +147,7 @@ class RigSettings:
 
     base: GuestConfig
     trace_dir: Path
+    site_coverage: str = "auto"
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +176,7 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
 
 
 class GuestPool:
@@ -179,6 +192,7 @@ class GuestPool:
         self.current: Guest | None = None
         self.failures = BootFailures()
         self.on_fatal = on_fatal
+        self._coverage: SiteCoverage | None = None
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
         """The guest booted with ``extra_append`` (and, unless ``isolate`` is False, the
@@ -206,6 +220,12 @@ class GuestPool:
                 raise failed from None
         return self.current
 
+    def coverage(self, guest: Guest) -> SiteCoverage | None:
+        """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
+        if self._coverage is None and guest.config.vmlinux is not None:
+            self._coverage = coverage_of(guest, SIGNAL)
+        return self._coverage
+
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
@@ -223,10 +243,77 @@ def guest_pool(rig_settings: RigSettings, pytestconfig: pytest.Config) -> Iterat
                 reporter.write_line(failed.console_tail)
 
     pool = GuestPool(rig_settings, show_console)
+    pytestconfig.stash[_POOL_KEY] = pool
     try:
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture
+def site_coverage(guest_pool: GuestPool, guest: Guest) -> SiteCoverage | None:
+    """The session's CR3 switch-site coverage (None if the kernel has no vmlinux)."""
+    return guest_pool.coverage(guest)
+
+
+@pytest.fixture
+def exploration_report(pytestconfig: pytest.Config) -> list[str]:
+    """Where testcases put their exploration tables (printed at the end of the session)."""
+    return pytestconfig.stash.setdefault(_EXPLORATIONS_KEY, [])
+
+
+_POOL_KEY = pytest.StashKey[GuestPool]()
+_DESELECTED_KEY = pytest.StashKey[bool]()
+_EXPLORATIONS_KEY = pytest.StashKey[list[str]]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[_DESELECTED_KEY] = True
+
+
+def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
+    mode = config.option.site_coverage
+    if mode != "auto":
+        return bool(mode == "require")
+    testcases = (config.rootpath / "testcases").resolve()
+    full = [Path(a.split("::")[0]).resolve() for a in config.args] in (
+        [testcases],
+        [config.rootpath.resolve()],
+    )
+    return coverage.has_signal and full and not config.stash.get(_DESELECTED_KEY, False)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    tables = config.stash.get(_EXPLORATIONS_KEY, [])
+    if tables:
+        terminalreporter.section("cr3rig: explorations (an NMI at each boundary of each window)")
+        for table in tables:
+            terminalreporter.write_line(table)
+    pool = config.stash.get(_POOL_KEY, None)
+    coverage = pool._coverage if pool is not None else None
+    if coverage is None or config.option.site_coverage == "off":
+        return
+    terminalreporter.section("cr3rig: CR3 switch-site coverage")
+    terminalreporter.write_line(coverage.table())
+    missing = coverage.missing()
+    if missing and _coverage_required(config, coverage):
+        terminalreporter.write_line(
+            f"FAILED: {len(missing)} reachable CR3 switch site(s) executed by no testcase: "
+            + ", ".join(s.where for s in missing)
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pool = session.config.stash.get(_POOL_KEY, None)
+    coverage = pool._coverage if pool is not None else None
+    if (
+        coverage is not None
+        and exitstatus == 0
+        and coverage.missing()
+        and _coverage_required(session.config, coverage)
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -246,6 +333,10 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
         raise
     request.node.stash[_GUEST_KEY] = g
     yield g
+    coverage = guest_pool.coverage(g)
+    if coverage is not None:
+        for trace in g.traces:
+            coverage.record_trace(request.node.nodeid, trace)
     if request.node.stash.get(_BROKEN_KEY, False):
         g.close()  # a rig error mid-test: the next test gets a fresh guest
     elif g.machine.alive and not g.closed:

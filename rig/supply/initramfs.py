@@ -38,6 +38,8 @@ from rig.supply.cache import default_cache_dir
 __all__ = [
     "BUSYBOX_PATH",
     "CFLAGS",
+    "COMPAT_CFLAGS",
+    "COMPAT_WORKLOADS",
     "PROMPT",
     "READY_MARKER",
     "SOURCE_DIR",
@@ -67,6 +69,19 @@ WORKLOADS: tuple[str, ...] = (
     "iret-loop",
     "user-spin",
     "poke",
+    "bad-iret-loop",
+    "compat-sysenter-loop",
+    "compat-sysenter-tf-loop",
+    "compat-syscall-loop",
+    "compat-int80-loop",
+)
+#: The workloads of :data:`WORKLOADS` that are 32-bit (i386) programs, built
+#: freestanding with :data:`COMPAT_CFLAGS` (no 32-bit libc needed).
+COMPAT_WORKLOADS: tuple[str, ...] = (
+    "compat-sysenter-loop",
+    "compat-sysenter-tf-loop",
+    "compat-syscall-loop",
+    "compat-int80-loop",
 )
 
 # ANSI CSI/OSC escape sequences.  busybox's line editor writes ESC[6n (a
@@ -90,6 +105,22 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "guests" / "initramfs"
 BUSYBOX_PATH = Path("/bin/busybox")
 #: Flags for every workload.
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Werror")
+#: Flags for the 32-bit workloads: the host's x86-64 gcc emits i386 code and
+#: links with ``ld -m elf_i386``; no libc, no libgcc, no PIE (gcc-multilib is
+#: not needed).
+COMPAT_CFLAGS: tuple[str, ...] = (
+    "-m32",
+    "-static",
+    "-nostdlib",
+    "-ffreestanding",
+    "-fno-pie",
+    "-no-pie",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-O2",
+    "-Wall",
+    "-Werror",
+)
 
 # Bump when the archive layout produced by this module changes, so old cache
 # entries are not reused.
@@ -213,7 +244,7 @@ def _hash_file(h: hashlib._Hash, label: str, path: Path) -> None:
 
 def _cache_key(source_dir: Path, busybox: Path, gcc_version: str, libc: Path) -> str:
     h = hashlib.sha256()
-    h.update(f"{_FORMAT_VERSION}\0{' '.join(CFLAGS)}\0".encode())
+    h.update(f"{_FORMAT_VERSION}\0{' '.join(CFLAGS)}\0{' '.join(COMPAT_CFLAGS)}\0".encode())
     h.update(f"workloads\0{' '.join(WORKLOADS)}\0".encode())
     for f in _source_files(source_dir):
         _hash_file(h, "src:" + f.relative_to(source_dir).as_posix(), f)
@@ -313,7 +344,7 @@ def _busybox_applets(busybox: Path) -> list[str]:
 
 
 def _compile_workloads(cc_path: str, source_dir: Path, outdir: Path) -> dict[str, bytes]:
-    """Compile each workload statically; return name -> binary contents."""
+    """Compile each workload statically (the 32-bit ones freestanding); return name -> binary."""
     wl_dir = source_dir / "workloads"
     binaries: dict[str, bytes] = {}
     for name in WORKLOADS:
@@ -323,7 +354,8 @@ def _compile_workloads(cc_path: str, source_dir: Path, outdir: Path) -> dict[str
         exe = outdir / name
         # Compile from the source directory with a relative file name so no
         # host path ends up in the binary (keeps the archive reproducible).
-        argv = [cc_path, *CFLAGS, "-o", str(exe), src.name]
+        flags = COMPAT_CFLAGS if name in COMPAT_WORKLOADS else CFLAGS
+        argv = [cc_path, *flags, "-o", str(exe), src.name]
         proc = subprocess.run(argv, cwd=wl_dir, capture_output=True, text=True, check=False, timeout=300)
         if proc.returncode != 0:
             err = proc.stderr.strip()

@@ -103,6 +103,33 @@ class RspLink:
         self.sock.sendall(b"\x03")
         return self._read_packet()
 
+    def resume(self, packet: str, timeout: float) -> str:
+        """Send a resume packet (``vCont;c:…``) and return the stop reply.
+
+        ``timeout`` (seconds) bounds a target that never stops: then the link sends an
+        interrupt (``\\x03``), waits for that stop reply and raises :class:`GuestError`
+        saying so. The wait itself is one blocking read; the deadline only matters
+        when no stop arrives.
+        """
+        self.sock.sendall(frame(packet))
+        self.sock.settimeout(timeout)
+        try:
+            return self._read_packet()
+        except TimeoutError:
+            self.sock.settimeout(5.0)
+            self.sock.sendall(b"\x03")
+            try:
+                reply = self._read_packet()
+            except TimeoutError:
+                raise GuestError(
+                    f"the target ignored an interrupt after `{packet}` ran {timeout:.0f} s"
+                ) from None
+            raise GuestError(
+                f"no stop within {timeout:.0f} s after `{packet}` (interrupted: {reply})"
+            ) from None
+        finally:
+            self.sock.settimeout(None)
+
     def _read_packet(self) -> str:
         buf = self._buf
         while True:
@@ -120,6 +147,8 @@ class RspLink:
                 del buf[:]
             try:
                 chunk = self.sock.recv(65536)
+            except TimeoutError:  # a Python-level timeout (see resume): the caller handles it
+                raise
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     raise ReplyTimeout(

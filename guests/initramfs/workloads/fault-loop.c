@@ -4,8 +4,7 @@
  * A 1 MiB anonymous region is mapped once.  The loop writes one byte to each
  * of its pages (every first write is a #PF from user mode: asm_exc_page_fault
  * -> do_anonymous_page), then discards all pages with a single
- * madvise(MADV_DONTNEED) so the next pass faults again (a kernel without
- * madvise gets a munmap + mmap instead).  That is 256 faults
+ * madvise(MADV_DONTNEED) so the next pass faults again.  That is 256 faults
  * per syscall, so nearly all the time goes to user mode plus the fault path
  * rather than to mmap/munmap.
  *
@@ -14,6 +13,7 @@
  */
 #include "workload.h"
 
+#include <errno.h>
 #include <sys/mman.h>
 
 #define REGION_PAGES 256
@@ -37,17 +37,21 @@ int main(int argc, char **argv)
 	for (;;) {
 		for (size_t off = 0; off < len; off += (size_t)page)
 			region[off] = 1; /* write fault: allocates a page */
+		/*
+		 * Drop the pages so the next pass faults again. Kernels built
+		 * without ADVISE_SYSCALLS (tinyconfig) have no madvise: unmap
+		 * and map the region afresh instead.
+		 */
 		if (madvise((void *)region, len, MADV_DONTNEED) == 0)
 			continue;
 		if (errno != ENOSYS) {
 			perror("fault-loop: madvise");
 			return 2;
 		}
-		/*
-		 * No madvise (CONFIG_ADVISE_SYSCALLS=n, as in the reference
-		 * kernels): map the region afresh so the next pass faults again.
-		 */
-		munmap((void *)region, len);
+		if (munmap((void *)region, len) != 0) {
+			perror("fault-loop: munmap");
+			return 2;
+		}
 		region = mmap(NULL, len, PROT_READ | PROT_WRITE,
 			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (region == MAP_FAILED) {

@@ -1,0 +1,98 @@
+"""Which testcase executed which CR3 switch site.
+
+A :class:`SiteCoverage` holds a kernel's switch sites (:mod:`rig.machine.sites`) and,
+for each, the testcases that executed it: a stepped trace executed a site if one of
+its boundaries sat at the site's address (the instruction then ran: the next boundary
+exists), an exploration if it stopped and stepped there. Sites TCG cannot reach carry
+their reason and never count as missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rig.guest import Guest
+from rig.machine.sites import Site, find_sites, unreachable_reason
+from rig.observe.stepping import Trace
+
+
+@dataclass
+class SiteCoverage:
+    """The switch sites of one kernel and who executed them."""
+
+    kernel: str
+    sites: Sequence[Site]
+    has_signal: bool
+    executed_by: dict[int, list[str]] = field(default_factory=dict)
+
+    def record(self, test: str, addresses: Iterable[int]) -> None:
+        """Mark every site among ``addresses`` as executed by ``test``."""
+        known = {s.address for s in self.sites}
+        for a in set(addresses) & known:
+            who = self.executed_by.setdefault(a, [])
+            if test not in who:
+                who.append(test)
+
+    def record_trace(self, test: str, trace: Trace) -> None:
+        """Sites at which ``trace``'s vCPU executed an instruction (a later boundary exists)."""
+        self.record(test, (s.pc for s in trace.snapshots[:-1]))
+
+    def reason(self, site: Site) -> str | None:
+        """Why TCG cannot reach ``site`` (None: it can)."""
+        return unreachable_reason(site, has_signal=self.has_signal)
+
+    def missing(self) -> list[Site]:
+        """Reachable sites that no testcase executed."""
+        return [s for s in self.sites if self.reason(s) is None and s.address not in self.executed_by]
+
+    def table(self) -> str:
+        """One line per site: address, kind, symbol+offset, instruction, who executed it."""
+        lines = [
+            f"CR3 switch sites of {self.kernel}: {len(self.sites)}, "
+            f"{len(self.missing())} reachable but not executed"
+        ]
+        for s in self.sites:
+            who = self.executed_by.get(s.address)
+            reason = self.reason(s)
+            if who:
+                status = f"executed by {len(who)}: " + ", ".join(_short(t) for t in who[:3])
+                if len(who) > 3:
+                    status += ", ..."
+            elif reason is not None:
+                status = f"not reachable under TCG: {reason}"
+            else:
+                status = "NOT EXECUTED"
+            lines.append(f"  {s.address:#x} {s.kind:<12} {s.where:<44} {s.insn:<34.34} {status}")
+        return "\n".join(lines)
+
+    def rows(self) -> list[dict[str, str]]:
+        """The table as dicts (for reports)."""
+        out = []
+        for s in self.sites:
+            who = self.executed_by.get(s.address, [])
+            out.append(
+                {
+                    "address": f"{s.address:#x}",
+                    "kind": s.kind,
+                    "where": s.where,
+                    "instruction": s.insn,
+                    "executed_by": ", ".join(who),
+                    "unreachable": self.reason(s) or "",
+                }
+            )
+        return out
+
+
+def _short(nodeid: str) -> str:
+    return nodeid.rsplit("::", 1)[-1]
+
+
+def coverage_of(guest: Guest, signal: str) -> SiteCoverage | None:
+    """The (empty) coverage of ``guest``'s kernel, or None without a vmlinux to read sites from."""
+    if guest.config.vmlinux is None:
+        return None
+    sites = find_sites(guest.config.vmlinux, guest.symbols, signal)
+    return SiteCoverage(
+        f"{guest.config.label or guest.config.kernel} {guest.release}", sites, signal in guest.symbols
+    )

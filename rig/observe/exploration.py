@@ -1,0 +1,611 @@
+"""Explore asynchronous events at every instruction boundary of a CR3 switch window.
+
+A :class:`Window` names an entry (or exit) path, the workload that drives it, and how
+many boundaries around its signal store and CR3 write to try. :func:`explore`:
+
+1. *scouts* the path once: breaks on the window's entry on the chosen vCPU and
+   single-steps it past the CR3 write, locating the signal store and the CR3 write;
+2. for each boundary k of the window, arrives afresh, steps k instructions, makes an NMI
+   pending (QMP ``inject-nmi``: single-stepping masks interrupts, so it is taken on the
+   next continue, exactly at boundary k), then *fast-forwards*: the vCPU runs alone at
+   full TCG speed with breakpoints on every CR3 write and every signal store of the
+   kernel (:mod:`rig.machine.sites`), on the NMI entry, ``paranoid_entry``, the C handler
+   and the interrupted instruction. At each stop it reads CR3 and the signal (as a
+   frozen sibling reads it), steps the one switch instruction, and checks:
+
+   * a CR3 write that loads the kernel CR3 finds the signal at 1;
+   * a CR3 write that loads the user CR3 finds it at 0, except the paranoid restore
+     of the interrupted user CR3, which must find the value the event found;
+   * the NMI handler body runs on the kernel CR3 with the signal at 1;
+   * the event leaves the signal as it found it (checked when it returns to the
+     interrupted instruction);
+   * the signal changes only at a known store site.
+
+   Between two stops neither CR3 nor the signal can change (every instruction that can
+   change them is a breakpoint), so the checks at the stops cover every boundary of
+   the run, the handler body included, without stepping it.
+
+The run of boundary k ends once the event has returned and the interrupted path has
+loaded the user CR3 again (or, for an exit window, when it returns to the user CR3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rig.errors import GuestError
+from rig.guest import Guest
+from rig.machine.sites import Site
+from rig.machine.vcpu import thread_id
+from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.observe.checks import signal_problems
+from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
+from rig.transport.rsp import RspLink, hex_le, is_error
+
+#: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
+NMI_CPU = 0
+#: Most switch-site stops one boundary's run may take before it is declared stuck.
+MAX_STOPS = 80
+#: Seconds one continue may run before the vCPU is interrupted and the run fails.
+CONTINUE_TIMEOUT = 10.0
+#: Most boundaries allowed between the store of 0 and the write of the user CR3.
+MAX_STORE_TO_CR3_WINDOW = 8
+
+
+_STOP_THREAD = re.compile(r"thread:p[0-9a-f]+\.([0-9a-f]+)")
+
+
+def _user(cr3: int) -> bool:
+    return bool(cr3 & (1 << PTI_USER_PGTABLE_BIT))
+
+
+def _side(cr3: int) -> str:
+    return "user" if _user(cr3) else "kernel"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CR3 switch path to explore.
+
+    ``entry``: symbols to break on (the first one the vCPU reaches starts the path);
+    ``direction``: ``entry`` (user->kernel CR3) or ``exit`` (kernel->user);
+    ``from_user``: the arrival must be on the user CR3 (entry paths from user mode);
+    ``before``/``after``: boundaries tried before the signal store and past the CR3
+    write; boundary 0 (the first instruction) is always tried; ``nmi_arrival``: the
+    path is itself an NMI's (one is injected for each arrival).
+    """
+
+    name: str
+    workload: str
+    entry: tuple[str, ...]
+    direction: Literal["entry", "exit"]
+    from_user: bool = True
+    before: int = 2
+    after: int = 3
+    scout_steps: int = 400
+    nmi_arrival: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    """One stop of a fast-forward: what ran there and the state around it.
+
+    ``signal_*`` is the signal as the observer reads it; ``depth`` counts the events
+    taken and not yet returned.
+    """
+
+    kind: str  # event | paranoid_entry | handler | return | cr3-write | signal-store
+    address: int
+    where: str
+    depth: int
+    cr3_before: int
+    cr3_after: int
+    signal_before: int | None
+    signal_after: int | None
+
+    def render(self) -> str:
+        change = f"cr3 {_side(self.cr3_before)}"
+        if _side(self.cr3_after) != _side(self.cr3_before):
+            change += f"->{_side(self.cr3_after)}"
+        sig = f"signal {self.signal_before}"
+        if self.signal_after != self.signal_before:
+            sig += f"->{self.signal_after}"
+        return f"{self.kind:<14} {self.where:<40} depth {self.depth} {change:<16} {sig}"
+
+
+@dataclass
+class BoundaryRun:
+    """The event delivered at boundary ``k`` of a window, and what followed."""
+
+    k: int
+    where: str
+    insn: str
+    cr3: int
+    signal: int | None
+    event: str
+    path: str = ""
+    stops: list[Stop] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "ok" if not self.problems else "FAIL"
+
+
+@dataclass
+class Exploration:
+    """Every boundary run of one window, with the scouted path."""
+
+    window: Window
+    cpu: int
+    scout: Trace
+    store_index: int
+    cr3_index: int
+    runs: list[BoundaryRun] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        """Every violation, each naming the window, boundary, event and path."""
+        out = []
+        for r in self.runs:
+            for p in r.problems:
+                out.append(
+                    f"{self.window.name}: {r.event} at boundary {r.k} ({r.where} `{r.insn}`, "
+                    f"{_side(r.cr3)} CR3, signal {r.signal}), path {r.path}: {p}"
+                )
+        return out
+
+    def executed(self) -> set[int]:
+        """Addresses of the switch sites this exploration executed (scout and runs)."""
+        out = {s.pc for s in self.scout.snapshots}
+        for r in self.runs:
+            out |= {st.address for st in r.stops if st.kind in ("cr3-write", "signal-store")}
+        return out
+
+    def table(self) -> str:
+        """One line per boundary: boundary, instruction, CR3, signal, event, path, verdict."""
+        head = (
+            f"{self.window.name}: {len(self.runs)} boundaries, store at {self.store_index}, "
+            f"CR3 write at {self.cr3_index}, {self.seconds:.1f} s"
+        )
+        lines = [head, f"{'k':>3} {'where':<36} {'instruction':<32} {'cr3':<6} sig event path verdict"]
+        for r in self.runs:
+            lines.append(
+                f"{r.k:>3} {r.where:<36.36} {r.insn:<32.32} {_side(r.cr3):<6} {r.signal!s:>3} "
+                f"{r.event} {r.path} {r.verdict}{'' if not r.problems else ': ' + r.problems[0]}"
+            )
+        return "\n".join(lines)
+
+
+class Explorer:
+    """Explores windows on vCPU ``cpu`` of ``guest`` (stopped between calls).
+
+    ``sites`` are the kernel's CR3 writes and signal stores; ``signal`` the per-CPU
+    variable; the observer is the first other vCPU, frozen while ``cpu`` runs alone.
+    """
+
+    def __init__(self, guest: Guest, sites: Sequence[Site], *, cpu: int = NMI_CPU, signal: str) -> None:
+        self.guest = guest
+        self.cpu = cpu
+        self.observer = next(n for n in range(guest.config.smp) if n != cpu)
+        self.signal = signal
+        self.signal_address = guest.per_cpu(signal, cpu)
+        self.sites = {s.address: s for s in sites}
+        sym = guest.symbols
+        self.nmi_entry = sym.address("asm_exc_nmi")
+        self.handler = sym.get("exc_nmi")
+        self.paranoid = sym.get("paranoid_entry")
+        self._thread = thread_id(cpu)
+        self._armed: set[int] = set()
+        self.mismatch = ""
+        rm = guest.regmap
+        self._read = [
+            f"Hg{self._thread}",
+            rm.packet("rip"),
+            rm.packet("cr3"),
+            rm.packet("rsp"),
+            f"Hg{thread_id(self.observer)}",
+            f"m{self.signal_address:x},4",
+        ]
+
+    # -- arriving ---------------------------------------------------------------------
+    def _arrive(self, window: Window) -> None:
+        self.guest.stop()
+        with self.guest.link() as link:
+            self.arrive_on_link(link, window)
+
+    def _watch(self) -> Watch:
+        return Watch(self.signal, self.signal_address, 4)
+
+    def scout(self, window: Window) -> tuple[Trace, int, int]:
+        """Step the window's path once; return (trace, store index, CR3-write index)."""
+        want_user = window.direction == "exit"
+        flipped: list[int] = []
+
+        def stop(s: Snapshot) -> bool:
+            if not flipped and s.user_tables(self.cpu) == want_user:
+                flipped.append(s.step)
+            return bool(flipped) and (s.step - flipped[0] >= window.after or s.pc < 1 << 63)
+
+        self._arrive(window)
+        trace = self.guest.step(self.cpu, watches=[self._watch()], max_steps=window.scout_steps, stop=stop)
+        snaps = trace.snapshots
+        flip = next((i for i in range(1, len(snaps)) if snaps[i].user_tables(self.cpu) == want_user), None)
+        if flip is None:
+            raise GuestError(
+                f"{window.name}: no CR3 switch within {window.scout_steps} steps of {window.entry}"
+            )
+        store = next(
+            (
+                i
+                for i in range(flip - 1, -1, -1)
+                if self.sites.get(snaps[i].pc, None) is not None
+                and self.sites[snaps[i].pc].kind == "signal-store"
+            ),
+            flip - 1,
+        )
+        return trace, store, flip - 1
+
+    # -- one boundary -----------------------------------------------------------------
+    def _state(self, link: RspLink) -> tuple[int, int, int, int | None]:
+        r = link.transact(self._read)
+        if is_error(r[1]) or is_error(r[2]):
+            raise GuestError(f"cannot read vCPU {self.cpu}'s registers: {r[1]} {r[2]}")
+        return hex_le(r[1]), hex_le(r[2]), hex_le(r[3]), None if is_error(r[5]) else hex_le(r[5])
+
+    def _step_over(self, link: RspLink, cpu: int, pc: int) -> None:
+        """Step vCPU ``cpu`` (alone, interrupts masked) over the instruction at ``pc``,
+        lifting a breakpoint there for the step."""
+        armed = pc in self._armed
+        if armed:
+            link.transact([f"z0,{pc:x},1"])
+        reply = link.transact([f"vCont;s:{thread_id(cpu)}"])[0]
+        if not reply or reply[0] not in "ST":
+            raise GuestError(
+                f"single step of vCPU {cpu} at {self.guest.symbols.describe(pc)} answered {reply!r}"
+            )
+        if armed:
+            link.transact([f"Z0,{pc:x},1"])
+
+    def _arm(self, link: RspLink, addrs: Iterable[int]) -> None:
+        new = [a for a in addrs if a not in self._armed]
+        if new:
+            replies = link.transact([f"Z0,{a:x},1" for a in new])
+            bad = [f"{a:#x}:{r}" for a, r in zip(new, replies, strict=True) if r != "OK"]
+            if bad:
+                raise GuestError(f"QEMU refused breakpoints {bad}")
+            self._armed |= set(new)
+
+    def _disarm(self, link: RspLink, addr: int) -> None:
+        if addr in self._armed:
+            link.transact([f"z0,{addr:x},1"])
+            self._armed.discard(addr)
+
+    def arrive_on_link(self, link: RspLink, window: Window, tries: int = 200) -> None:
+        """Run the guest until vCPU ``cpu`` reaches the window's entry on the wanted CR3
+        side (on the raw link: every vCPU runs, siblings' hits are stepped over)."""
+        g = self.guest
+        entries = {g.symbols.address(n) for n in window.entry if n in g.symbols}
+        self._arm(link, entries)
+        try:
+            seen: list[str] = []
+            for _ in range(tries):
+                if window.nmi_arrival:
+                    self._to_user_mode(link, window)
+                    self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
+                pc = self._continue(link, window, None)
+                cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
+                if pc in entries and _user(cr3) == window.from_user:
+                    return
+                r = link.transact([g.regmap.packet("rsp")])
+                frame = link.transact([f"m{hex_le(r[0]):x},8"])[0]
+                came = (
+                    "?"
+                    if is_error(frame)
+                    else g.symbols.describe(int.from_bytes(bytes.fromhex(frame), "little"))
+                )
+                seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x} from {came}"]
+                self._step_over(link, self.cpu, pc)
+        finally:
+            for a in entries:
+                self._disarm(link, a)
+        want = "user" if window.from_user else "kernel"
+        raise GuestError(
+            f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 "
+            f"(last: {seen})"
+        )
+
+    def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
+        """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write that loads
+        the user CR3, then step to user mode. (An NMI made pending in kernel mode would
+        be taken there; one made pending in user mode is an NMI from user.)"""
+        g = self.guest
+        cs_packet, cr3_packet = g.regmap.packet("cs"), g.regmap.packet("cr3")
+        writes = [a for a, s in self.sites.items() if s.kind == "cr3-write"]
+        for _ in range(20):
+            if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
+                return
+            self._arm(link, writes)
+            try:
+                pc = self._continue(link, window, None)
+                self._step_over(link, self.cpu, pc)
+            finally:
+                for a in writes:
+                    self._disarm(link, a)
+            for _ in range(max_steps):
+                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet])
+                if hex_le(r[1]) & 3 or not _user(hex_le(r[2])):
+                    break
+                self._step_over(link, self.cpu, 0)
+        raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
+
+    def run_boundary(self, link: RspLink, window: Window, k: int, scout: Snapshot) -> BoundaryRun | None:
+        """Arrive, step to boundary ``k``, inject an NMI there and fast-forward.
+
+        None if this arrival took another path (its pc at ``k`` is not the scout's).
+        """
+        t0 = time.monotonic()
+        self.arrive_on_link(link, window)
+        stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
+        at = stepper.run(link, max_steps=k).snapshots[-1]
+        if at.pc != scout.pc:
+            self.mismatch = f"at {self.guest.symbols.describe(at.pc)}, not {scout.where}"
+            return None
+        run = BoundaryRun(
+            k, scout.where, scout.insn, at.cr3[self.cpu], at.words[self.signal][self.observer], "NMI"
+        )
+        self.guest.machine.inject_nmi()  # pending; taken at the next continue, before the instruction at k
+        try:
+            self._fast_forward(link, window, run, at.pc)
+        finally:
+            armed, self._armed = sorted(self._armed), set()
+            if armed:
+                link.transact([f"z0,{a:x},1" for a in armed])
+        run.seconds = time.monotonic() - t0
+        return run
+
+    def _continue(self, link: RspLink, window: Window, run: BoundaryRun | None) -> int:
+        """Run every vCPU until vCPU ``cpu`` stops at a breakpoint; return its pc.
+
+        The siblings run too (frozen, one could hold a lock the stepping vCPU needs);
+        a breakpoint they hit is stepped over on them alone.
+        """
+        sym = self.guest.symbols
+        for _ in range(1000):
+            try:
+                reply = link.resume("vCont;c", CONTINUE_TIMEOUT)
+            except GuestError as exc:
+                pc, cr3, _, signal = self._state(link)
+                k = "arrival" if run is None else f"boundary {run.k}"
+                last = run.stops[-1].where if run is not None and run.stops else k
+                raise GuestError(
+                    f"{window.name} {k}: vCPU {self.cpu} hit no switch site after {last} "
+                    f"({exc}); it is at {sym.describe(pc)} on the {_side(cr3)} CR3, signal {signal}"
+                ) from None
+            m = _STOP_THREAD.search(reply)
+            if not reply.startswith("T05") or m is None:
+                raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
+            cpu = int(m.group(1), 16) - 1
+            pc = hex_le(link.transact([f"Hg{thread_id(cpu)}", self.guest.regmap.packet("rip")])[1])
+            if cpu == self.cpu:
+                return pc
+            self._step_over(link, cpu, pc)
+        raise GuestError(f"{window.name}: the siblings kept hitting switch sites")
+
+    def _fast_forward(self, link: RspLink, window: Window, run: BoundaryRun, pc_k: int) -> None:
+        sym = self.guest.symbols
+        fixed = set(self.sites) | {self.nmi_entry}
+        fixed |= {a for a in (self.handler, self.paranoid) if a is not None}
+        # A deliverable NMI is taken before the instruction at pc_k, so pc_k is armed only
+        # once it is taken. Inside an NMI (an nmi_arrival window) the new one is latched
+        # until the IRET: the instruction at pc_k runs first, and is a stop of its own.
+        latched = window.nmi_arrival
+        self._arm(link, fixed if latched else fixed - {pc_k})
+        first: int | None = pc_k if latched else None
+        found_signal, found_cr3 = run.signal, run.cr3
+        last_signal = run.signal
+        depth = 0
+        return_to: int | None = None
+        delivered = returned = False
+        after_return_user_write = False
+        wrong_kernel_since: str | None = None
+        for _ in range(MAX_STOPS):
+            initial = first is not None
+            pc = first if first is not None else self._continue(link, window, run)
+            first = None
+            self._arm(link, fixed)
+            _, cr3, rsp, signal = self._state(link)
+            where = sym.describe(pc)
+            if signal != last_signal:
+                run.problems.append(
+                    f"the signal changed {last_signal}->{signal} before {where} with no store site in between"
+                )
+            last_signal = signal
+            kind = ""
+            if initial:
+                pass  # the interrupted instruction itself, not an event's stop
+            elif pc == self.nmi_entry:
+                kind = "event"
+                depth += 1
+                frame = link.transact([f"Hg{self._thread}", f"m{rsp:x},8"])[1]
+                ret = int.from_bytes(bytes.fromhex(frame), "little")
+                if not delivered:
+                    delivered = True
+                    return_to = ret
+                    found_signal, found_cr3 = signal, cr3  # as the event found them
+                    if ret < 1 << 63:
+                        run.path = "from user"
+                    elif ret != pc_k:
+                        run.path = f"latched, taken at {sym.describe(ret)}"
+                    self._arm(link, fixed | {ret})
+            elif pc == self.paranoid:
+                kind = "paranoid_entry"
+                run.path = f"paranoid_entry on the {_side(cr3)} CR3"
+            elif pc == self.handler:
+                kind = "handler"
+                if _user(cr3) or signal != 1:
+                    run.problems.append(
+                        f"the NMI handler exc_nmi ran on the {_side(cr3)} CR3 with the signal {signal}"
+                    )
+            if return_to is not None and pc == return_to and depth > 0 and kind != "event":
+                depth -= 1
+                returned = True
+                self._record(run, "return", pc, where, depth, cr3, cr3, signal, signal)
+                if signal != found_signal:
+                    run.problems.append(
+                        f"the NMI left the signal {signal}; it found {found_signal} (returning to {where})"
+                    )
+                if pc == pc_k and cr3 != found_cr3:
+                    run.problems.append(f"the NMI left CR3 {cr3:#x}; it found {found_cr3:#x}")
+                if pc not in fixed:
+                    self._disarm(link, pc)
+                if pc < 1 << 63 or (window.direction == "exit" and _user(cr3) and pc == pc_k):
+                    return  # back in user mode, or back past the exit's CR3 write
+            elif kind:
+                self._record(run, kind, pc, where, depth, cr3, cr3, signal, signal)
+            site = self.sites.get(pc)
+            if site is None:
+                self._step_over(link, self.cpu, pc)  # a breakpoint that is not a switch
+                continue
+            self._step_over(link, self.cpu, pc)
+            _, cr3_after, _, signal_after = self._state(link)
+            self._record(run, site.kind, pc, where, depth, cr3, cr3_after, signal, signal_after)
+            last_signal = signal_after
+            if site.kind == "cr3-write" and _user(cr3) and not _user(cr3_after):
+                if signal != 1:
+                    run.problems.append(
+                        f"the CR3 write at {where} loaded the kernel CR3 with the signal {signal}"
+                    )
+                    wrong_kernel_since = where
+            elif site.kind == "cr3-write" and not _user(cr3) and _user(cr3_after):
+                paranoid_restore = depth > 0
+                want = found_signal if paranoid_restore else 0
+                if signal != want:
+                    what = (
+                        "the paranoid restore of the interrupted user CR3"
+                        if paranoid_restore
+                        else "the CR3 write"
+                    )
+                    run.problems.append(
+                        f"{what} at {where} loaded the user CR3 with the signal {signal} (want {want})"
+                    )
+                if depth == 0 and returned:
+                    after_return_user_write = True
+            elif site.kind == "signal-store" and wrong_kernel_since is not None and signal_after == 1:
+                run.problems.append(
+                    f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
+                    f"until the store at {where}"
+                )
+                wrong_kernel_since = None
+            if delivered and returned and depth == 0 and after_return_user_write:
+                if wrong_kernel_since is not None:
+                    run.problems.append(
+                        f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
+                        f"until the user CR3 write at {where}"
+                    )
+                return
+        run.problems.append(
+            f"not back in user mode within {MAX_STOPS} stops (delivered={delivered}, returned={returned})"
+        )
+
+    @staticmethod
+    def _record(
+        run: BoundaryRun,
+        kind: str,
+        pc: int,
+        where: str,
+        depth: int,
+        cr3_before: int,
+        cr3_after: int,
+        sig_before: int | None,
+        sig_after: int | None,
+    ) -> None:
+        run.stops.append(Stop(kind, pc, where, depth, cr3_before, cr3_after, sig_before, sig_after))
+
+
+def boundaries_of(window: Window, store: int, cr3_write: int, last: int) -> list[int]:
+    """Boundary 0, then ``before`` boundaries ahead of the store through ``after`` past the
+    CR3 write (clamped to the scouted trace, whose last index is ``last``)."""
+    ks = {0, *range(max(0, store - window.before), min(last, cr3_write + window.after) + 1)}
+    return sorted(ks)
+
+
+def explore(
+    guest: Guest,
+    sites: Sequence[Site],
+    window: Window,
+    *,
+    signal: str,
+    cpu: int = NMI_CPU,
+    tries: int = 5,
+) -> Exploration:
+    """Explore ``window`` on vCPU ``cpu``: an NMI at each of its boundaries (see the module doc).
+
+    The window's workload must already run on ``cpu``. Each boundary's arrival is retried
+    up to ``tries`` times when the path differs from the scouted one.
+    """
+    t0 = time.monotonic()
+    with quiet_console(guest):
+        result = _explore(guest, sites, window, signal, cpu, tries)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+@contextlib.contextmanager
+def quiet_console(guest: Guest) -> Iterator[None]:
+    """Keep kernel messages off the serial console for the block (console_loglevel 0).
+
+    Every injected NMI makes the kernel print "Uhhuh. NMI received for unknown reason"
+    at KERN_EMERG; under TCG each line on the emulated UART costs the vCPU ~0.5 s, which
+    would dominate the exploration. Panics and oopses still reach the console (they
+    call console_verbose()); the messages stay in the kernel log.
+    """
+    out, status = guest.shell("cat /proc/sys/kernel/printk")
+    if status != 0 or not out.split():
+        yield  # no sysctl: nothing to quiet
+        return
+    guest.shell("echo 0 > /proc/sys/kernel/printk")
+    try:
+        yield
+    finally:
+        if guest.machine.alive and not guest.closed:
+            guest.shell(f"echo {out.split()[0]} > /proc/sys/kernel/printk")
+
+
+def _explore(
+    guest: Guest, sites: Sequence[Site], window: Window, signal: str, cpu: int, tries: int
+) -> Exploration:
+    ex = Explorer(guest, sites, cpu=cpu, signal=signal)
+    scout, store, cr3_write = ex.scout(window)
+    result = Exploration(window, cpu, scout, store, cr3_write)
+    problems = signal_problems(scout, ex.observer, signal, MAX_STORE_TO_CR3_WINDOW)
+    problems += scout.frozen_violations()
+    if problems:
+        result.runs.append(
+            BoundaryRun(
+                -1, "scout", "", scout.snapshots[0].cr3[cpu], None, "none", "stepped", problems=problems
+            )
+        )
+    last = len(scout.snapshots) - 1
+    guest.stop()
+    with guest.link() as link:
+        for k in boundaries_of(window, store, cr3_write, last):
+            if scout.snapshots[k].pc < 1 << 63:
+                continue  # user mode: not part of the window
+            for _ in range(tries):
+                run = ex.run_boundary(link, window, k, scout.snapshots[k])
+                if run is not None:
+                    result.runs.append(run)
+                    break
+            else:
+                raise GuestError(
+                    f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "
+                    f"(last {ex.mismatch})"
+                )
+    return result
