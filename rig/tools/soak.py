@@ -1,6 +1,6 @@
 """Soak: run ``pytest testcases/`` N times; print pass/fail per run, retries and leftovers.
 
-    python -m rig.tools.soak N [--log FILE] [-- extra pytest args]
+    python -m rig.tools.soak N [--workdir DIR] [-- extra pytest args]
 
 Each run is a child pytest with a JUnit XML report; the cr3rig plugin puts into it,
 per testcase, the breakpoint hits it took (``cr3rig.breaks``: a testcase that retries
@@ -50,6 +50,7 @@ class RunResult:
     seconds: float
     cases: list[CaseResult]
     leftovers: list[str]
+    reason: str = ""  # why pytest exited non-zero, when no testcase failed
 
     @property
     def passed(self) -> bool:
@@ -123,7 +124,11 @@ def run_once(index: int, pytest_args: Sequence[str], workdir: Path, out: TextIO)
     for pid, _ in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    result = RunResult(index, rc, seconds, cases, [f"{pid} {cmd}" for pid, cmd in left])
+    reason = ""
+    if rc != 0:  # the line that says why the session failed (e.g. a session-level check)
+        lines = log.read_text(errors="replace").splitlines()
+        reason = next((ln for ln in reversed(lines) if ln.startswith(("FAILED:", "ERROR:", "!"))), "")
+    result = RunResult(index, rc, seconds, cases, [f"{pid} {cmd}" for pid, cmd in left], reason)
     if not cases:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         print(f"    (no report; pytest exit {rc}; log {log}: {' | '.join(tail)})", file=out)
@@ -138,6 +143,8 @@ def describe_run(r: RunResult, total: int) -> str:
         f"{r.count('failed')} failed, {r.count('error')} error, {r.count('skipped')} skipped; "
         f"leftover processes: {len(r.leftovers)}"
     ]
+    if r.returncode != 0 and not any(c.outcome in ("failed", "error") for c in r.cases):
+        lines.append(f"    pytest exit status {r.returncode} with no testcase failed: {r.reason}")
     for c in r.cases:
         if c.outcome in ("failed", "error"):
             lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
@@ -177,8 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where run logs and reports go (default: a temp dir)"
     )
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
-    args = parser.parse_args(argv)
+    parser.epilog = "Arguments after -- go to each pytest run."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.pytest_args = argv[cut + 1 :]
     if args.runs < 1:
         parser.error(f"runs {args.runs}: must be at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cr3rig-soak-"))
