@@ -184,11 +184,12 @@ class Guest:
 
     def _boot(self) -> None:
         self.started_at = time.monotonic()
-        self.machine.start()
-        self.relay = GdbRelay(self.machine.gdb_socket, self.machine.dir / "gdb-relay.sock")
+        # GDB first: a broken --gdb fails before QEMU starts
         self.gdb = GdbMi(self.config.gdb, cwd=self.machine.dir)
         for setting in ("mi-async on", "pagination off", "confirm off"):
             self.gdb.command(f"-gdb-set {setting}")
+        self.machine.start()
+        self.relay = GdbRelay(self.machine.gdb_socket, self.machine.dir / "gdb-relay.sock")
         self.gdb.command(f"-target-select remote {self.relay.listen_path}")
         self.gdb.wait_stopped(10)
         self.gdb.command("-gdb-set scheduler-locking step")

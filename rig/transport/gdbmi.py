@@ -184,6 +184,8 @@ class GdbMi:
 
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
+        if self.proc.returncode is not None:
+            self._reader.join(timeout=2)  # its last words may still be in the pipe
         rc = self.proc.returncode
         status = "an unknown status" if rc is None else describe_status(rc)
         said = f"its last output: {self.tail(3)}" if self.transcript else "it printed nothing"
