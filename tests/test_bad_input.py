@@ -129,6 +129,11 @@ def test_cmdline_at_the_limit_is_accepted() -> None:
         check_cmdline_length("x" * COMMAND_LINE_SIZE)
 
 
+#: Bound for the cases that start QEMU/GDB once: 1-3 s on an idle machine (the target is
+#: under 10 s); resolving ``--kernel debian`` (apt-cache) alone took 7 s at load 15 here.
+BOOT_CASE_SECONDS = 20
+
+
 def _boot_case(tag: str, args: list[str]) -> tuple[str, float]:
     """Run the child on the stock kernel; return (the one line that ends it, seconds)."""
     t0 = time.monotonic()
@@ -144,14 +149,14 @@ def _boot_case(tag: str, args: list[str]) -> tuple[str, float]:
 def test_qemu_that_exits_silently(tag: str) -> None:
     line, elapsed = _boot_case(tag, ["--qemu", "/bin/false"])
     assert "QEMU (/bin/false) exited at start with status 1 and printed nothing; check --qemu" in line
-    assert elapsed < 10
+    assert elapsed < BOOT_CASE_SECONDS, f"{elapsed:.1f} s"
 
 
 def test_qemu_error_line_is_quoted(tag: str, small_elf: Path) -> None:
     # an x86-64 ELF that is no kernel passes the static check; QEMU itself refuses it
     line, elapsed = _boot_case(tag, ["--kernel", str(small_elf)])
     assert "QEMU exited at start with status 1: qemu-system-x86_64: Error loading uncompressed kernel" in line
-    assert elapsed < 10
+    assert elapsed < BOOT_CASE_SECONDS, f"{elapsed:.1f} s"
 
 
 def test_gdb_that_exits_silently(tag: str) -> None:
@@ -161,7 +166,7 @@ def test_gdb_that_exits_silently(tag: str) -> None:
         in line
     )
     assert "check --gdb" in line
-    assert elapsed < 10
+    assert elapsed < BOOT_CASE_SECONDS, f"{elapsed:.1f} s"
 
 
 def test_gdb_death_quotes_its_last_output(tag: str, tmp_path: Path) -> None:
@@ -170,4 +175,4 @@ def test_gdb_death_quotes_its_last_output(tag: str, tmp_path: Path) -> None:
     fake.chmod(0o755)
     line, elapsed = _boot_case(tag, ["--gdb", str(fake)])
     assert "exited with status 3" in line and "its last output: fake-gdb: cannot load libpython" in line
-    assert elapsed < 10
+    assert elapsed < BOOT_CASE_SECONDS, f"{elapsed:.1f} s"
