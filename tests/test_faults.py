@@ -149,9 +149,9 @@ def test_ctrl_c_inside_a_qmp_call_leaves_no_qemu(base_config: GuestConfig) -> No
 
 
 def test_tb_long_brings_the_traceback_back(tag: str) -> None:
-    args = ["--kernel", "debian", "-k", "test_fault_gdb_killed"]
-    short = run_pytest(args, tag, target="tests/cases/fault_cases.py")
-    assert "GdbError: gdb (" in short.stdout and "Traceback" not in short.stdout, short.stdout[-2000:]
-    assert "raise GdbError" not in short.stdout, short.stdout[-2000:]
-    long = run_pytest([*args, "--tb=long"], tag, target="tests/cases/fault_cases.py")
-    assert "raise GdbError" in long.stdout, long.stdout[-2000:]
+    short = run_pytest([], tag, target="tests/cases/report_cases.py")
+    out = short.stdout
+    assert "GuestError: QEMU is gone: QEMU exited with signal 9 (SIGKILL)" in out, out[-2000:]
+    assert "_deep_in_the_rig" not in out and "raise GuestError" not in out, out[-2000:]
+    long = run_pytest(["--tb=long"], tag, target="tests/cases/report_cases.py")
+    assert "_deep_in_the_rig()" in long.stdout and "raise GuestError" in long.stdout, long.stdout[-2000:]
