@@ -49,8 +49,9 @@ from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
 NMI_CPU = 0
-#: Most switch-site stops one boundary's run may take before it is declared stuck.
-MAX_STOPS = 80
+#: Most switch-site stops one boundary's run may take before it is declared stuck (a
+#: single-stepped SYSENTER takes ~40 #DBs of 3 stops each before it is back in user mode).
+MAX_STOPS = 400
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
 #: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
@@ -538,8 +539,8 @@ class Explorer:
                         f"{what} at {where} loaded the user CR3 with the signal {signal} (want {want})"
                     )
                 if paranoid_restore:
-                    paranoid.pop()
-                if depth == 0 and returned:
+                    paranoid.pop()  # back to the code it interrupted, not to user mode
+                elif depth == 0 and returned:
                     after_return_user_write = True
                 if depth == 1 and return_to is not None and return_to < 1 << 63:
                     # an event taken in user mode leaves for user mode here (swapgs, iretq
