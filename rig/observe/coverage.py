@@ -24,6 +24,7 @@ class SiteCoverage:
     kernel: str
     sites: Sequence[Site]
     has_signal: bool
+    pti: bool = True
     executed_by: dict[int, list[str]] = field(default_factory=dict)
 
     def record(self, test: str, addresses: Iterable[int]) -> None:
@@ -39,7 +40,9 @@ class SiteCoverage:
         self.record(test, (s.pc for s in trace.snapshots[:-1]))
 
     def reason(self, site: Site) -> str | None:
-        """Why TCG cannot reach ``site`` (None: it can)."""
+        """Why TCG cannot reach ``site`` (None: it can); nothing is reached without PTI."""
+        if not self.pti:
+            return "PTI is off on every guest of this session"
         return unreachable_reason(site, has_signal=self.has_signal)
 
     def missing(self) -> list[Site]:
@@ -94,5 +97,8 @@ def coverage_of(guest: Guest, signal: str) -> SiteCoverage | None:
         return None
     sites = find_sites(guest.config.vmlinux, guest.symbols, signal)
     return SiteCoverage(
-        f"{guest.config.label or guest.config.kernel} {guest.release}", sites, signal in guest.symbols
+        f"{guest.config.label or guest.config.kernel} {guest.release}",
+        sites,
+        signal in guest.symbols,
+        pti=guest.pti_enabled,
     )

@@ -185,6 +185,8 @@ class GuestPool:
         """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
         if self._coverage is None and guest.config.vmlinux is not None:
             self._coverage = coverage_of(guest, SIGNAL)
+        if self._coverage is not None and guest.pti_enabled:
+            self._coverage.pti = True  # sites are reachable once one guest runs with PTI
         return self._coverage
 
     def close(self) -> None:
