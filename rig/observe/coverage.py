@@ -69,6 +69,25 @@ class SiteCoverage:
             lines.append(f"  {s.address:#x} {s.kind:<12} {s.where:<44} {s.insn:<34.34} {status}")
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The table as Markdown: site, kind, instruction, the testcases that executed it."""
+        out = [
+            f"CR3 switch sites of {self.kernel}: {len(self.sites)}, "
+            f"{len(self.missing())} reachable but not executed",
+            "",
+            "| site | kind | instruction | executed by |",
+            "| --- | --- | --- | --- |",
+        ]
+        for s in self.sites:
+            who = self.executed_by.get(s.address)
+            reason = self.reason(s)
+            if who:
+                cell = ", ".join(f"`{_short(t)}`" for t in who)
+            else:
+                cell = f"not reachable under TCG: {reason}" if reason else "**NOT EXECUTED**"
+            out.append(f"| `{s.where}` | {s.kind} | `{s.insn}` | {cell} |")
+        return "\n".join(out) + "\n"
+
     def rows(self) -> list[dict[str, str]]:
         """The table as dicts (for reports)."""
         out = []

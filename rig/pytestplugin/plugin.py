@@ -14,6 +14,7 @@ the console tail, every vCPU's registers and the exact kernel and QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -262,6 +263,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     pool = session.config.stash.get(_POOL_KEY, None)
     coverage = pool._coverage if pool is not None else None
+    if coverage is not None and pool is not None and session.config.option.site_coverage != "off":
+        with contextlib.suppress(OSError):
+            pool.settings.trace_dir.mkdir(parents=True, exist_ok=True)
+            (pool.settings.trace_dir / "site-coverage.md").write_text(coverage.markdown())
     if (
         coverage is not None
         and exitstatus == 0
