@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rig import kernelbuild
 from rig.errors import ConfigError
+from rig.supply import kernelbuild
 from rig.supply.kernelbuild import (
     FLAVORS,
     KernelBuildError,

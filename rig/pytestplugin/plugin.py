@@ -8,13 +8,14 @@ Fixtures:
 * ``guest`` (function): the default guest, its traces cleared for the test.
 * ``pti_guest`` (function): the default guest, skipping the test if PTI is off.
 
-On failure the report gets sections with the step trace (also written as JSON lines),
-the console tail, every vCPU's registers and the exact kernel and QEMU.
+On failure the report gets sections with the step trace (also written as JSON lines and
+as a timeline page, rig.report.timeline), the console tail, every vCPU's registers and
+the exact kernel and QEMU. Every testcase carries the provenance as JUnit properties; a
+session that used the rig ends by writing ``<trace-dir>/index.html`` (rig.report.session).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,8 @@ import pytest
 
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig, check_inputs
+from rig.report import hooks as report_hooks
+from rig.report.session import session_report
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
 
@@ -141,7 +144,9 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+    session_report(pytestconfig).directory = settings.trace_dir
+    return settings
 
 
 class GuestPool:
@@ -215,38 +220,28 @@ def pti_guest(guest: Guest) -> Guest:
 _GUEST_KEY = pytest.StashKey[Guest]()
 
 
-def _safe_name(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    g = item.stash.get(_GUEST_KEY, None)
+    if call.when == "teardown":
+        report_hooks.add_junit_properties(item, g)
     outcome: Any = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
+    files = report_hooks.record_phase(item, call, report, g)
+    if report.when != "call" or not report.failed or g is None:
         return
-    g = item.stash.get(_GUEST_KEY, None)
-    if g is None:
-        return
-    settings: RigSettings | None = None
-    try:
-        settings = item._request.getfixturevalue("rig_settings")  # type: ignore[attr-defined]
-    except Exception:
-        settings = None
-    trace_dir = settings.trace_dir if settings else Path("results")
     for n, trace in enumerate(g.traces):
-        path = trace_dir / f"{_safe_name(item.nodeid)}.{n}.jsonl"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trace.write_jsonl(path)
-        except OSError:
-            pass
+        where = f"{files[n].jsonl}, timeline {files[n].html}" if n < len(files) else "not written"
         report.sections.append(
             (
-                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {path})",
+                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {where})",
                 trace.render(80),
             )
         )
     report.sections.append(("cr3rig console tail", g.machine.console_tail(40)))
     report.sections.append(("cr3rig registers", g.registers_report()))
     report.sections.append(("cr3rig kernel and QEMU", g.describe()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    report_hooks.finish_session(session, exitstatus)
