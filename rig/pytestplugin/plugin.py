@@ -16,6 +16,7 @@ session that used the rig ends by writing ``<trace-dir>/index.html`` (rig.report
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,9 +126,13 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
 
     opt = pytestconfig.option
     cache = opt.cr3rig_cache or default_cache_dir()
+    # A cold cache builds the kernel here: let its progress line reach the terminal.
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
     try:
-        kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
-        initrd = opt.initrd or build_initramfs(cache)
+        with uncaptured:
+            kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
+            initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
         pytest.exit(f"cr3rig: {exc}", returncode=4)
     base = GuestConfig(

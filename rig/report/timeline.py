@@ -38,10 +38,14 @@ from rig.observe.stepping import Snapshot, Trace
 WINDOW = 12
 #: Most full-resolution columns in one timeline (the window shrinks to fit).
 MAX_COLUMNS = 4000
+#: Most markers drawn besides the violation (a pathological trace could have one a step).
+MAX_MARKERS = 1500
 #: Width of a full-resolution column and of a folded run (px).
 STEP_W = 9
 FOLD_W = 30
 LABEL_W = 210
+#: Width (px) a short timeline is stretched towards.
+FILL_WIDTH = 1150
 LANE_H = 22
 LANE_GAP = 4
 MARK_ROW_H = 16
@@ -50,7 +54,10 @@ AXIS_H = 20
 #: AT&T text of a write to CR3.
 _MOV_TO_CR3 = re.compile(r"^mov\s+%\w+,%cr3\b")
 #: Symbols whose first instruction is where the CPU lands when it takes an event.
-_ENTRY_SYMBOL = re.compile(r"^(asm_exc_\w+|asm_sysvec_\w+|asm_common_interrupt|asm_spurious_\w+|entry_\w+)$")
+_ENTRY_SYMBOL = re.compile(
+    r"^(asm_exc_\w+|asm_sysvec_\w+|asm_common_interrupt|asm_spurious_\w+"
+    r"|entry_SYSCALL_64|entry_SYSCALL_compat|entry_SYSENTER_\w+|entry_INT80_\w+)$"
+)
 #: A violation message names its boundary as "step N".
 _STEP_IN_MESSAGE = re.compile(r"\bstep (\d+)\b")
 
@@ -108,6 +115,11 @@ def _cr3_side(s: Snapshot, cpu: int) -> str:
     return "user" if s.user_tables(cpu) else "kernel"
 
 
+def _cr3_text(s: Snapshot, cpu: int) -> str:
+    """``user 0x1234000`` / ``kernel 0x1233000``: the side, then the CR3 value."""
+    return f"{_cr3_side(s, cpu)} {s.cr3[cpu]:#x}"
+
+
 def _word_text(v: int | None) -> str:
     return "unmapped" if v is None else str(v)
 
@@ -126,7 +138,7 @@ def lanes(trace: Trace) -> list[Lane]:
     out = []
     for n in range(trace.ncpus):
         tag = " (steps)" if n == trace.cpu else ""
-        out.append(Lane(f"cr3-cpu{n}", f"vCPU {n} CR3{tag}", tuple(_cr3_side(s, n) for s in snaps)))
+        out.append(Lane(f"cr3-cpu{n}", f"vCPU {n} CR3{tag}", tuple(_cr3_text(s, n) for s in snaps)))
     names = list(snaps[0].words) if snaps else []
     for name in names:
         for n in range(trace.ncpus):
@@ -192,38 +204,46 @@ class Column:
 
 
 def columns(trace: Trace, lane_list: Sequence[Lane], marks: Sequence[Marker]) -> list[Column]:
-    """Full-resolution columns near changes and markers, folded runs elsewhere."""
+    """Full-resolution columns near changes (CR3 sides, watched words) and markers,
+    folded runs elsewhere.
+
+    If even with no window more than :data:`MAX_COLUMNS` boundaries change, the busy
+    stretches are drawn in chunks too (their lanes show ``mixed``); the violation, the
+    events and the first and last boundary always keep a column of their own.
+    """
     n = len(trace.snapshots)
     if n == 0:
         return []
     index_of = {s.step: i for i, s in enumerate(trace.snapshots)}
     hot = {0, n - 1}
     for lane in lane_list:
+        if lane.key.startswith("where-"):
+            continue  # the function changes all the time: it does not keep columns
         hot.update(i for i in range(1, n) if lane.values[i] != lane.values[i - 1])
     hot.update(index_of[m.step] for m in marks if m.step in index_of)
+    pinned = {0, n - 1} | {
+        index_of[m.step] for m in marks if m.kind in ("violation", "event") and m.step in index_of
+    }
     window = WINDOW
     while True:
         keep = [False] * n
         for i in hot:
             for k in range(max(0, i - window), min(n, i + window + 1)):
                 keep[k] = True
-        if sum(keep) <= MAX_COLUMNS or window == 0:
+        kept = sum(keep)
+        if kept <= MAX_COLUMNS or window == 0:
             break
         window //= 2
+    chunk = 1 if kept <= MAX_COLUMNS else -(-kept // (MAX_COLUMNS // 2))
     out: list[Column] = []
     i = 0
     while i < n:
-        if keep[i]:
-            out.append(Column(i, i))
-            i += 1
-            continue
         j = i
-        while j + 1 < n and not keep[j + 1]:
+        while j + 1 < n and keep[j + 1] == keep[i] and (j + 1 - i) < (chunk if keep[i] else n):
+            if keep[i] and (j + 1 in pinned or i in pinned):
+                break
             j += 1
-        if j == i:
-            out.append(Column(i, i))
-        else:
-            out.append(Column(i, j))
+        out.append(Column(i, j))
         i = j + 1
     return out
 
@@ -242,15 +262,25 @@ def _word_color(value: str) -> str:
         return "#f28e2b"
     if value == "unmapped":
         return "#ffffff"
+    if value == "mixed":
+        return "#9e9e9e"
     return "#76b7b2"
 
 
 def _lane_color(lane: Lane, value: str, ordinal: int) -> str:
     if lane.key.startswith("cr3-"):
-        return _CR3_COLOR.get(value, "#999999")
+        return _CR3_COLOR.get(value.split()[0], "#9e9e9e")
     if lane.key.startswith("word-"):
         return _word_color(value)
     return "#eeeeee" if ordinal % 2 == 0 else "#dddddd"
+
+
+def _column_value(lane: Lane, col: Column) -> str:
+    """The lane's value over a column (``mixed`` if it changes inside a busy chunk)."""
+    first = lane.values[col.first]
+    if col.folded and any(v != first for v in lane.values[col.first + 1 : col.last + 1]):
+        return "⋯" if lane.key.startswith("where-") else "mixed"
+    return first
 
 
 def _column_title(trace: Trace, col: Column) -> str:
@@ -261,11 +291,16 @@ def _column_title(trace: Trace, col: Column) -> str:
     if not col.folded:
         return f"step {s.step}  {s.where}\n{s.insn}\nCR3: {cr3s}" + (f"\n{words}" if words else "")
     last = snaps[col.last]
-    funcs = Counter(_function(x) for x in snaps[col.first : col.last + 1])
+    run = snaps[col.first : col.last + 1]
+    funcs = Counter(_function(x) for x in run)
     through = ", ".join(f"{f} ({c})" for f, c in funcs.most_common(6))
+    quiet = all(_cr3_side(x, n) == _cr3_side(s, n) for x in run for n in range(trace.ncpus)) and all(
+        x.words == s.words for x in run
+    )
+    why = "no lane changes, no marker" if quiet else "too many changes to draw one by one"
     return (
-        f"steps {s.step}-{last.step} folded ({col.last - col.first + 1} boundaries): "
-        f"no lane changes, no marker\nruns through: {through}\nCR3: {cr3s}" + (f"\n{words}" if words else "")
+        f"steps {s.step}-{last.step} folded ({len(run)} boundaries): {why}\n"
+        f"runs through: {through}\nCR3 at {s.step}: {cr3s}" + (f"\n{words}" if words else "")
     )
 
 
@@ -274,15 +309,20 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
     lane_list = lanes(trace)
     marks = markers(trace, violation)
     cols = columns(trace, lane_list, marks)
+    natural = sum(FOLD_W if c.folded else STEP_W for c in cols)
+    # Short traces are stretched to fill a typical window (at most 3x), long ones scroll.
+    scale = max(1, min(3, FILL_WIDTH // max(natural, 1)))
+    step_w, fold_w = STEP_W * scale, FOLD_W * scale
+    widths = [fold_w if c.folded else step_w for c in cols]
     xs: list[int] = []
     x = 0
-    for c in cols:
+    for w in widths:
         xs.append(x)
-        x += FOLD_W if c.folded else STEP_W
+        x += w
     width = max(x, 1)
     col_of = {}
     for k, c in enumerate(cols):
-        for i in (c.first, c.last):
+        for i in range(c.first, c.last + 1):
             col_of[trace.snapshots[i].step] = k
     top_marks = MARK_ROW_H * len(MARKER_KINDS)
     lanes_y = top_marks + AXIS_H
@@ -292,7 +332,7 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
         return lanes_y + r * (LANE_H + LANE_GAP)
 
     def cx(k: int) -> float:
-        return xs[k] + (FOLD_W if cols[k].folded else STEP_W) / 2
+        return xs[k] + widths[k] / 2
 
     # Labels (a separate SVG that stays put while the timeline scrolls).
     lab = [f'<svg class="labels" xmlns="http://www.w3.org/2000/svg" width="{LABEL_W}" height="{height}">']
@@ -328,7 +368,7 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
                 f'<text x="{cx(k):.1f}" y="{top_marks + 14}" text-anchor="middle" class="fold-label">'
                 f"⋯{n}</text>"
             )
-            last_label = xs[k] + FOLD_W
+            last_label = xs[k] + widths[k]
         elif xs[k] - last_label >= 60 and (step % 5 == 0 or k == 0):
             out.append(f'<text x="{xs[k]}" y="{top_marks + 14}" class="tick">{step}</text>')
             last_label = xs[k]
@@ -337,12 +377,13 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
     for r, lane in enumerate(lane_list):
         y = lane_y(r)
         out.append(f'<g class="lane" data-lane="{_e(lane.key)}">')
+        shown = [_column_value(lane, c) for c in cols]
         start = 0
         ordinal = 0
         for k in range(1, len(cols) + 1):
-            if k < len(cols) and lane.values[cols[k].first] == lane.values[cols[start].first]:
+            if k < len(cols) and shown[k] == shown[start]:
                 continue
-            value = lane.values[cols[start].first]
+            value = shown[start]
             x0, x1 = xs[start], (xs[k] if k < len(cols) else width)
             fill = _lane_color(lane, value, ordinal)
             stroke = ' stroke="#999"' if value == "unmapped" else ""
@@ -350,11 +391,12 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
                 f'<rect x="{x0}" y="{y}" width="{x1 - x0}" height="{LANE_H}" fill="{fill}"{stroke} '
                 f'data-value="{_e(value)}"/>'
             )
-            if (x1 - x0) >= 7 * len(value) + 6:
+            label = next((t for t in (value, value.split()[0]) if (x1 - x0) >= 7 * len(t) + 6), "")
+            if label:
                 color = "#fff" if lane.key.startswith("cr3-") else "#222"
                 out.append(
                     f'<text x="{(x0 + x1) / 2:.1f}" y="{y + 15}" text-anchor="middle" fill="{color}">'
-                    f"{_e(value)}</text>"
+                    f"{_e(label)}</text>"
                 )
             start = k
             ordinal += 1
@@ -363,13 +405,13 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
     for k, c in enumerate(cols):
         if c.folded:
             out.append(
-                f'<rect class="fold" x="{xs[k]}" y="{lanes_y}" width="{FOLD_W}" '
+                f'<rect class="fold" x="{xs[k]}" y="{lanes_y}" width="{widths[k]}" '
                 f'height="{height - lanes_y}" fill="url(#fold)"/>'
             )
     # Hover columns: the instruction and the CPU state at each boundary.
     out.append('<g class="cols">')
     for k, c in enumerate(cols):
-        w = FOLD_W if c.folded else STEP_W
+        w = widths[k]
         step = trace.snapshots[c.first].step
         last = f' data-last="{trace.snapshots[c.last].step}"' if c.folded else ""
         out.append(
@@ -377,8 +419,12 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
             f'height="{height - top_marks}"><title>{_e(_column_title(trace, c))}</title></rect>'
         )
     out.append("</g>")
-    # Markers: a stem across the lanes and a glyph in the marker's own row.
-    for m in marks:
+    # Markers: a stem across the lanes and a glyph in the marker's own row (the violation
+    # and the first MAX_MARKERS others; the table below the timeline says if any were left out).
+    drawn = [m for m in marks if m.kind == "violation"] + [m for m in marks if m.kind != "violation"][
+        :MAX_MARKERS
+    ]
+    for m in drawn:
         if m.step not in col_of:
             continue
         k = col_of[m.step]
@@ -443,7 +489,8 @@ def render_timeline(
         + "</p>",
     ]
     if violation is not None:
-        where = f"step {violation.step}: " if violation.step is not None else ""
+        named = violation.step is None or f"step {violation.step}" in violation.message
+        where = "" if named else f"step {violation.step}: "
         parts.append(
             f'<div class="violation" id="violation">first violation: {_e(where)}{_e(violation.message)}</div>'
         )

@@ -85,7 +85,7 @@ class Progress:
         return "  ".join(parts)
 
     def set_phase(self, phase: str, estimate: int | None = None) -> None:
-        if self.phase and self.tty:
+        if self.phase:  # the previous phase's final state, on a line of its own
             self._draw(force=True, end="\n")
         self.phase = phase
         self.objects = 0
@@ -118,7 +118,7 @@ class Progress:
 
     def finish(self, message: str) -> None:
         """End the progress line with ``message`` on a line of its own."""
-        if self.tty and self.phase:
+        if self.phase:
             self._draw(force=True, end="\n")
         self.stream.write(message + "\n")
         self.stream.flush()
