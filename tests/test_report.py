@@ -8,7 +8,15 @@ from pathlib import Path
 
 from rig.observe.stepping import Snapshot, Trace
 from rig.report.session import SessionReport, TraceFiles, add_coverage_table, render_index, write_traces
-from rig.report.timeline import MAX_COLUMNS, columns, lanes, markers, violation_from_message, write_timeline
+from rig.report.timeline import (
+    MAX_COLUMNS,
+    columns,
+    lanes,
+    locate,
+    markers,
+    violation_from_message,
+    write_timeline,
+)
 
 USER = 0x1234000 | (1 << 12)
 KERNEL = 0x1234000
@@ -106,6 +114,15 @@ def test_a_trace_that_changes_everywhere_is_bounded(tmp_path: Path) -> None:
     assert len(cols) <= MAX_COLUMNS + 2 * len([c for c in cols if c.folded]) + 2
     page = write_timeline(t, tmp_path / "busy.html")
     assert page.stat().st_size < 2_000_000, page.stat().st_size
+
+
+def test_a_quoted_instruction_locates_a_violation_without_a_step() -> None:
+    t = syscall_like(400)
+    v = violation_from_message("do_syscall_64+0x12c `mov -0x10(%rax),%eax` accesses memory between")
+    assert v is not None and v.step is None
+    assert locate(v, t).step == 300  # the first boundary at do_syscall_64+0x12c
+    unquoted = violation_from_message("nothing quoted")
+    assert unquoted is not None and locate(unquoted, t).step is None
 
 
 def test_write_traces_marks_the_last_trace(tmp_path: Path) -> None:

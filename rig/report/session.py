@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from rig.observe.stepping import Trace
-from rig.report.timeline import Violation, write_timeline
+from rig.report.timeline import Violation, locate, write_timeline
 
 #: Name of the report in the results directory.
 INDEX_NAME = "index.html"
@@ -107,8 +107,9 @@ def write_traces(
 ) -> list[TraceFiles]:
     """Write each trace as ``<stem>.<n>.jsonl`` and its timeline ``<stem>.<n>.html``.
 
-    The first ``step N`` named in ``failure`` is marked as the violation on the last trace
-    (the one a testcase asserts on); the other traces carry the message unmarked.
+    The first ``step N`` named in ``failure`` (else the first ``symbol+0xoff `insn``` it
+    quotes) is marked as the violation on the last trace (the one a testcase asserts on);
+    the other traces carry the message unmarked.
     """
     directory.mkdir(parents=True, exist_ok=True)
     violation = violation_text = None
@@ -126,7 +127,7 @@ def write_traces(
             trace,
             jsonl.with_suffix(".html"),
             title=f"{title} — trace {n}",
-            violation=violation if last else violation_text,
+            violation=locate(violation, trace) if last and violation else violation_text,
         )
         out.append(TraceFiles(jsonl, page, len(trace.snapshots)))
     return out

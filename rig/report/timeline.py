@@ -111,6 +111,22 @@ def violation_from_message(text: str) -> Violation | None:
     return Violation(None, lines[0])
 
 
+#: ``symbol+0xoff `insn``` as the checks quote an instruction.
+_WHERE_IN_MESSAGE = re.compile(r"([A-Za-z_][\w.]*(?:\+0x[0-9a-f]+)?) `")
+
+
+def locate(violation: Violation, trace: Trace) -> Violation:
+    """``violation`` with a step: if its message names none but quotes an instruction as
+    ``symbol+0xoff `insn```, the first boundary of ``trace`` at that place."""
+    if violation.step is not None:
+        return violation
+    for m in _WHERE_IN_MESSAGE.finditer(violation.message):
+        hit = next((s.step for s in trace.snapshots if s.where == m.group(1)), None)
+        if hit is not None:
+            return Violation(hit, violation.message)
+    return violation
+
+
 def _cr3_side(s: Snapshot, cpu: int) -> str:
     return "user" if s.user_tables(cpu) else "kernel"
 
@@ -121,7 +137,10 @@ def _cr3_text(s: Snapshot, cpu: int) -> str:
 
 
 def _word_text(v: int | None) -> str:
-    return "unmapped" if v is None else str(v)
+    """Small values in decimal (a flag reads 0/1), large ones (addresses) in hex."""
+    if v is None:
+        return "unmapped"
+    return str(v) if v < 0x10000 else f"{v:#x}"
 
 
 def _function(s: Snapshot) -> str:
