@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from rig import initramfs
+    from rig.supply import initramfs
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from rig import initramfs
+    from rig.supply import initramfs
 
 from rig.errors import ConfigError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rig import mutants
+from rig.tools import mutants
 from rig.tools.mutants import (
     MUTANTS_DIR,
     MutantResult,
