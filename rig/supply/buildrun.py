@@ -118,7 +118,7 @@ class Progress:
 
     def finish(self, message: str) -> None:
         """End the progress line with ``message`` on a line of its own."""
-        if self.phase:
+        if self.tty and self.phase:
             self._draw(force=True, end="\n")
         self.stream.write(message + "\n")
         self.stream.flush()
