@@ -125,6 +125,11 @@ def test_a_quoted_instruction_locates_a_violation_without_a_step() -> None:
     assert unquoted is not None and locate(unquoted, t).step is None
 
 
+def test_an_empty_trace_still_renders(tmp_path: Path) -> None:
+    page = write_timeline(Trace(cpu=0, ncpus=2), tmp_path / "empty.html")
+    assert 'data-columns="0"' in page.read_text()
+
+
 def test_write_traces_marks_the_last_trace(tmp_path: Path) -> None:
     traces = [syscall_like(400), syscall_like(400, late_clear=True)]
     files = write_traces(traces, tmp_path, "tc", title="tc", failure="step 301: the signal still 1")

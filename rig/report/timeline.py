@@ -397,6 +397,9 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
         y = lane_y(r)
         out.append(f'<g class="lane" data-lane="{_e(lane.key)}">')
         shown = [_column_value(lane, c) for c in cols]
+        if not shown:
+            out.append("</g>")
+            continue
         start = 0
         ordinal = 0
         for k in range(1, len(cols) + 1):
