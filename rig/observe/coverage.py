@@ -99,7 +99,8 @@ class SiteCoverage:
                     "kind": s.kind,
                     "where": s.where,
                     "instruction": s.insn,
-                    "executed_by": ", ".join(who),
+                    "executed_by": ", ".join(_short(t) for t in who)
+                    or ("not reachable" if self.reason(s) else "not covered"),
                     "unreachable": self.reason(s) or "",
                 }
             )

@@ -8,14 +8,15 @@ Fixtures:
 * ``guest`` (function): the default guest, its traces cleared for the test.
 * ``pti_guest`` (function): the default guest, skipping the test if PTI is off.
 
-On failure the report gets sections with the step trace (also written as JSON lines),
-the console tail, every vCPU's registers and the exact kernel and QEMU.
+On failure the report gets sections with the step trace (also written as JSON lines and
+as a timeline page, rig.report.timeline), the console tail, every vCPU's registers and
+the exact kernel and QEMU. Every testcase carries the provenance as JUnit properties; a
+session that used the rig ends by writing ``<trace-dir>/index.html`` (rig.report.session).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ import pytest
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig, check_inputs
 from rig.observe.coverage import SiteCoverage, coverage_of
+from rig.report import hooks as report_hooks
+from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
 
@@ -136,9 +139,13 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
 
     opt = pytestconfig.option
     cache = opt.cr3rig_cache or default_cache_dir()
+    # A cold cache builds the kernel here: let its progress line reach the terminal.
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
     try:
-        kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
-        initrd = opt.initrd or build_initramfs(cache)
+        with uncaptured:
+            kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
+            initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
         pytest.exit(f"cr3rig: {exc}", returncode=4)
     base = GuestConfig(
@@ -155,7 +162,9 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
+    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
+    session_report(pytestconfig).directory = settings.trace_dir
+    return settings
 
 
 class GuestPool:
@@ -267,6 +276,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with contextlib.suppress(OSError):
             pool.settings.trace_dir.mkdir(parents=True, exist_ok=True)
             (pool.settings.trace_dir / "site-coverage.md").write_text(coverage.markdown())
+        add_coverage_table(session.config, "CR3 switch sites (who executed each)", coverage.rows())
     if (
         coverage is not None
         and exitstatus == 0
@@ -274,6 +284,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         and _coverage_required(session.config, coverage)
     ):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    report_hooks.finish_session(session, exitstatus)
 
 
 @pytest.fixture
@@ -313,35 +324,21 @@ def pti_guest(guest: Guest) -> Guest:
 _GUEST_KEY = pytest.StashKey[Guest]()
 
 
-def _safe_name(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    g = item.stash.get(_GUEST_KEY, None)
+    if call.when == "teardown":
+        report_hooks.add_junit_properties(item, g)
     outcome: Any = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
+    files = report_hooks.record_phase(item, call, report, g)
+    if report.when != "call" or not report.failed or g is None:
         return
-    g = item.stash.get(_GUEST_KEY, None)
-    if g is None:
-        return
-    settings: RigSettings | None = None
-    try:
-        settings = item._request.getfixturevalue("rig_settings")  # type: ignore[attr-defined]
-    except Exception:
-        settings = None
-    trace_dir = settings.trace_dir if settings else Path("results")
     for n, trace in enumerate(g.traces):
-        path = trace_dir / f"{_safe_name(item.nodeid)}.{n}.jsonl"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trace.write_jsonl(path)
-        except OSError:
-            pass
+        where = f"{files[n].jsonl}, timeline {files[n].html}" if n < len(files) else "not written"
         report.sections.append(
             (
-                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {path})",
+                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {where})",
                 trace.render(80),
             )
         )
