@@ -8,9 +8,11 @@ The package is grouped by layer, one module per concept:
   ``rsp`` (GDB remote protocol framing)
 * :mod:`rig.machine`      the machine model: ``vcpu``, ``x86`` (CR3, page walks),
   ``symbols`` (vmlinux/kallsyms, per-CPU addresses), ``disasm``
-* :mod:`rig.supply`       kernel supply: ``kernel`` (resolve ``--kernel``), ``kernelbuild``,
-  ``initramfs``, ``cache``
+* :mod:`rig.supply`       kernel supply: ``kernel`` (resolve ``--kernel``), ``kernelbuild``
+  (built on ``debsource``, ``kerneltree``, ``kconfig``, ``buildrun``), ``initramfs``, ``cache``
 * :mod:`rig.observe`      observation: ``stepping`` (snapshots, traces), ``checks``
+* :mod:`rig.report`       reports: ``timeline`` (a trace as HTML/SVG), ``session``
+  (results/index.html), ``provenance`` (also JUnit properties), ``hooks`` (for the plugin)
 * :mod:`rig.pytestplugin` the pytest plugin (options, fixtures, failure reports)
 * :mod:`rig.tools`        tools built on the rig (``mutants``)
 * :mod:`rig.guest`        a booted guest: the parts wired together; :mod:`rig.errors`

@@ -12,6 +12,8 @@ SUDO=""
 export DEBIAN_FRONTEND=noninteractive
 
 pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
+# the rig's own tests open the HTML reports in headless chromium (tests/test_report_browser.py)
+pkgs="$pkgs chromium chromium-driver"
 # what building the reference kernel needs
 pkgs="$pkgs $(grep -v '^#' guests/linux/build-deps.txt | tr '\n' ' ')"
 missing=""

@@ -32,6 +32,9 @@ WINDOWS = (
     # 32-bit tasks (IA32_EMULATION); TCG's -cpu max runs both compat gates
     Window("compat-sysenter-entry", "compat-sysenter-loop", ("entry_SYSENTER_compat",), "entry"),
     Window("compat-syscall-entry", "compat-syscall-loop", ("entry_SYSCALL_compat",), "entry"),
+    # a #DB in kernel mode on the user CR3 (SYSENTER with EFLAGS.TF): paranoid_entry and
+    # paranoid_exit of an exception other than an NMI; NMIs nest inside it
+    Window("debug-trap-entry", "compat-sysenter-tf-loop", ("asm_exc_debug",), "entry", kernel_mode_only=True),
     Window(
         "sysretl-exit",
         "compat-syscall-loop",

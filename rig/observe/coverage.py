@@ -24,6 +24,7 @@ class SiteCoverage:
     kernel: str
     sites: Sequence[Site]
     has_signal: bool
+    pti: bool = True
     executed_by: dict[int, list[str]] = field(default_factory=dict)
 
     def record(self, test: str, addresses: Iterable[int]) -> None:
@@ -39,7 +40,9 @@ class SiteCoverage:
         self.record(test, (s.pc for s in trace.snapshots[:-1]))
 
     def reason(self, site: Site) -> str | None:
-        """Why TCG cannot reach ``site`` (None: it can)."""
+        """Why TCG cannot reach ``site`` (None: it can); nothing is reached without PTI."""
+        if not self.pti:
+            return "PTI is off on every guest of this session"
         return unreachable_reason(site, has_signal=self.has_signal)
 
     def missing(self) -> list[Site]:
@@ -66,6 +69,25 @@ class SiteCoverage:
             lines.append(f"  {s.address:#x} {s.kind:<12} {s.where:<44} {s.insn:<34.34} {status}")
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The table as Markdown: site, kind, instruction, the testcases that executed it."""
+        out = [
+            f"CR3 switch sites of {self.kernel}: {len(self.sites)}, "
+            f"{len(self.missing())} reachable but not executed",
+            "",
+            "| site | kind | instruction | executed by |",
+            "| --- | --- | --- | --- |",
+        ]
+        for s in self.sites:
+            who = self.executed_by.get(s.address)
+            reason = self.reason(s)
+            if who:
+                cell = ", ".join(f"`{_short(t)}`" for t in who)
+            else:
+                cell = f"not reachable under TCG: {reason}" if reason else "**NOT EXECUTED**"
+            out.append(f"| `{s.where}` | {s.kind} | `{s.insn}` | {cell} |")
+        return "\n".join(out) + "\n"
+
     def rows(self) -> list[dict[str, str]]:
         """The table as dicts (for reports)."""
         out = []
@@ -77,7 +99,8 @@ class SiteCoverage:
                     "kind": s.kind,
                     "where": s.where,
                     "instruction": s.insn,
-                    "executed_by": ", ".join(who),
+                    "executed_by": ", ".join(_short(t) for t in who)
+                    or ("not reachable" if self.reason(s) else "not covered"),
                     "unreachable": self.reason(s) or "",
                 }
             )
@@ -94,5 +117,8 @@ def coverage_of(guest: Guest, signal: str) -> SiteCoverage | None:
         return None
     sites = find_sites(guest.config.vmlinux, guest.symbols, signal)
     return SiteCoverage(
-        f"{guest.config.label or guest.config.kernel} {guest.release}", sites, signal in guest.symbols
+        f"{guest.config.label or guest.config.kernel} {guest.release}",
+        sites,
+        signal in guest.symbols,
+        pti=guest.pti_enabled,
     )

@@ -36,7 +36,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rig.errors import GuestError
 from rig.guest import Guest
@@ -49,10 +49,13 @@ from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
 NMI_CPU = 0
-#: Most switch-site stops one boundary's run may take before it is declared stuck.
-MAX_STOPS = 80
+#: Most switch-site stops one boundary's run may take before it is declared stuck (a
+#: single-stepped SYSENTER takes ~40 #DBs of 3 stops each before it is back in user mode).
+MAX_STOPS = 400
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
+#: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
+PARANOID_RESTORE_FUNCTIONS = frozenset({"paranoid_exit", "end_repeat_nmi", "nmi_restore"})
 #: Most boundaries allowed between the store of 0 and the write of the user CR3.
 MAX_STORE_TO_CR3_WINDOW = 8
 
@@ -77,7 +80,8 @@ class Window:
     ``from_user``: the arrival must be on the user CR3 (entry paths from user mode);
     ``before``/``after``: boundaries tried before the signal store and past the CR3
     write; boundary 0 (the first instruction) is always tried; ``nmi_arrival``: the
-    path is itself an NMI's (one is injected for each arrival).
+    path is itself an NMI's (one is injected for each arrival); ``kernel_mode_only``: the
+    entry (an exception without error code) must have interrupted kernel mode.
     """
 
     name: str
@@ -89,6 +93,7 @@ class Window:
     after: int = 3
     scout_steps: int = 400
     nmi_arrival: bool = False
+    kernel_mode_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ class Explorer:
         self.paranoid = sym.get("paranoid_entry")
         self._thread = thread_id(cpu)
         self._armed: set[int] = set()
+        self._seed: list[list[Any]] = []
         self.mismatch = ""
         rm = guest.regmap
         self._read = [
@@ -301,7 +307,7 @@ class Explorer:
                     self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
                 pc = self._continue(link, window, None)
                 cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
-                if pc in entries and _user(cr3) == window.from_user:
+                if pc in entries and _user(cr3) == window.from_user and self._mode_ok(link, window):
                     return
                 r = link.transact([g.regmap.packet("rsp")])
                 frame = link.transact([f"m{hex_le(r[0]):x},8"])[0]
@@ -320,6 +326,14 @@ class Explorer:
             f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 "
             f"(last: {seen})"
         )
+
+    def _mode_ok(self, link: RspLink, window: Window) -> bool:
+        """For ``kernel_mode_only`` windows: the IRET frame at %rsp returns to kernel mode."""
+        if not window.kernel_mode_only:
+            return True
+        rsp = hex_le(link.transact([f"Hg{self._thread}", self.guest.regmap.packet("rsp")])[1])
+        frame = link.transact([f"m{rsp:x},8"])[0]
+        return not is_error(frame) and int.from_bytes(bytes.fromhex(frame), "little") >= 1 << 63
 
     def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
         """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write that loads
@@ -353,7 +367,13 @@ class Explorer:
         t0 = time.monotonic()
         self.arrive_on_link(link, window)
         stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
-        at = stepper.run(link, max_steps=k).snapshots[-1]
+        stepped = stepper.run(link, max_steps=k).snapshots
+        at = stepped[-1]
+        # paranoid entries the window's own path took before k: their exits must put back
+        # the signal they found
+        self._seed = [
+            [s.words[self.signal][self.observer], False] for s in stepped[:-1] if s.pc == self.paranoid
+        ]
         if at.pc != scout.pc:
             self.mismatch = f"at {self.guest.symbols.describe(at.pc)}, not {scout.where}"
             return None
@@ -412,9 +432,11 @@ class Explorer:
         last_signal = run.signal
         depth = 0
         return_to: int | None = None
+        return_rsp = 0
         delivered = returned = False
         after_return_user_write = False
         wrong_kernel_since: str | None = None
+        paranoid: list[list[Any]] = self._seed  # per paranoid entry taken: [signal it found, restored]
         for _ in range(MAX_STOPS):
             initial = first is not None
             pc = first if first is not None else self._continue(link, window, run)
@@ -433,11 +455,12 @@ class Explorer:
             elif pc == self.nmi_entry:
                 kind = "event"
                 depth += 1
-                frame = link.transact([f"Hg{self._thread}", f"m{rsp:x},8"])[1]
-                ret = int.from_bytes(bytes.fromhex(frame), "little")
+                frame = bytes.fromhex(link.transact([f"Hg{self._thread}", f"m{rsp:x},28"])[1])
+                ret = int.from_bytes(frame[0:8], "little")  # the IRET frame: rip, cs, rflags, rsp, ss
+                ret_rsp = int.from_bytes(frame[24:32], "little")
                 if not delivered:
                     delivered = True
-                    return_to = ret
+                    return_to, return_rsp = ret, ret_rsp
                     found_signal, found_cr3 = signal, cr3  # as the event found them
                     if ret < 1 << 63:
                         run.path = "from user"
@@ -446,14 +469,24 @@ class Explorer:
                     self._arm(link, fixed | {ret})
             elif pc == self.paranoid:
                 kind = "paranoid_entry"
-                run.path = f"paranoid_entry on the {_side(cr3)} CR3"
+                paranoid.append([signal, False])  # the value its exit must put back
+                if not run.path or depth > 0:
+                    run.path = f"paranoid_entry on the {_side(cr3)} CR3"
             elif pc == self.handler:
                 kind = "handler"
                 if _user(cr3) or signal != 1:
                     run.problems.append(
                         f"the NMI handler exc_nmi ran on the {_side(cr3)} CR3 with the signal {signal}"
                     )
-            if return_to is not None and pc == return_to and depth > 0 and kind != "event":
+            # the return: the interrupted instruction on the interrupted stack (the handler
+            # may run the same instruction itself, e.g. a nested paranoid_entry)
+            if (
+                return_to is not None
+                and pc == return_to
+                and rsp == return_rsp
+                and depth > 0
+                and kind != "event"
+            ):
                 depth -= 1
                 returned = True
                 self._record(run, "return", pc, where, depth, cr3, cr3, signal, signal)
@@ -473,10 +506,20 @@ class Explorer:
             if site is None:
                 self._step_over(link, self.cpu, pc)  # a breakpoint that is not a switch
                 continue
+            restore = site.function in PARANOID_RESTORE_FUNCTIONS
+            if paranoid and paranoid[-1][1] and not (restore and site.kind == "cr3-write"):
+                paranoid.pop()  # its exit put the signal back and left CR3 alone
             self._step_over(link, self.cpu, pc)
             _, cr3_after, _, signal_after = self._state(link)
             self._record(run, site.kind, pc, where, depth, cr3, cr3_after, signal, signal_after)
             last_signal = signal_after
+            if restore and site.kind == "signal-store" and paranoid:
+                if signal_after != paranoid[-1][0]:
+                    run.problems.append(
+                        f"the paranoid exit at {where} stored {signal_after}; "
+                        f"its entry found {paranoid[-1][0]}"
+                    )
+                paranoid[-1][1] = True
             if site.kind == "cr3-write" and _user(cr3) and not _user(cr3_after):
                 if signal != 1:
                     run.problems.append(
@@ -484,8 +527,8 @@ class Explorer:
                     )
                     wrong_kernel_since = where
             elif site.kind == "cr3-write" and not _user(cr3) and _user(cr3_after):
-                paranoid_restore = depth > 0
-                want = found_signal if paranoid_restore else 0
+                paranoid_restore = restore and bool(paranoid)
+                want = paranoid[-1][0] if paranoid_restore and paranoid[-1][0] is not None else 0
                 if signal != want:
                     what = (
                         "the paranoid restore of the interrupted user CR3"
@@ -495,8 +538,18 @@ class Explorer:
                     run.problems.append(
                         f"{what} at {where} loaded the user CR3 with the signal {signal} (want {want})"
                     )
-                if depth == 0 and returned:
+                if paranoid_restore:
+                    paranoid.pop()  # back to the code it interrupted, not to user mode
+                elif depth == 0 and returned:
                     after_return_user_write = True
+                if depth == 1 and return_to is not None and return_to < 1 << 63:
+                    # an event taken in user mode leaves for user mode here (swapgs, iretq
+                    # follow; a breakpoint on the user address is not reliable under TCG)
+                    if signal_after != found_signal:
+                        run.problems.append(
+                            f"the NMI left the signal {signal_after}; it found {found_signal} ({where})"
+                        )
+                    return
             elif site.kind == "signal-store" and wrong_kernel_since is not None and signal_after == 1:
                 run.problems.append(
                     f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
@@ -510,8 +563,10 @@ class Explorer:
                         f"until the user CR3 write at {where}"
                     )
                 return
+        last = "; ".join(s.render() for s in run.stops[-8:])
         run.problems.append(
-            f"not back in user mode within {MAX_STOPS} stops (delivered={delivered}, returned={returned})"
+            f"not back in user mode within {MAX_STOPS} stops (delivered={delivered}, returned={returned}, "
+            f"return to {sym.describe(return_to) if return_to is not None else '-'}); last stops: {last}"
         )
 
     @staticmethod

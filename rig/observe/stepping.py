@@ -68,6 +68,15 @@ class Snapshot:
 StopCondition = Callable[[Snapshot], bool]
 
 
+@dataclass(frozen=True)
+class Mark:
+    """Something that happened at a step, for reports (e.g. ``Mark(0, "event", "NMI")``)."""
+
+    step: int
+    kind: str
+    text: str
+
+
 @dataclass
 class Trace:
     """The snapshots of one stepping run, plus the raw bytes of each distinct rip."""
@@ -77,6 +86,11 @@ class Trace:
     snapshots: list[Snapshot] = field(default_factory=list)
     code: dict[int, bytes] = field(default_factory=dict)
     stopped_because: str = ""
+    marks: list[Mark] = field(default_factory=list)
+
+    def mark(self, step: int, kind: str, text: str) -> None:
+        """Attach a marker (an event delivered, a store seen…) to boundary ``step``."""
+        self.marks.append(Mark(step, kind, text))
 
     def write_jsonl(self, path: Path) -> None:
         """One JSON object per line, one line per instruction boundary."""

@@ -8,13 +8,15 @@ Fixtures:
 * ``guest`` (function): the default guest, its traces cleared for the test.
 * ``pti_guest`` (function): the default guest, skipping the test if PTI is off.
 
-On failure the report gets sections with the step trace (also written as JSON lines),
-the console tail, every vCPU's registers and the exact kernel and QEMU.
+On failure the report gets sections with the step trace (also written as JSON lines and
+as a timeline page, rig.report.timeline), the console tail, every vCPU's registers and
+the exact kernel and QEMU. Every testcase carries the provenance as JUnit properties; a
+session that used the rig ends by writing ``<trace-dir>/index.html`` (rig.report.session).
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +37,8 @@ from rig.pytestplugin.failfast import (
     one_line_report,
     wants_one_line,
 )
+from rig.report import hooks as report_hooks
+from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
 from rig.transport.host import LocalHost
 from rig.transport.qemu import check_cmdline_length
@@ -157,9 +161,13 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
 
     opt = pytestconfig.option
     cache = opt.cr3rig_cache or default_cache_dir()
+    # A cold cache builds the kernel here: let its progress line reach the terminal.
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
     try:
-        kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
-        initrd = opt.initrd or build_initramfs(cache)
+        with uncaptured:
+            kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
+            initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
         pytest.exit(f"cr3rig: {exc}", returncode=4)
     base = GuestConfig(
@@ -176,7 +184,9 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
+    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
+    session_report(pytestconfig).directory = settings.trace_dir
+    return settings
 
 
 class GuestPool:
@@ -224,6 +234,8 @@ class GuestPool:
         """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
         if self._coverage is None and guest.config.vmlinux is not None:
             self._coverage = coverage_of(guest, SIGNAL)
+        if self._coverage is not None and guest.pti_enabled:
+            self._coverage.pti = True  # sites are reachable once one guest runs with PTI
         return self._coverage
 
     def close(self) -> None:
@@ -307,6 +319,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     pool = session.config.stash.get(_POOL_KEY, None)
     coverage = pool._coverage if pool is not None else None
+    if coverage is not None and pool is not None and session.config.option.site_coverage != "off":
+        with contextlib.suppress(OSError):
+            pool.settings.trace_dir.mkdir(parents=True, exist_ok=True)
+            (pool.settings.trace_dir / "site-coverage.md").write_text(coverage.markdown())
+        add_coverage_table(session.config, "CR3 switch sites (who executed each)", coverage.rows())
     if (
         coverage is not None
         and exitstatus == 0
@@ -314,6 +331,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         and _coverage_required(session.config, coverage)
     ):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    report_hooks.finish_session(session, exitstatus)
 
 
 @pytest.fixture
@@ -361,51 +379,38 @@ _GUEST_KEY = pytest.StashKey[Guest]()
 _BROKEN_KEY = pytest.StashKey[bool]()
 
 
-def _safe_name(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    g = item.stash.get(_GUEST_KEY, None)
+    if call.when == "teardown":
+        report_hooks.add_junit_properties(item, g)
     outcome: Any = yield
     report = outcome.get_result()
-    g = item.stash.get(_GUEST_KEY, None)
     if report.when == "call" and g is not None:
         # the testcases' retries (breakpoint hits taken, steps of each stepped trace), for the soak
         item.user_properties.append(("cr3rig.breaks", g.effort.breaks))
         item.user_properties.append(("cr3rig.steps", ",".join(map(str, g.effort.steps))))
-    if not report.failed:
+    if report.failed:
+        exc = call.excinfo.value if call.excinfo is not None else None
+        if breaks_guest(exc):
+            item.stash[_BROKEN_KEY] = True
+        if wants_one_line(exc, item.config.option.tbstyle):
+            assert exc is not None
+            where, lineno, _ = item.location
+            head = one_line_head(exc)
+            report.longrepr = one_line_report(
+                head, diagnose(g, head) if g is not None else "", where, (lineno or 0) + 1
+            )
+        if isinstance(exc, BootFailed) and exc.console_tail:
+            report.sections.append(("cr3rig console tail of the failed boot", exc.console_tail))
+    files = report_hooks.record_phase(item, call, report, g)
+    if report.when != "call" or not report.failed or g is None:
         return
-    exc = call.excinfo.value if call.excinfo is not None else None
-    if breaks_guest(exc):
-        item.stash[_BROKEN_KEY] = True
-    if wants_one_line(exc, item.config.option.tbstyle):
-        assert exc is not None
-        where, lineno, _ = item.location
-        head = one_line_head(exc)
-        report.longrepr = one_line_report(
-            head, diagnose(g, head) if g is not None else "", where, (lineno or 0) + 1
-        )
-    if isinstance(exc, BootFailed) and exc.console_tail:
-        report.sections.append(("cr3rig console tail of the failed boot", exc.console_tail))
-    if report.when != "call" or g is None:
-        return
-    settings: RigSettings | None = None
-    try:
-        settings = item._request.getfixturevalue("rig_settings")  # type: ignore[attr-defined]
-    except Exception:
-        settings = None
-    trace_dir = settings.trace_dir if settings else Path("results")
     for n, trace in enumerate(g.traces):
-        path = trace_dir / f"{_safe_name(item.nodeid)}.{n}.jsonl"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trace.write_jsonl(path)
-        except OSError:
-            pass
+        where = f"{files[n].jsonl}, timeline {files[n].html}" if n < len(files) else "not written"
         report.sections.append(
             (
-                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {path})",
+                f"cr3rig step trace {n} ({len(trace.snapshots)} steps, vCPU {trace.cpu}; {where})",
                 trace.render(80),
             )
         )

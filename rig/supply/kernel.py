@@ -105,7 +105,7 @@ def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> K
     if spec.startswith("reference"):
         from rig.supply.kernelbuild import build_kernel
 
-        build = build_kernel(spec)
+        build = build_kernel(spec, cache_dir=cache_dir)
         return Kernel(build.bzimage, vmlinux or build.vmlinux, f"{spec} {build.source_version}")
     path = Path(spec).expanduser()
     if not path.exists():

@@ -18,7 +18,7 @@ then on each mutant kernel, and gives each mutant a verdict:
 
 Command line::
 
-    python -m rig.tools.mutants [--only NAME ...] [--flavor reference-7.2]
+    python -m rig.tools.mutants [--only NAME ...] [--flavor reference-7.2] [--all-failures]
 
 prints a table (also written as Markdown to ``results/mutants.md``) and exits 1
 if the reference failed or errored any testcase, or any mutant is not CAUGHT.
@@ -465,10 +465,12 @@ def _build(
 
 
 def _test(
-    name: str, build: KernelBuild, logs: Path, timeout: float, log: LogFn
+    name: str, build: KernelBuild, logs: Path, timeout: float, log: LogFn, extra_args: Sequence[str] = ()
 ) -> tuple[TestResults | None, str, float]:
     start = time.monotonic()
-    results, reason = run_testcases(build, logs / f"{name}.pytest.log", timeout=timeout)
+    results, reason = run_testcases(
+        build, logs / f"{name}.pytest.log", timeout=timeout, extra_args=extra_args
+    )
     seconds = time.monotonic() - start
     summary = results.summary() if results else reason
     log(f"mutants: {name}: test {seconds:.1f} s: {summary}")
@@ -482,8 +484,13 @@ def run(
     logs: Path,
     timeout: float = DEFAULT_PYTEST_TIMEOUT,
     log: LogFn = _stderr,
+    all_failures: bool = False,
 ) -> tuple[MutantResult, list[MutantResult]]:
-    """Test the reference kernel of ``flavor``, then each mutant; return all results."""
+    """Test the reference kernel of ``flavor``, then each mutant; return all results.
+
+    Unless ``all_failures``, a mutant's pytest run stops at its first failure (``-x``)
+    when the reference passed everything: one failure is all a CAUGHT verdict needs.
+    """
     build, reason, bsec = _build(flavor, "reference", [], logs, log)
     if build is None:
         ref = MutantResult("reference", Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec)
@@ -505,7 +512,9 @@ def run(
         if build is None:
             out.append(MutantResult(name, Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec))
             continue
-        results, reason, tsec = _test(name, build, logs, timeout, log)
+        clean = ref.results is not None and not (ref.results.failed or ref.results.errored)
+        first = ["-x"] if clean and not all_failures else []
+        results, reason, tsec = _test(name, build, logs, timeout, log, first)
         if results is None:
             res = MutantResult(name, Verdict.NO_RESULT, detail=reason)
         else:
@@ -544,6 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=REPO_ROOT / "results",
         help="where mutants.md and the per-kernel logs (mutants/) go (default: results/)",
     )
+    parser.add_argument(
+        "--all-failures",
+        action="store_true",
+        help="run every testcase against each mutant (default: stop at its first failure)",
+    )
     args = parser.parse_args(argv)
     try:
         get_flavor(args.flavor)
@@ -556,7 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.monotonic()
     try:
-        ref, results = run(args.flavor, selected, logs=args.results / "mutants", timeout=args.timeout)
+        ref, results = run(
+            args.flavor,
+            selected,
+            logs=args.results / "mutants",
+            timeout=args.timeout,
+            all_failures=args.all_failures,
+        )
     except KeyboardInterrupt:
         print("mutants: interrupted", file=sys.stderr)
         return 130

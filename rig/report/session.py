@@ -1,0 +1,284 @@
+"""The session report: ``results/index.html`` with every testcase, its traces, and what ran.
+
+The pytest plugin feeds a :class:`SessionReport` (one per session, in ``config.stash``)
+from its hooks and writes it when the session ends. Sections: provenance (one block per
+distinct guest), testcases (outcome, duration, first line of the failure, links to each
+trace's timeline and JSON Lines), CR3 switch-site coverage (whatever tables were handed
+to :func:`add_coverage_table`), and the mutant table if ``mutants.md`` (written by
+``python -m rig.tools.mutants``) lies in the same directory.
+
+Coverage tables, from any code holding the pytest ``config`` (a fixture, a hook)::
+
+    add_coverage_table(config, "CR3 switch sites", [
+        {"site": "entry_SYSCALL_64+0x23", "direction": "user->kernel", "covered": "yes",
+         "testcases": "test_signal_over_a_syscall_round_trip[syscall-loop]"},
+        ...
+    ])
+
+Rows are mappings from column name to value (``str()`` is shown); the columns are the
+keys in first-seen order. A cell whose text is ``no``/``not covered`` is highlighted.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rig.observe.stepping import Trace
+from rig.report.timeline import Violation, locate, write_timeline
+
+#: Name of the report in the results directory.
+INDEX_NAME = "index.html"
+#: Written by ``python -m rig.tools.mutants`` next to the traces.
+MUTANTS_MD = "mutants.md"
+
+
+@dataclass(frozen=True)
+class TraceFiles:
+    """One trace as written beside the others: its JSON Lines and its timeline."""
+
+    jsonl: Path
+    html: Path
+    steps: int
+
+
+@dataclass
+class TestRecord:
+    """One testcase: outcome over its phases, total duration (s), why, traces, guest."""
+
+    nodeid: str
+    outcome: str = "passed"
+    duration: float = 0.0
+    message: str = ""
+    traces: list[TraceFiles] = field(default_factory=list)
+    provenance: int | None = None  # index into SessionReport.provenances
+
+
+@dataclass(frozen=True)
+class CoverageTable:
+    title: str
+    rows: tuple[Mapping[str, object], ...]
+
+
+@dataclass
+class SessionReport:
+    """Everything ``results/index.html`` shows, collected during the session."""
+
+    started: float = field(default_factory=time.time)
+    records: dict[str, TestRecord] = field(default_factory=dict)
+    provenances: list[dict[str, str]] = field(default_factory=list)
+    coverage: list[CoverageTable] = field(default_factory=list)
+    #: Where index.html and the traces go; None until the session resolved the rig settings
+    #: (a session that never used the rig writes no report).
+    directory: Path | None = None
+
+    def record(self, nodeid: str) -> TestRecord:
+        return self.records.setdefault(nodeid, TestRecord(nodeid))
+
+    def add_phase(self, report: pytest.TestReport, message: str = "") -> None:
+        """Fold one phase report (setup/call/teardown) into its testcase's record."""
+        rec = self.record(report.nodeid)
+        rec.duration += report.duration
+        outcome: str = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        elif report.failed and report.when != "call":
+            outcome = "error"
+        rank = ["passed", "xpassed", "skipped", "xfailed", "failed", "error"]
+        if rank.index(outcome) > rank.index(rec.outcome):
+            rec.outcome = outcome
+            if message:
+                rec.message = message
+
+    def add_provenance(self, nodeid: str, prov: dict[str, str]) -> None:
+        if prov not in self.provenances:
+            self.provenances.append(prov)
+        self.record(nodeid).provenance = self.provenances.index(prov)
+
+
+def write_traces(
+    traces: Sequence[Trace], directory: Path, stem: str, *, title: str, failure: str = ""
+) -> list[TraceFiles]:
+    """Write each trace as ``<stem>.<n>.jsonl`` and its timeline ``<stem>.<n>.html``.
+
+    The first ``step N`` named in ``failure`` (else the first ``symbol+0xoff `insn``` it
+    quotes) is marked as the violation on the last trace (the one a testcase asserts on);
+    the other traces carry the message unmarked.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    violation = violation_text = None
+    if failure:
+        from rig.report.timeline import violation_from_message
+
+        violation = violation_from_message(failure)
+        violation_text = Violation(None, violation.message) if violation else None
+    out = []
+    for n, trace in enumerate(traces):
+        jsonl = directory / f"{stem}.{n}.jsonl"
+        trace.write_jsonl(jsonl)
+        last = n == len(traces) - 1
+        page = write_timeline(
+            trace,
+            jsonl.with_suffix(".html"),
+            title=f"{title} — trace {n}",
+            violation=locate(violation, trace) if last and violation else violation_text,
+        )
+        out.append(TraceFiles(jsonl, page, len(trace.snapshots)))
+    return out
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_uri()
+
+
+def _markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The pipe tables of a Markdown text as (header, rows)."""
+    tables: list[tuple[list[str], list[list[str]]]] = []
+    block: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.strip().startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2 and all(re.fullmatch(r":?-+:?", c) for c in block[1]):
+            tables.append((block[0], block[2:]))
+        block = []
+    return tables
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:1.2em;color:#222}
+h1{font-size:1.35em} h2{font-size:1.1em;margin-top:1.4em}
+table{border-collapse:collapse}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4} .mono{font-family:ui-monospace,monospace;font-size:12px}
+.passed{color:#1a7f37} .failed,.error{color:#c00000;font-weight:bold} .skipped,.xfailed{color:#8a6d00}
+.msg{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;max-width:60em}
+td.bad{background:#fde8e8}
+"""
+
+_LABELS = {
+    "kernel_label": "kernel",
+    "kernel_release": "release",
+    "kernel_build_id": "build-id",
+    "kernel_config_sha256": "config SHA-256",
+    "kernel_cmdline": "command line",
+    "qemu_version": "QEMU",
+    "accel": "accelerator",
+    "cpu_model": "CPU model",
+    "host": "host",
+}
+
+
+def render_index(report: SessionReport, directory: Path, *, exit_status: int | None = None) -> str:
+    """The HTML of ``index.html`` placed in ``directory`` (links are relative to it)."""
+    recs = list(report.records.values())
+    counts: dict[str, int] = {}
+    for r in recs:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no testcases"
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(report.started))
+    p = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>cr3rig session report</title>',
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>cr3rig session report</h1>",
+        f'<p id="summary">started {_e(when)}: {_e(summary)}'
+        + (f"; pytest exit status {exit_status}" if exit_status is not None else "")
+        + "</p>",
+    ]
+    p.append('<h2 id="provenance">Provenance</h2>')
+    if not report.provenances:
+        p.append("<p>No guest was booted in this session.</p>")
+    for k, prov in enumerate(report.provenances):
+        p.append(f'<table class="provenance" id="guest-{k}"><tr><th colspan="2">guest {k}</th></tr>')
+        for name, value in prov.items():
+            p.append(
+                f'<tr><th>{_e(_LABELS.get(name, name))}</th><td class="mono" data-field="{_e(name)}">'
+                f"{_e(value)}</td></tr>"
+            )
+        p.append("</table><br>")
+    p.append('<h2 id="testcases">Testcases</h2>')
+    p.append(
+        '<table id="tests"><tr><th>testcase</th><th>outcome</th><th>duration</th><th>guest</th>'
+        "<th>traces</th><th>message</th></tr>"
+    )
+    for r in recs:
+        links = " ".join(
+            f'<a class="timeline" href="{_e(_rel(t.html, directory))}">timeline {n}</a> '
+            f'(<a class="jsonl" href="{_e(_rel(t.jsonl, directory))}">{t.steps} steps, jsonl</a>)'
+            for n, t in enumerate(r.traces)
+        )
+        guest = "" if r.provenance is None else f'<a href="#guest-{r.provenance}">{r.provenance}</a>'
+        p.append(
+            f'<tr data-nodeid="{_e(r.nodeid)}"><td class="mono">{_e(r.nodeid)}</td>'
+            f'<td class="{_e(r.outcome)}">{_e(r.outcome)}</td><td>{r.duration:.1f} s</td><td>{guest}</td>'
+            f'<td>{links}</td><td class="msg">{_e(r.message)}</td></tr>'
+        )
+    p.append("</table>")
+    for t in report.coverage:
+        columns: list[str] = []
+        for row in t.rows:
+            columns += [c for c in row if c not in columns]
+        p.append(f'<h2 class="coverage">{_e(t.title)}</h2><table class="coverage"><tr>')
+        p += [f"<th>{_e(c)}</th>" for c in columns]
+        p.append("</tr>")
+        for row in t.rows:
+            cells = []
+            for c in columns:
+                v = str(row.get(c, ""))
+                bad = ' class="bad"' if v.lower() in ("no", "not covered", "uncovered") else ""
+                cells.append(f"<td{bad}>{_e(v)}</td>")
+            p.append("<tr>" + "".join(cells) + "</tr>")
+        p.append("</table>")
+    mutants = directory / MUTANTS_MD
+    if mutants.is_file():
+        text = mutants.read_text(errors="replace")
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(mutants.stat().st_mtime))
+        heading = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "Mutants")
+        p.append(f'<h2 id="mutants">{_e(heading)}</h2>')
+        p.append(f'<p>From <a href="{MUTANTS_MD}">{MUTANTS_MD}</a> (written {_e(stamp)}).</p>')
+        for header, rows in _markdown_tables(text):
+            p.append('<table class="mutants"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
+            for md_row in rows:
+                p.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in md_row) + "</tr>")
+            p.append("</table>")
+    p.append("</body></html>\n")
+    return "\n".join(p)
+
+
+def write_index(report: SessionReport, directory: Path, *, exit_status: int | None = None) -> Path:
+    """Write ``<directory>/index.html``; return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / INDEX_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render_index(report, directory, exit_status=exit_status), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+SESSION_KEY = pytest.StashKey[SessionReport]()
+
+
+def session_report(config: pytest.Config) -> SessionReport:
+    """This session's report (created on first use)."""
+    if SESSION_KEY not in config.stash:
+        config.stash[SESSION_KEY] = SessionReport()
+    return config.stash[SESSION_KEY]
+
+
+def add_coverage_table(config: pytest.Config, title: str, rows: Sequence[Mapping[str, object]]) -> None:
+    """Show ``rows`` (column name -> value mappings) as a table titled ``title`` in index.html."""
+    session_report(config).coverage.append(CoverageTable(title, tuple(rows)))
