@@ -141,7 +141,7 @@ def _boot_case(tag: str, args: list[str]) -> tuple[str, float]:
     elapsed = time.monotonic() - t0
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "Traceback" not in out, out[-2000:]
-    lines = [ln for ln in out.splitlines() if "cr3rig: " in ln]
+    lines = [ln for ln in out.splitlines() if "Exit: cr3rig: " in ln]  # the line that ends the session
     assert len(lines) == 1, out[-2000:]
     return lines[0], elapsed
 
