@@ -82,7 +82,7 @@ class GuestConfig:
         """Raise :class:`ConfigError` for bad input, before anything is started."""
         check_inputs(host, self.kernel, self.vmlinux, self.initrd, self.smp, self.isolated, self.accel)
         require_program(host, self.qemu, "qemu-system-x86")
-        require_program(host, self.gdb, "gdb")
+        require_program(LocalHost(), self.gdb, "gdb")  # GDB runs here, QEMU on ``host``
 
 
 def check_inputs(

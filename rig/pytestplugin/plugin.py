@@ -25,7 +25,8 @@ import pytest
 from rig.errors import ConfigError, RigError
 from rig.guest import Guest, GuestConfig, check_inputs
 from rig.supply.cache import default_cache_dir
-from rig.transport.host import LocalHost
+from rig.transport.host import Host
+from rig.transport.ssh import open_host
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +67,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cache directory (default $CR3RIG_CACHE or ~/.cache/cr3rig)",
     )
     g.addoption(
+        "--host", default="local", help="where QEMU runs: 'local' (default) or ssh://[user@]box[:port]"
+    )
+    g.addoption("--ssh-identity", default=None, type=Path, help="private key for --host ssh://...")
+    g.addoption("--ssh-known-hosts", default=None, type=Path, help="known_hosts file for --host ssh://...")
+    g.addoption(
         "--trace-dir",
         default=None,
         type=Path,
@@ -79,11 +85,23 @@ def _check_options(config: pytest.Config) -> None:
     named = opt.kernel in (None, "", "debian") or str(opt.kernel).startswith("reference")
     iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
     try:
+        host = open_host(opt.host, identity=opt.ssh_identity, known_hosts=opt.ssh_known_hosts)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_HOST_KEY] = host
+    config.add_cleanup(host.close)
+    try:
         check_inputs(
-            LocalHost(), None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
+            host, None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
         )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    host = config.stash.get(_HOST_KEY, None)
+    where = host.label if host is not None else "local"
+    return f"cr3rig: QEMU on {where}, accel {config.option.accel}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -113,6 +131,7 @@ class RigSettings:
 
     base: GuestConfig
     trace_dir: Path
+    host: Host
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +146,15 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
         pytest.exit(f"cr3rig: {exc}", returncode=4)
+    host = pytestconfig.stash[_HOST_KEY]
+    if opt.accel == "kvm":
+        from rig.transport.kvmprobe import kernel_probe
+
+        why = kernel_probe(host, opt.qemu, "kvm", kernel.image, initrd)
+        if why is not None:
+            pytest.exit(
+                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", returncode=4
+            )
     base = GuestConfig(
         kernel=kernel.image,
         initrd=initrd,
@@ -141,7 +169,7 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results")
+    return RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", host)
 
 
 class GuestPool:
@@ -162,7 +190,7 @@ class GuestPool:
             self.current = None
         if self.current is None:
             try:
-                self.current = Guest.boot(config)
+                self.current = Guest.boot(config, self.settings.host)
             except ConfigError as exc:
                 pytest.exit(f"cr3rig: {exc}", returncode=4)
         return self.current
@@ -213,6 +241,7 @@ def pti_guest(guest: Guest) -> Guest:
 
 
 _GUEST_KEY = pytest.StashKey[Guest]()
+_HOST_KEY = pytest.StashKey[Host]()
 
 
 def _safe_name(nodeid: str) -> str:
