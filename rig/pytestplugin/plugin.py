@@ -99,9 +99,18 @@ def _check_options(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
+    """Where QEMU runs, which accelerator, and why (the KVM check runs on that host)."""
     host = config.stash.get(_HOST_KEY, None)
-    where = host.label if host is not None else "local"
-    return f"cr3rig: QEMU on {where}, accel {config.option.accel}"
+    if host is None:
+        return "cr3rig: QEMU on local"
+    if config.option.accel == "kvm":
+        return f"cr3rig: QEMU on {host.label}, accel kvm (-cpu host; KVM checked there)"
+    try:
+        why = host.kvm_usable(config.option.qemu)
+    except RigError as exc:
+        why = str(exc)
+    note = f"KVM not usable there: {why}" if why else "KVM is usable there: pass --accel kvm"
+    return f"cr3rig: QEMU on {host.label}, accel tcg ({note})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,6 +120,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    host = config.stash.get(_HOST_KEY, None)
+    line = host.summary() if host is not None else None
+    if line:
+        terminalreporter.write_line(f"cr3rig: {line}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

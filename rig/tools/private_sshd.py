@@ -171,7 +171,13 @@ class PrivateSshd:
         self.close()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`&`)
     with PrivateSshd().start() as sshd:
         print(" ".join(sshd.options()), flush=True)
         try:

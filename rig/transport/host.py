@@ -110,6 +110,10 @@ class Host(abc.ABC):
         """None if KVM can run guests here, else why not (one line)."""
         return "KVM is not checked on this host"
 
+    def summary(self) -> str | None:
+        """One line on what the rig did to reach this host (uploads), or None."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (a no-op for the local host)
         """Release the connection to the host, if any. Idempotent."""
 

@@ -647,6 +647,13 @@ class SshHost(Host):
 
         return kvm_problem(self, qemu)
 
+    def summary(self) -> str | None:
+        u = self.uploads
+        return (
+            f"{self.label}: uploaded {len(u.uploaded)} files ({u.bytes_uploaded / 1e6:.1f} MB), "
+            f"{len(u.cached)} found in the box's cache {self.remote_cache}"
+        )
+
     def close(self) -> None:
         if self._closed:
             return
