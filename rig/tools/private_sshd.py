@@ -157,9 +157,11 @@ class PrivateSshd:
                 self.proc.wait(5)
 
     def close(self) -> None:
-        """Stop sshd (its listener; connections end with it) and remove the directory."""
+        """Stop sshd and its per-connection processes (they outlive the listener), remove
+        the directory."""
+        connections = self.connection_pids()
         self._stop()
-        for pid in self.connection_pids():
+        for pid in connections:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         shutil.rmtree(self.dir, ignore_errors=True)
