@@ -329,6 +329,18 @@ def test_testcases_pass_over_ssh(sshd: PrivateSshd, tag: str) -> None:
     assert wait_until(lambda: not sshd.session_processes(), 10), sshd.session_processes()
 
 
+def test_accel_kvm_is_checked_on_the_box(sshd: PrivateSshd, tag: str) -> None:
+    """This machine's CPU has no vmx/svm flag, so --accel kvm over SSH stops in seconds."""
+    if " vmx" in Path("/proc/cpuinfo").read_text() or " svm" in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this machine has VT-x/AMD-V: the refusal cannot be shown here")
+    t0 = time.monotonic()
+    r = run_pytest([*sshd.options(), "--accel", "kvm"], tag)
+    assert time.monotonic() - t0 < 30 and r.returncode == 4
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(lines) == 1, r.stderr
+    assert f"--accel kvm cannot run on {sshd.url}: the CPU has no vmx/svm flag" in lines[0]
+
+
 def test_bad_host_is_a_usage_error(sshd: PrivateSshd, tmp_path: Path, tag: str) -> None:
     empty = tmp_path / "kh"
     empty.write_text("")

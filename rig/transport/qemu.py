@@ -195,4 +195,5 @@ def check_accel(host: Host, accel: str) -> None:
         raise ConfigError(f"--accel {accel!r} is not supported: use tcg or kvm")
     why = host.kvm_usable()
     if why is not None:
-        raise ConfigError(f"--accel kvm cannot run here: {why}; use --accel tcg")
+        where = "here" if host.label == "local" else f"on {host.label}"
+        raise ConfigError(f"--accel kvm cannot run {where}: {why}; use --accel tcg")
