@@ -151,7 +151,8 @@ class QemuMachine:
         rc = self.proc.poll()
         if rc is None:
             return "QEMU still running"
-        return f"QEMU {self.proc.exit_text()}: {self.log_tail(1)}"
+        tail = self.log_tail(1)
+        return f"QEMU {self.proc.exit_text()}" + (f": {tail}" if tail else "")
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines QEMU printed on stderr."""
