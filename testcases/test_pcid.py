@@ -113,7 +113,13 @@ def test_user_cr3_write_flushes_after_user_pcid_flush_mask(pcid_guest: Guest) ->
     the mark (``btr``) and write the user CR3 without NOFLUSH."""
     pc, reg = cr3_write_site(syscall_trace(pcid_guest, "syscall-loop"), to_user=True)
     pcid_guest.kill_workloads()
-    pcid_guest.start_workload("fault-loop", pcid_guest.config.isolated)
+    pid = pcid_guest.start_workload("fault-loop", pcid_guest.config.isolated)
+    if pcid_guest.shell(f"kill -0 {pid}")[1] != 0:
+        # e.g. reference-7.2's tinyconfig has no madvise (ENOSYS): fault-loop exits at once
+        pytest.skip(
+            "NOT COVERED: fault-loop exited (this kernel's madvise failed, e.g. CONFIG_ADVISE_SYSCALLS "
+            "is off), so no user-ASID flush is requested and the user_pcid_flush_mask site is not tested"
+        )
     value = value_written_at(pcid_guest, pc, reg)  # fault-loop's only syscall is madvise
     assert value & USER_PCID and value & USER_PGTABLE, f"the user CR3 write {value:#x} lacks bit 11/12"
     assert not value & NOFLUSH, (
