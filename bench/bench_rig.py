@@ -7,7 +7,11 @@
    plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
    no GDB attached).
 
-Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R]
+3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
+   ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
+   same measure with QEMU local, alternating local and SSH in each round (only this).
+
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--ssh loopback|URL]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
 from rig.transport.console import Console
-from rig.transport.host import LocalHost
+from rig.transport.host import Host, LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
 
 
@@ -43,10 +47,10 @@ def plain_boot_seconds(cfg: GuestConfig) -> float:
         m.close()
 
 
-def rig_first_hit_seconds(cfg: GuestConfig) -> tuple[float, Guest]:
+def rig_first_hit_seconds(cfg: GuestConfig, host: Host | None = None) -> tuple[float, Guest]:
     """QEMU start -> boot with GDB -> workload -> breakpoint hit on the isolated vCPU."""
     t0 = time.monotonic()
-    g = Guest.boot(cfg)
+    g = Guest.boot(cfg, host)
     g.start_workload("syscall-loop")
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
     return time.monotonic() - t0, g
@@ -107,11 +111,55 @@ def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
 
 
+def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
+    """Checked steps/s with QEMU over SSH vs. local, alternating in each round."""
+    from pathlib import Path
+
+    from rig.tools.private_sshd import PrivateSshd
+    from rig.transport.ssh import SshHost
+
+    sshd = PrivateSshd().start() if args.ssh == "loopback" else None
+    try:
+        if sshd is not None:
+            host = SshHost.from_url(sshd.url, identity=sshd.client_key, known_hosts=sshd.known_hosts)
+        else:
+            ident = Path(args.ssh_identity) if args.ssh_identity else None
+            known = Path(args.ssh_known_hosts) if args.ssh_known_hosts else None
+            host = SshHost.from_url(args.ssh, identity=ident, known_hosts=known)
+        local: list[float] = []
+        remote: list[float] = []
+        hits: list[float] = []
+        for _ in range(args.rounds):
+            for h, out in ((LocalHost(), local), (host, remote)):
+                t, g = rig_first_hit_seconds(cfg, h)
+                try:
+                    out.append(checked_step_rate(g, args.steps))
+                    if h is host:
+                        hits.append(t)
+                finally:
+                    g.close()
+        host.close()
+    finally:
+        if sshd is not None:
+            sshd.close()
+    med = statistics.median
+    print(f"kernel: {cfg.label}; steps per sample: {args.steps}; rounds: {args.rounds}; ssh: {host.label}")
+    print(
+        f"ssh stepping: local checked steps {med(local):.0f}/s; over SSH {med(remote):.0f}/s;"
+        f" ratio ssh/local {med(remote) / med(local):.2f} (goal >= 0.5); SSH QEMU start to first hit"
+        f" {med(hits):.2f} s"
+    )
+    print("samples: local", [f"{x:.0f}" for x in local], "ssh", [f"{x:.0f}" for x in remote])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ssh", default=None, help="'loopback' or ssh://[user@]box[:port]: the SSH ratio only")
+    ap.add_argument("--ssh-identity", default=None)
+    ap.add_argument("--ssh-known-hosts", default=None)
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
@@ -120,6 +168,9 @@ def main() -> int:
     )
     # warm the kallsyms cache so boots compare like with like
     Guest.boot(cfg).close()
+    if args.ssh:
+        ssh_ratio(cfg, args)
+        return 0
     plain: list[float] = []
     first: list[float] = []
     cli: list[float] = []

@@ -14,6 +14,10 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
 # the rig's own tests open the HTML reports in headless chromium (tests/test_report_browser.py)
 pkgs="$pkgs chromium chromium-driver"
+# the SSH tests start a private sshd on 127.0.0.1 (tests/test_ssh.py); note that Debian's
+# postinst also starts the system sshd where services can start (not in containers with
+# a policy-rc.d that exits 101)
+pkgs="$pkgs openssh-server openssh-client"
 # what building the reference kernel needs
 pkgs="$pkgs $(grep -v '^#' guests/linux/build-deps.txt | tr '\n' ' ')"
 missing=""

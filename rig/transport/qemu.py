@@ -9,14 +9,13 @@ any failure of the pexpect side.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rig.errors import ConfigError, GuestError
-from rig.transport.host import Host, kill_process_group, remove_tree, require_program
+from rig.transport.host import Host, HostProcess, require_program
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
@@ -63,7 +62,7 @@ class QemuMachine:
         self.console_socket = self.dir / "console.sock"
         self.console_log = self.dir / "console.log"
         self.qemu_log = self.dir / "qemu.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: HostProcess | None = None
         self.version = ""
         self._qmp: Any = None
 
@@ -71,22 +70,24 @@ class QemuMachine:
         """The QEMU command line (frozen at reset, everything on unix sockets)."""
         c = self.config
         accel = "kvm" if c.accel == "kvm" else "tcg"
+        cpu = "host" if accel == "kvm" and c.cpu == "max" else c.cpu  # KVM: the box's own CPU (PCID)
+        h = self.host.host_path
         return [
             qemu_path,
             "-accel", accel,
-            "-cpu", c.cpu,
+            "-cpu", cpu,
             "-smp", str(c.smp),
             "-m", str(c.memory_mib),
             "-nodefaults", "-display", "none", "-no-reboot", "-S",
             "-chardev",
-            f"socket,id=con0,path={self.console_socket},server=on,wait=off,"
-            f"logfile={self.console_log}",
+            f"socket,id=con0,path={h(self.console_socket)},server=on,wait=off,"
+            f"logfile={h(self.console_log)}",
             "-serial", "chardev:con0",
-            "-chardev", f"socket,id=gdb0,path={self.gdb_socket},server=on,wait=off",
+            "-chardev", f"socket,id=gdb0,path={h(self.gdb_socket)},server=on,wait=off",
             "-gdb", "chardev:gdb0",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-            "-kernel", str(c.kernel),
-            "-initrd", str(c.initrd),
+            "-qmp", f"unix:{h(self.qmp_socket)},server=on,wait=off",
+            "-kernel", self.host.stage(c.kernel),
+            "-initrd", self.host.stage(c.initrd),
             "-append", c.append,
             *c.extra_args,
         ]  # fmt: skip
@@ -94,27 +95,28 @@ class QemuMachine:
     def start(self, timeout: float = 20.0) -> None:
         """Start QEMU frozen; return once its QMP socket answers."""
         qemu_path = require_program(self.host, self.config.qemu, "qemu-system-x86")
-        self.version = subprocess.run(
-            [qemu_path, "--version"], capture_output=True, text=True, check=False
-        ).stdout.splitlines()[0]
+        self.version = (self.host.run([qemu_path, "--version"])[1].splitlines() or ["?"])[0]
         self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)
+        for sock in (self.qmp_socket, self.gdb_socket, self.console_socket):
+            self.host.expose(sock)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise GuestError(f"QEMU exited at start: {self.log_tail(1)}")
-            if self.qmp_socket.exists():
+            if self.host.exists(self.qmp_socket):
                 qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
                     qmp.connect()
-                except OSError:
+                except Exception:  # OSError locally; qemu.qmp's ConnectError through a forwarder
                     qmp.close()
                 else:
                     self._qmp = qmp
                     return
             if time.monotonic() > deadline:
-                raise GuestError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
+                where = "" if self.host.label == "local" else f" on {self.host.label}"
+                raise GuestError(f"QEMU{where} did not open its QMP socket within {timeout:.0f} s")
             time.sleep(0.02)  # polling for a socket file to appear; not in any hot path
 
     def qmp(self, command: str, **args: object) -> Any:
@@ -149,7 +151,8 @@ class QemuMachine:
         rc = self.proc.poll()
         if rc is None:
             return "QEMU still running"
-        return f"QEMU exited with status {rc}: {self.log_tail(1)}"
+        tail = self.log_tail(1)
+        return f"QEMU {self.proc.exit_text()}" + (f": {tail}" if tail else "")
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines QEMU printed on stderr."""
@@ -162,7 +165,7 @@ class QemuMachine:
     def console_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the serial console, from the log file."""
         try:
-            data = self.console_log.read_bytes()[-65536:]
+            data = self.host.read_tail(self.console_log, 65536)
         except OSError:
             return ""
         text = data.decode("utf-8", "replace").replace("\r", "")
@@ -175,8 +178,8 @@ class QemuMachine:
                 self._qmp.close()
             self._qmp = None
         if self.proc is not None:
-            kill_process_group(self.proc)
-        remove_tree(self.dir)
+            self.proc.kill()
+        self.host.remove_private_dir(self.dir)
 
     def __enter__(self) -> QemuMachine:
         return self
@@ -193,4 +196,5 @@ def check_accel(host: Host, accel: str) -> None:
         raise ConfigError(f"--accel {accel!r} is not supported: use tcg or kvm")
     why = host.kvm_usable()
     if why is not None:
-        raise ConfigError(f"--accel kvm cannot run here: {why}; use --accel tcg")
+        where = "here" if host.label == "local" else f"on {host.label}"
+        raise ConfigError(f"--accel kvm cannot run {where}: {why}; use --accel tcg")
