@@ -20,6 +20,12 @@ export DEBIAN_FRONTEND=noninteractive
 
 if want packages; then
 pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
+# shellcheck: actionlint checks the workflow's run: scripts with it (tests/test_workflow.py)
+pkgs="$pkgs shellcheck"
+# on a host (not inside the matrix's own containers): what the container matrix needs
+if [ ! -e /run/.containerenv ] && [ ! -e /.dockerenv ]; then
+    pkgs="$pkgs podman runc debootstrap"
+fi
 # what building the reference kernel needs
 pkgs="$pkgs $(grep -v '^#' guests/linux/build-deps.txt | tr '\n' ' ')"
 missing=""
