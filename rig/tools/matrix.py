@@ -336,12 +336,16 @@ def parse_junit(source: str | Path) -> dict[str, Outcome]:
     return out
 
 
-def judge_cell(cell: Cell, cell_out: Path, returncode: int, seconds: float) -> CellResult:
-    """Turn a finished cell (its exit status and files in ``cell_out``) into a :class:`CellResult`."""
+def _qemu_version(cell_out: Path) -> str:
+    """The version the cell's QEMU printed (``7.2.22 (Debian ...)``), or ''."""
     qemu_file = cell_out / "qemu-version"
     qemu = _first_line(qemu_file.read_text()) if qemu_file.exists() else ""
-    qemu = qemu.removeprefix("QEMU emulator version ")
-    res = CellResult(cell.name, "ok", qemu=qemu, seconds=seconds)
+    return qemu.removeprefix("QEMU emulator version ")
+
+
+def judge_cell(cell: Cell, cell_out: Path, returncode: int, seconds: float) -> CellResult:
+    """Turn a finished cell (its exit status and files in ``cell_out``) into a :class:`CellResult`."""
+    res = CellResult(cell.name, "ok", qemu=_qemu_version(cell_out), seconds=seconds)
     if returncode == PREPARE_FAILED:
         log = cell_out / "prepare.log"
         res.status, res.reason = "kernel failed", _last_line(log.read_text() if log.exists() else "")
@@ -501,7 +505,7 @@ def run_matrix(
         if rc == -1:
             r = CellResult(cell.name, "no result", f"timed out after {CELL_TIMEOUT:.0f} s", seconds=seconds)
         elif prepare_only and rc == 0:
-            r = CellResult(cell.name, "ok", seconds=seconds)
+            r = CellResult(cell.name, "ok", qemu=_qemu_version(cell_out), seconds=seconds)
         else:
             r = judge_cell(cell, cell_out, rc, seconds)
             if r.status == "no result" and (cell_out / "engine.log").exists() and rc not in (0, 1):
