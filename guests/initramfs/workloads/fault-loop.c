@@ -6,7 +6,8 @@
  * -> do_anonymous_page), then discards all pages with a single
  * madvise(MADV_DONTNEED) so the next pass faults again.  That is 256 faults
  * per syscall, so nearly all the time goes to user mode plus the fault path
- * rather than to mmap/munmap.
+ * rather than to mmap/munmap. A kernel without madvise (no
+ * CONFIG_ADVISE_SYSCALLS) gets a fresh mapping at the same address instead.
  *
  * MADV_NOHUGEPAGE keeps transparent huge pages from turning 256 faults into
  * one (the region is smaller than 2 MiB anyway, but be explicit).
@@ -36,8 +37,16 @@ int main(int argc, char **argv)
 	for (;;) {
 		for (size_t off = 0; off < len; off += (size_t)page)
 			region[off] = 1; /* write fault: allocates a page */
-		if (madvise((void *)region, len, MADV_DONTNEED) != 0) {
-			perror("fault-loop: madvise");
+		if (madvise((void *)region, len, MADV_DONTNEED) == 0)
+			continue;
+		/* kernels without CONFIG_ADVISE_SYSCALLS (the tinyconfig-based
+		 * reference kernels): ENOSYS. Replace the region instead, at the
+		 * same address, so the loop still faults forever rather than
+		 * exiting after the first pass (which made a testcase racy). */
+		if (errno != ENOSYS ||
+		    mmap((void *)region, len, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED) {
+			perror("fault-loop: madvise/mmap");
 			return 2;
 		}
 	}
