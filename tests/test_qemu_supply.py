@@ -15,7 +15,8 @@ from rig.supply.qemu import fetch_qemu, wrapper_script
 def test_wrapper_puts_its_own_data_directory_first() -> None:
     text = wrapper_script(Path("/c/q/root"))
     assert text.startswith("#!/bin/sh\n")
-    assert 'exec "/c/q/root/usr/bin/qemu-system-x86_64" -L "/c/q/root/usr/share/qemu" -L /usr/share/qemu "$@"' in text
+    exe = "/c/q/root/usr/bin/qemu-system-x86_64"
+    assert f'exec "{exe}" -L "/c/q/root/usr/share/qemu" -L /usr/share/qemu "$@"' in text
 
 
 def test_backports_qemu_runs_here() -> None:
