@@ -203,4 +203,5 @@ def test_a_suite_without_base_image_is_reported_not_raised(tmp_path: Path) -> No
         tmp_path, eng, cache=tmp_path / "cache", log=lambda s: None,
     )  # fmt: skip
     assert [r.status for r in res] == ["image failed", "image failed"]
-    assert "\n" not in res[0].reason and res[0].reason
+    fix = "make it with scripts/debian-base-image.sh no-such-suite"
+    assert res[0].reason == f"no base image debian:no-such-suite: {fix}"
