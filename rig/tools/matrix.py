@@ -518,7 +518,7 @@ def run_matrix(
 def _image_reason(suite: str, build_log: str) -> str:
     """One line saying why the suite's image did not build (a missing base image gets the fix)."""
     low = build_log.lower()
-    pull_errors = ("not found", "manifest unknown", "pull access denied", "failed to resolve", "initializing source")
+    pull_errors = ("not found", "manifest unknown", "pull access denied", "failed to resolve", "initializing")
     if f"debian:{suite}" in low and any(s in low for s in pull_errors):
         return f"no base image debian:{suite}: make it with scripts/debian-base-image.sh {suite}"
     # apt's or pip's own error says more than the engine's "error building at STEP ..."
