@@ -9,9 +9,9 @@ The package is grouped by layer, one module per concept:
 * :mod:`rig.machine`      the machine model: ``vcpu``, ``x86`` (CR3, page walks),
   ``symbols`` (vmlinux/kallsyms, per-CPU addresses), ``disasm``
 * :mod:`rig.supply`       kernel supply: ``kernel`` (resolve ``--kernel``), ``kernelbuild``,
-  ``initramfs``, ``cache``
+  ``initramfs``, ``cache``, ``qemu``
 * :mod:`rig.observe`      observation: ``stepping`` (snapshots, traces), ``checks``
 * :mod:`rig.pytestplugin` the pytest plugin (options, fixtures, failure reports)
-* :mod:`rig.tools`        tools built on the rig (``mutants``)
+* :mod:`rig.tools`        tools built on the rig (``mutants``, ``matrix``)
 * :mod:`rig.guest`        a booted guest: the parts wired together; :mod:`rig.errors`
 """

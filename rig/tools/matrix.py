@@ -384,7 +384,7 @@ def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> 
     lines = [
         "| testcase | " + " | ".join(r.cell for r in results) + " |",
         "| --- |" + " --- |" * len(results),
-        "| QEMU | " + " | ".join(r.qemu or "?" for r in results) + " |",
+        "| QEMU | " + " | ".join(r.qemu.split(" ", 1)[0] if r.qemu else "?" for r in results) + " |",
         "| result | "
         + " | ".join(r.status if not r.outcomes else _summary(r) for r in results)
         + " |",
