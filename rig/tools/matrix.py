@@ -238,7 +238,7 @@ def run_argv(
 ) -> list[str]:  # fmt: skip
     """The command that runs one cell: the host's cache at the same path, ``cell_out`` at /out."""
     argv = [
-        *engine.argv, "run", "--rm", "--network", "host",
+        *engine.argv, "run", "--rm", "--name", container_name(cell), "--network", "host",
         "-v", f"{cache}:{cache}", "-e", f"CR3RIG_CACHE={cache}",
         "-v", f"{cell_out}:/out", "-e", f"{KERNEL_ENV}={cell.kernel}",
     ]  # fmt: skip
@@ -251,6 +251,11 @@ def run_argv(
     if prepare_only:
         script = script.split("\nexec ", 1)[0] + "\n"
     return [*argv, image_name(cell.suite), "sh", "-c", script]
+
+
+def container_name(cell: Cell) -> str:
+    """The cell's container name: unique per runner process, so a stop can remove it."""
+    return f"cr3rig-{cell.slug.replace('__', '-')}-{os.getpid()}"
 
 
 def _sh_quote(s: str) -> str:
@@ -437,8 +442,15 @@ def from_json(text: str) -> list[CellResult]:
 # Running
 
 
-def _run_logged(argv: Sequence[str], env: dict[str, str], log: Path, timeout: float) -> int:
-    """Run ``argv`` with its output in ``log``; on timeout stop its process group. Returns the status."""
+def _run_logged(
+    argv: Sequence[str], env: dict[str, str], log: Path, timeout: float,
+    cleanup: Sequence[str] = (),
+) -> int:  # fmt: skip
+    """Run ``argv`` with its output in ``log``; return its status.
+
+    On timeout or Ctrl-C its process group is stopped and ``cleanup`` (a command, e.g.
+    ``podman rm -f NAME``: the container outlives its client) is run before re-raising.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(
@@ -447,13 +459,14 @@ def _run_logged(argv: Sequence[str], env: dict[str, str], log: Path, timeout: fl
         try:
             return proc.wait(timeout=timeout)
         except BaseException:
-            # timeout or Ctrl-C: the engine forwards SIGTERM to the container
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            if cleanup:
+                subprocess.run(list(cleanup), env={**os.environ, **env}, capture_output=True, check=False)
             raise
 
 
@@ -498,7 +511,8 @@ def run_matrix(
         t0 = time.monotonic()
         argv = run_argv(engine, cell, cache, cell_out, prepare_only=prepare_only, pytest_args=pytest_args)
         try:
-            rc = _run_logged(argv, engine.env, cell_out / "engine.log", CELL_TIMEOUT)
+            remove = [*engine.argv, "rm", "-f", container_name(cell)]
+            rc = _run_logged(argv, engine.env, cell_out / "engine.log", CELL_TIMEOUT, remove)
         except subprocess.TimeoutExpired:
             rc = -1
         seconds = time.monotonic() - t0
