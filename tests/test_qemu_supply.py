@@ -20,7 +20,7 @@ def test_wrapper_puts_its_own_data_directory_first() -> None:
 
 
 def test_backports_qemu_runs_here() -> None:
-    """bookworm-backports' QEMU 10.0 (what .ci/run runs the testcases on) starts and knows its machines."""
+    """bookworm-backports' QEMU 10.0 starts, knows its machines and finds its own data directory."""
     wrapper = fetch_qemu("bookworm-backports", default_cache_dir())
     version = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True, check=True).stdout
     assert version.startswith("QEMU emulator version 10.0."), version
