@@ -195,6 +195,7 @@ class WatchResult:
     unverified_restores: int = 0
     repeated_steps: int = 0
     running_seconds: float = 0.0
+    paused: int = 0
     hits_by_cpu: dict[int, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -242,8 +243,11 @@ class WatchResult:
         idle = [t.site.where for t in self.tallies.values() if not t.hits]
         if idle:
             lines.append(f"not hit: {', '.join(idle)}")
-        if self.repeated_steps:
-            lines.append(f"{self.repeated_steps} single steps answered without executing (repeated)")
+        if self.repeated_steps or self.paused:
+            lines.append(
+                f"{self.repeated_steps} single steps answered without executing (repeated), "
+                f"{self.paused} continues answered by a pause (T02, resumed)"
+            )
         if self.unverified_restores:
             lines.append(
                 f"{self.unverified_restores} paranoid restores whose entry ran before the watch began"
@@ -373,6 +377,9 @@ class Watcher:
                 reply = link.resume("vCont;c", CONTINUE_TIMEOUT)
                 result.running_seconds += time.monotonic() - tr
                 m = _STOP_THREAD.search(reply)
+                if reply.startswith("T02"):
+                    result.paused += 1  # a pause nobody asked for (see _step_over): no site ran
+                    continue
                 if not reply.startswith("T05") or m is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
                 cpu = int(m.group(1), 16) - 1
