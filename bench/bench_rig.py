@@ -3,19 +3,19 @@
 1. Checked steps/s (step the isolated vCPU, read CR3 and rip of every vCPU, read one
    word through every vCPU) against a bare GDB CLI ``stepi`` loop on the same guest,
    same stopping point. Also GDB/MI per-step (-exec-step-instruction + register read).
-3. Watch mode: CR3 transitions checked per second by rig.observe.watching (every CR3
-   write and signal store a breakpoint on every vCPU, the guest at full speed) against
-   those checked by full stepping (the Stepper, every boundary of the isolated vCPU,
-   counting its CR3 side changes), same guest, same ``syscall-loop`` on the isolated vCPU.
 2. Time from QEMU start to the first breakpoint hit on the isolated vCPU against the
    plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
    no GDB attached).
-
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
    ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
    same measure with QEMU local, alternating local and SSH in each round (only this).
+4. Watch mode: CR3 transitions checked per second by rig.observe.watching (every CR3
+   write and signal store a breakpoint on every vCPU, the guest at full speed) against
+   those checked by full stepping (the Stepper, every boundary of the isolated vCPU,
+   counting its CR3 side changes), same guest, same ``syscall-loop`` on the isolated vCPU.
 
-Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--ssh loopback|URL]
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--transitions T]
+       [--ssh loopback|URL]
 """
 
 from __future__ import annotations
