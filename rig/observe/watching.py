@@ -41,7 +41,7 @@ from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
-from rig.observe.exploration import PARANOID_RESTORE_FUNCTIONS, quiet_console
+from rig.observe.exploration import NMI_CPU, PARANOID_RESTORE_FUNCTIONS, quiet_console
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Seconds one ``vCont;c`` may run without any vCPU hitting a switch site.
@@ -349,7 +349,10 @@ class Watcher:
     ) -> WatchResult:
         """Watch until ``transitions`` CR3 side changes were checked (or ``max_seconds``).
 
-        ``nmi_every``: inject an NMI (QMP, vCPU 0) before every ``nmi_every``-th continue.
+        ``nmi_every``: make an NMI (QMP; it reaches vCPU 0) due every ``nmi_every``
+        continues; every other one is injected only once another vCPU has stopped, so
+        that vCPU 0 takes it wherever its workloads were (in user mode, too), the others
+        at once, i.e. at the switch site vCPU 0 may be stopped at.
         """
         g = self.guest
         result = WatchResult(
@@ -359,7 +362,8 @@ class Watcher:
         )
         checker = TransitionChecker(self.ncpus)
         t0 = time.monotonic()
-        continues = 0
+        continues = nmi_due = 0
+        last_cpu = NMI_CPU
         self.arm(link)
         try:
             while result.transitions < transitions and len(result.problems) < MAX_PROBLEMS:
@@ -370,8 +374,13 @@ class Watcher:
                         f"{max_seconds:.0f} s (are the workloads running?)\n{result.table()}"
                     )
                 if nmi_every and continues % nmi_every == nmi_every - 1:
+                    nmi_due += 1
+                # every other NMI waits for a stop of another vCPU: vCPU 0 is then wherever
+                # its workloads are (often user mode); the rest land on vCPU 0 at a site
+                if nmi_due and (result.nmis % 2 == 0 or last_cpu != NMI_CPU):
                     g.machine.inject_nmi()
                     result.nmis += 1
+                    nmi_due -= 1
                 continues += 1
                 tr = time.monotonic()
                 reply = link.resume("vCont;c", CONTINUE_TIMEOUT)
@@ -382,7 +391,7 @@ class Watcher:
                     continue
                 if not reply.startswith("T05") or m is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
-                cpu = int(m.group(1), 16) - 1
+                cpu = last_cpu = int(m.group(1), 16) - 1
                 thread = thread_id(cpu)
                 r = link.transact([f"Hg{thread}", self._rip, self._cr3, *self._observe[cpu]])
                 pc, cr3 = hex_le(r[1]), hex_le(r[2])
