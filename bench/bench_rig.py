@@ -6,12 +6,16 @@
 2. Time from QEMU start to the first breakpoint hit on the isolated vCPU against the
    plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
    no GDB attached).
-
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
    ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
    same measure with QEMU local, alternating local and SSH in each round (only this).
+4. Watch mode: CR3 transitions checked per second by rig.observe.watching (every CR3
+   write and signal store a breakpoint on every vCPU, the guest at full speed) against
+   those checked by full stepping (the Stepper, every boundary of the isolated vCPU,
+   counting its CR3 side changes), same guest, same ``syscall-loop`` on the isolated vCPU.
 
-Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--ssh loopback|URL]
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--transitions T]
+       [--ssh loopback|URL]
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import sys
 import time
 
 from rig.guest import Guest, GuestConfig
-from rig.observe.stepping import Watch
+from rig.machine.sites import find_sites
+from rig.observe.stepping import Stepper, Watch
+from rig.observe.watching import watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
@@ -107,6 +113,32 @@ def checked_step_rate(g: Guest, steps: int) -> float:
     return steps / dt
 
 
+SIGNAL = "kernel_cr3_loaded"
+
+
+def stepped_transition_rate(g: Guest, steps: int) -> tuple[float, int]:
+    """CR3 side changes per second of the isolated vCPU under the Stepper (every boundary
+    checked: rip and CR3 of every vCPU, the signal through every vCPU); (rate, count)."""
+    cpu = g.config.isolated
+    stepper = Stepper(g.regmap, g.config.smp, cpu, [Watch(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)])
+    with g.link() as link:
+        t0 = time.monotonic()
+        trace = stepper.run(link, max_steps=steps)
+        dt = time.monotonic() - t0
+    flips = len(trace.cr3_flips())
+    return flips / dt, flips
+
+
+def watched_transition_rate(g: Guest, transitions: int) -> tuple[float, float]:
+    """CR3 side changes per second checked in watch mode (rig.observe.watching) on the same
+    guest and workload; (rate, seconds)."""
+    assert g.config.vmlinux is not None
+    result = watch(g, find_sites(g.config.vmlinux, g.symbols), signal=SIGNAL, transitions=transitions)
+    if result.problems:
+        raise RuntimeError(f"watch mode found problems: {result.problems[:3]}")
+    return result.rate, result.seconds
+
+
 def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
 
@@ -160,6 +192,7 @@ def main() -> int:
     ap.add_argument("--ssh", default=None, help="'loopback' or ssh://[user@]box[:port]: the SSH ratio only")
     ap.add_argument("--ssh-identity", default=None)
     ap.add_argument("--ssh-known-hosts", default=None)
+    ap.add_argument("--transitions", type=int, default=1000, help="CR3 transitions per watch-mode sample")
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
@@ -176,6 +209,9 @@ def main() -> int:
     cli: list[float] = []
     checked: list[float] = []
     mi: list[float] = []
+    stepped: list[float] = []
+    watched: list[float] = []
+    can_watch = k.vmlinux is not None
     version = ""
     for _ in range(args.rounds):
         plain.append(plain_boot_seconds(cfg))
@@ -184,6 +220,12 @@ def main() -> int:
         try:
             version = g.machine.version
             checked.append(checked_step_rate(g, args.steps))
+            if can_watch and SIGNAL in g.symbols:
+                rebreak(g)
+                stepped.append(stepped_transition_rate(g, args.steps)[0])
+                watched.append(watched_transition_rate(g, args.transitions)[0])
+            else:
+                can_watch = False
             rebreak(g)
             mi.append(mi_step_rate(g, max(100, args.steps // 10)))
             rebreak(g)
@@ -201,6 +243,14 @@ def main() -> int:
         f" GDB/MI per step {med(mi):.0f}/s"
     )
     print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0); MI/CLI {med(mi) / med(cli):.2f}")
+    if can_watch and stepped and watched:
+        print(
+            f"watch: stepped (Stepper, isolated vCPU, syscall-loop) {med(stepped):.1f} CR3 transitions/s "
+            f"(baseline); watch mode {med(watched):.0f}/s ({args.transitions} per sample)"
+        )
+        print(f"ratio watch {med(watched) / med(stepped):.1f} goal >= 100")
+    else:
+        print(f"ratio watch n/a goal >= 100 (needs a vmlinux and {SIGNAL} in the kernel)")
     print(
         "samples: plain",
         [f"{x:.2f}" for x in plain],
@@ -212,6 +262,10 @@ def main() -> int:
         [f"{x:.0f}" for x in checked],
         "mi",
         [f"{x:.0f}" for x in mi],
+        "stepped-transitions",
+        [f"{x:.1f}" for x in stepped],
+        "watched-transitions",
+        [f"{x:.0f}" for x in watched],
     )
     return 0
 
