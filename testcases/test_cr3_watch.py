@@ -24,8 +24,10 @@ from rig.observe.coverage import SiteCoverage
 from rig.observe.watching import watch
 from testcases.conftest import SIGNAL
 
-#: CR3 transitions (side changes) to check, across all vCPUs.
-WATCH_TRANSITIONS = 10_000
+#: CR3 transitions (side changes) to check, across all vCPUs. The default keeps the whole
+#: default `pytest testcases/` near a minute (watching checks ~100 transitions/s here);
+#: CR3RIG_WATCH_TRANSITIONS=10000 is the long run (about 2 minutes on 2 cores).
+WATCH_TRANSITIONS = 1_000
 #: Inject an NMI (vCPU 0) before every this many continues.
 NMI_EVERY = 50
 #: Workloads started on every vCPU (user-spin only on vCPU 0, where the injected NMIs land
