@@ -6,8 +6,16 @@
 2. Time from QEMU start to the first breakpoint hit on the isolated vCPU against the
    plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
    no GDB attached).
+3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
+   ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
+   same measure with QEMU local, alternating local and SSH in each round (only this).
+4. Watch mode: CR3 transitions checked per second by rig.observe.watching (every CR3
+   write and signal store a breakpoint on every vCPU, the guest at full speed) against
+   those checked by full stepping (the Stepper, every boundary of the isolated vCPU,
+   counting its CR3 side changes), same guest, same ``syscall-loop`` on the isolated vCPU.
 
-Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R]
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--transitions T]
+       [--ssh loopback|URL]
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ import sys
 import time
 
 from rig.guest import Guest, GuestConfig
-from rig.observe.stepping import Watch
+from rig.machine.sites import find_sites
+from rig.observe.stepping import Stepper, Watch
+from rig.observe.watching import watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
 from rig.transport.console import Console
-from rig.transport.host import LocalHost
+from rig.transport.host import Host, LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
 
 
@@ -43,10 +53,10 @@ def plain_boot_seconds(cfg: GuestConfig) -> float:
         m.close()
 
 
-def rig_first_hit_seconds(cfg: GuestConfig) -> tuple[float, Guest]:
+def rig_first_hit_seconds(cfg: GuestConfig, host: Host | None = None) -> tuple[float, Guest]:
     """QEMU start -> boot with GDB -> workload -> breakpoint hit on the isolated vCPU."""
     t0 = time.monotonic()
-    g = Guest.boot(cfg)
+    g = Guest.boot(cfg, host)
     g.start_workload("syscall-loop")
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
     return time.monotonic() - t0, g
@@ -103,8 +113,75 @@ def checked_step_rate(g: Guest, steps: int) -> float:
     return steps / dt
 
 
+SIGNAL = "kernel_cr3_loaded"
+
+
+def stepped_transition_rate(g: Guest, steps: int) -> tuple[float, int]:
+    """CR3 side changes per second of the isolated vCPU under the Stepper (every boundary
+    checked: rip and CR3 of every vCPU, the signal through every vCPU); (rate, count)."""
+    cpu = g.config.isolated
+    stepper = Stepper(g.regmap, g.config.smp, cpu, [Watch(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)])
+    with g.link() as link:
+        t0 = time.monotonic()
+        trace = stepper.run(link, max_steps=steps)
+        dt = time.monotonic() - t0
+    flips = len(trace.cr3_flips())
+    return flips / dt, flips
+
+
+def watched_transition_rate(g: Guest, transitions: int) -> tuple[float, float]:
+    """CR3 side changes per second checked in watch mode (rig.observe.watching) on the same
+    guest and workload; (rate, seconds)."""
+    assert g.config.vmlinux is not None
+    result = watch(g, find_sites(g.config.vmlinux, g.symbols), signal=SIGNAL, transitions=transitions)
+    if result.problems:
+        raise RuntimeError(f"watch mode found problems: {result.problems[:3]}")
+    return result.rate, result.seconds
+
+
 def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
+
+
+def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
+    """Checked steps/s with QEMU over SSH vs. local, alternating in each round."""
+    from pathlib import Path
+
+    from rig.tools.private_sshd import PrivateSshd
+    from rig.transport.ssh import SshHost
+
+    sshd = PrivateSshd().start() if args.ssh == "loopback" else None
+    try:
+        if sshd is not None:
+            host = SshHost.from_url(sshd.url, identity=sshd.client_key, known_hosts=sshd.known_hosts)
+        else:
+            ident = Path(args.ssh_identity) if args.ssh_identity else None
+            known = Path(args.ssh_known_hosts) if args.ssh_known_hosts else None
+            host = SshHost.from_url(args.ssh, identity=ident, known_hosts=known)
+        local: list[float] = []
+        remote: list[float] = []
+        hits: list[float] = []
+        for _ in range(args.rounds):
+            for h, out in ((LocalHost(), local), (host, remote)):
+                t, g = rig_first_hit_seconds(cfg, h)
+                try:
+                    out.append(checked_step_rate(g, args.steps))
+                    if h is host:
+                        hits.append(t)
+                finally:
+                    g.close()
+        host.close()
+    finally:
+        if sshd is not None:
+            sshd.close()
+    med = statistics.median
+    print(f"kernel: {cfg.label}; steps per sample: {args.steps}; rounds: {args.rounds}; ssh: {host.label}")
+    print(
+        f"ssh stepping: local checked steps {med(local):.0f}/s; over SSH {med(remote):.0f}/s;"
+        f" ratio ssh/local {med(remote) / med(local):.2f} (goal >= 0.5); SSH QEMU start to first hit"
+        f" {med(hits):.2f} s"
+    )
+    print("samples: local", [f"{x:.0f}" for x in local], "ssh", [f"{x:.0f}" for x in remote])
 
 
 def main() -> int:
@@ -112,6 +189,10 @@ def main() -> int:
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ssh", default=None, help="'loopback' or ssh://[user@]box[:port]: the SSH ratio only")
+    ap.add_argument("--ssh-identity", default=None)
+    ap.add_argument("--ssh-known-hosts", default=None)
+    ap.add_argument("--transitions", type=int, default=1000, help="CR3 transitions per watch-mode sample")
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
@@ -120,11 +201,17 @@ def main() -> int:
     )
     # warm the kallsyms cache so boots compare like with like
     Guest.boot(cfg).close()
+    if args.ssh:
+        ssh_ratio(cfg, args)
+        return 0
     plain: list[float] = []
     first: list[float] = []
     cli: list[float] = []
     checked: list[float] = []
     mi: list[float] = []
+    stepped: list[float] = []
+    watched: list[float] = []
+    can_watch = k.vmlinux is not None
     version = ""
     for _ in range(args.rounds):
         plain.append(plain_boot_seconds(cfg))
@@ -133,6 +220,12 @@ def main() -> int:
         try:
             version = g.machine.version
             checked.append(checked_step_rate(g, args.steps))
+            if can_watch and SIGNAL in g.symbols:
+                rebreak(g)
+                stepped.append(stepped_transition_rate(g, args.steps)[0])
+                watched.append(watched_transition_rate(g, args.transitions)[0])
+            else:
+                can_watch = False
             rebreak(g)
             mi.append(mi_step_rate(g, max(100, args.steps // 10)))
             rebreak(g)
@@ -150,6 +243,14 @@ def main() -> int:
         f" GDB/MI per step {med(mi):.0f}/s"
     )
     print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0); MI/CLI {med(mi) / med(cli):.2f}")
+    if can_watch and stepped and watched:
+        print(
+            f"watch: stepped (Stepper, isolated vCPU, syscall-loop) {med(stepped):.1f} CR3 transitions/s "
+            f"(baseline); watch mode {med(watched):.0f}/s ({args.transitions} per sample)"
+        )
+        print(f"ratio watch {med(watched) / med(stepped):.1f} goal >= 100")
+    else:
+        print(f"ratio watch n/a goal >= 100 (needs a vmlinux and {SIGNAL} in the kernel)")
     print(
         "samples: plain",
         [f"{x:.2f}" for x in plain],
@@ -161,6 +262,10 @@ def main() -> int:
         [f"{x:.0f}" for x in checked],
         "mi",
         [f"{x:.0f}" for x in mi],
+        "stepped-transitions",
+        [f"{x:.1f}" for x in stepped],
+        "watched-transitions",
+        [f"{x:.0f}" for x in watched],
     )
     return 0
 

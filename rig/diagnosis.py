@@ -38,7 +38,7 @@ def diagnose(guest: Guest, already_said: str = "") -> str:
     machine = guest.machine
     if machine.proc is not None and not machine.alive:
         parts.append(machine.exit_reason())
-    elif machine.proc is not None and _process_state(machine.proc.pid) == "T":
+    elif machine.proc is not None and guest.host.label == "local" and _process_state(machine.proc.pid) == "T":
         parts.append(
             f"QEMU (pid {machine.proc.pid}) is stopped by a signal (SIGSTOP/SIGTSTP): it cannot answer"
         )

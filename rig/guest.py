@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.errors import ConfigError, GuestError, RigError
+from rig.errors import ConfigError, GdbError, GuestError, RigError
 from rig.machine.disasm import disassemble
 from rig.machine.symbols import (
     SymbolTable,
@@ -89,7 +89,7 @@ class GuestConfig:
             )
         check_cmdline_length(self.cmdline())
         require_program(host, self.qemu, "qemu-system-x86")
-        require_program(host, self.gdb, "gdb")
+        require_program(LocalHost(), self.gdb, "gdb")  # GDB runs here, QEMU on ``host``
 
 
 def check_inputs(
@@ -305,20 +305,31 @@ class Guest:
         if not self.machine.alive:
             raise GuestError(f"QEMU is gone: {self.machine.exit_reason()}")
 
+    @contextlib.contextmanager
+    def _qemu_gone_is_the_error(self) -> Iterator[None]:
+        """A GDB error caused by QEMU (or the host's connection) going away says so."""
+        try:
+            yield
+        except GdbError:
+            self._check_alive()
+            raise
+
     def resume(self) -> None:
         """Let every vCPU run."""
         if not self.running:
             self._check_alive()
-            self._gdb().drain_stopped()
-            self._gdb().command("-exec-continue")
+            with self._qemu_gone_is_the_error():
+                self._gdb().drain_stopped()
+                self._gdb().command("-exec-continue")
             self.running = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every vCPU (all-stop) and wait until GDB reports it."""
         if self.running:
             self._check_alive()
-            self._gdb().command("-exec-interrupt")
-            self._gdb().wait_stopped(timeout)
+            with self._qemu_gone_is_the_error():
+                self._gdb().command("-exec-interrupt")
+                self._gdb().wait_stopped(timeout)
             self.running = False
 
     @contextlib.contextmanager

@@ -4,16 +4,34 @@
 #   system packages (QEMU, GDB, busybox-static, a C toolchain), the venv in .venv with
 #   cr3rig installed editable, then the default kernel and the guest initramfs in the
 #   cache ($CR3RIG_CACHE or ~/.cache/cr3rig).
+#   scripts/setup.sh [packages] [venv] [cache]   runs only the steps named (default: all);
+#   the container image runs `packages` and `venv`: its kernels come from a shared cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+steps=" ${*:-packages venv cache} "
+for s in $steps; do
+    case $s in packages|venv|cache) ;; *) echo "setup: unknown step '$s' (valid: packages venv cache)" >&2; exit 2;; esac
+done
+want() { [[ $steps == *" $1 "* ]]; }
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 
+if want packages; then
 pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
 # the rig's own tests open the HTML reports in headless chromium (tests/test_report_browser.py)
 pkgs="$pkgs chromium chromium-driver"
+# the SSH tests start a private sshd on 127.0.0.1 (tests/test_ssh.py); note that Debian's
+# postinst also starts the system sshd where services can start (not in containers with
+# a policy-rc.d that exits 101)
+pkgs="$pkgs openssh-server openssh-client"
+# shellcheck: actionlint checks the workflow's run: scripts with it (tests/test_workflow.py)
+pkgs="$pkgs shellcheck"
+# on a host (not inside the matrix's own containers): what the container matrix needs
+if [ ! -e /run/.containerenv ] && [ ! -e /.dockerenv ]; then
+    pkgs="$pkgs podman runc debootstrap"
+fi
 # what building the reference kernel needs
 pkgs="$pkgs $(grep -v '^#' guests/linux/build-deps.txt | tr '\n' ' ')"
 missing=""
@@ -27,12 +45,16 @@ if [ -n "$missing" ]; then
     echo "setup: installing$missing"
     $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
+fi
 
+if want venv; then
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+fi
 
+want cache || exit 0
 # the default kernel (the 7.2 reference build, ~7 min cold on 2 cores), Debian's stock
 # kernel (the rig's own tests boot it), and the initramfs, all cached
 .venv/bin/python -m rig.supply.kernel

@@ -15,7 +15,7 @@ def test_two_sessions_fill_one_cold_cache_at_once(tag: str, tmp_path: Path, stoc
     """Both build the initramfs and read /proc/kallsyms into the same empty cache at
     once. (The stock kernel's 400 MB unpacked package is linked in, not fetched again.)"""
     cache = tmp_path / "cache"
-    package = stock_kernel.image.parents[1]  # <cache>/debian/linux-image-<release>
+    package = next(p for p in stock_kernel.image.parents if p.parent.name == "debian")  # <cache>/debian/<pkg>
     (cache / "debian").mkdir(parents=True)
     (cache / "debian" / package.name).symlink_to(package)
     env = dict(os.environ, CR3RIG_TEST_TAG=tag, CR3RIG_CACHE=str(cache))

@@ -634,33 +634,45 @@ def quiet_console(guest: Guest) -> Iterator[None]:
 
 
 def _explore(
-    guest: Guest, sites: Sequence[Site], window: Window, signal: str, cpu: int, tries: int
+    guest: Guest, sites: Sequence[Site], window: Window, signal: str, cpu: int, tries: int, scouts: int = 3
 ) -> Exploration:
+    """Scout, then explore; a scout whose path the arrivals do not follow (it took a rare
+    branch) is replaced by a new one, up to ``scouts`` times."""
     ex = Explorer(guest, sites, cpu=cpu, signal=signal)
-    scout, store, cr3_write = ex.scout(window)
-    result = Exploration(window, cpu, scout, store, cr3_write)
-    problems = signal_problems(scout, ex.observer, signal, MAX_STORE_TO_CR3_WINDOW)
-    problems += scout.frozen_violations()
-    if problems:
-        result.runs.append(
-            BoundaryRun(
-                -1, "scout", "", scout.snapshots[0].cr3[cpu], None, "none", "stepped", problems=problems
-            )
-        )
-    last = len(scout.snapshots) - 1
-    guest.stop()
-    with guest.link() as link:
-        for k in boundaries_of(window, store, cr3_write, last):
-            if scout.snapshots[k].pc < 1 << 63:
-                continue  # user mode: not part of the window
-            for _ in range(tries):
-                run = ex.run_boundary(link, window, k, scout.snapshots[k])
-                if run is not None:
-                    result.runs.append(run)
-                    break
-            else:
-                raise GuestError(
-                    f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "
-                    f"(last {ex.mismatch})"
+    for attempt in range(1, scouts + 1):
+        scout, store, cr3_write = ex.scout(window)
+        result = Exploration(window, cpu, scout, store, cr3_write)
+        problems = signal_problems(scout, ex.observer, signal, MAX_STORE_TO_CR3_WINDOW)
+        problems += scout.frozen_violations()
+        if problems:
+            result.runs.append(
+                BoundaryRun(
+                    -1, "scout", "", scout.snapshots[0].cr3[cpu], None, "none", "stepped", problems=problems
                 )
-    return result
+            )
+        last = len(scout.snapshots) - 1
+        guest.stop()
+        with guest.link() as link:
+            for k in boundaries_of(window, store, cr3_write, last):
+                if scout.snapshots[k].pc < 1 << 63:
+                    continue  # user mode: not part of the window
+                run = next(
+                    (
+                        r
+                        for r in (ex.run_boundary(link, window, k, scout.snapshots[k]) for _ in range(tries))
+                        if r
+                    ),
+                    None,
+                )
+                if run is None:
+                    break
+                result.runs.append(run)
+            else:
+                return result
+        if attempt == scouts:
+            raise GuestError(
+                f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "
+                f"(last {ex.mismatch}), after {scouts} scouts"
+            )
+        guest.traces.pop()  # that scout's trace: replaced by the next one
+    raise AssertionError("unreachable")

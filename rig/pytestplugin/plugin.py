@@ -40,8 +40,9 @@ from rig.pytestplugin.failfast import (
 from rig.report import hooks as report_hooks
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
-from rig.transport.host import LocalHost
+from rig.transport.host import Host
 from rig.transport.qemu import check_cmdline_length
+from rig.transport.ssh import open_host
 
 #: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
 SIGNAL = "kernel_cr3_loaded"
@@ -93,6 +94,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "against a kernel with the CR3 signal, else report)",
     )
     g.addoption(
+        "--host", default="local", help="where QEMU runs: 'local' (default) or ssh://[user@]box[:port]"
+    )
+    g.addoption("--ssh-identity", default=None, type=Path, help="private key for --host ssh://...")
+    g.addoption("--ssh-known-hosts", default=None, type=Path, help="known_hosts file for --host ssh://...")
+    g.addoption(
         "--trace-dir",
         default=None,
         type=Path,
@@ -106,8 +112,14 @@ def _check_options(config: pytest.Config) -> None:
     named = opt.kernel in (None, "", "debian") or str(opt.kernel).startswith("reference")
     iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
     try:
+        host = open_host(opt.host, identity=opt.ssh_identity, known_hosts=opt.ssh_known_hosts)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_HOST_KEY] = host
+    config.add_cleanup(host.close)
+    try:
         check_inputs(
-            LocalHost(), None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
+            host, None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
         )
         if not opt.boot_timeout > 0:
             raise ConfigError(
@@ -122,6 +134,21 @@ def _check_options(config: pytest.Config) -> None:
         )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Where QEMU runs, which accelerator, and why (the KVM check runs on that host)."""
+    host = config.stash.get(_HOST_KEY, None)
+    if host is None:
+        return "cr3rig: QEMU on local"
+    if config.option.accel == "kvm":
+        return f"cr3rig: QEMU on {host.label}, accel kvm (-cpu host; KVM checked there)"
+    try:
+        why = host.kvm_usable(config.option.qemu)
+    except RigError as exc:
+        why = str(exc)
+    note = f"KVM not usable there: {why}" if why else "KVM is usable there: pass --accel kvm"
+    return f"cr3rig: QEMU on {host.label}, accel tcg ({note})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -151,6 +178,7 @@ class RigSettings:
 
     base: GuestConfig
     trace_dir: Path
+    host: Host
     site_coverage: str = "auto"
 
 
@@ -170,6 +198,15 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
             initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
         pytest.exit(f"cr3rig: {exc}", returncode=4)
+    host = pytestconfig.stash[_HOST_KEY]
+    if opt.accel == "kvm":
+        from rig.transport.kvmprobe import kernel_probe
+
+        why = kernel_probe(host, opt.qemu, "kvm", kernel.image, initrd)
+        if why is not None:
+            pytest.exit(
+                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", returncode=4
+            )
     base = GuestConfig(
         kernel=kernel.image,
         initrd=initrd,
@@ -184,7 +221,7 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
         label=kernel.label,
         cache_dir=cache,
     )
-    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", opt.site_coverage)
+    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", host, opt.site_coverage)
     session_report(pytestconfig).directory = settings.trace_dir
     return settings
 
@@ -216,7 +253,7 @@ class GuestPool:
         if self.current is None:
             self.failures.check(config)
             try:
-                self.current = Guest.boot(config)
+                self.current = Guest.boot(config, self.settings.host)
             except ConfigError as exc:
                 pytest.exit(f"cr3rig: {exc}", returncode=4)
             except RigError as exc:
@@ -297,6 +334,10 @@ def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    host = config.stash.get(_HOST_KEY, None)
+    line = host.summary() if host is not None else None
+    if line:
+        terminalreporter.write_line(f"cr3rig: {line}")
     tables = config.stash.get(_EXPLORATIONS_KEY, [])
     if tables:
         terminalreporter.section("cr3rig: explorations (an NMI at each boundary of each window)")
@@ -377,6 +418,7 @@ def pti_guest(guest: Guest) -> Guest:
 
 _GUEST_KEY = pytest.StashKey[Guest]()
 _BROKEN_KEY = pytest.StashKey[bool]()
+_HOST_KEY = pytest.StashKey[Host]()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -47,26 +47,50 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return res.stdout
 
 
+def _depends(apt_cache_depends: str) -> list[str]:
+    """The package names on ``Depends:`` lines of ``apt-cache depends`` output."""
+    return [
+        ln.split(":", 1)[1].strip()
+        for ln in apt_cache_depends.splitlines()
+        if ln.strip().startswith("Depends:") and not ln.split(":", 1)[1].strip().startswith("<")
+    ]
+
+
+def stock_packages(image_pkg: str, image_depends: str) -> list[str]:
+    """The packages that hold the stock kernel ``image_pkg`` (``linux-image-<release>``).
+
+    Up to trixie the image package holds ``/boot/vmlinuz-<release>`` itself. From forky
+    (sid) on the kernel is split: ``linux-image-<release>`` only depends on
+    ``linux-binary-<release>``, which holds ``/usr/lib/modules/<release>/vmlinuz``.
+    ``image_depends`` is ``apt-cache depends <image_pkg>``.
+    """
+    release = image_pkg.removeprefix("linux-image-")
+    return [image_pkg, *(d for d in _depends(image_depends) if d == f"linux-binary-{release}")]
+
+
+def stock_image_path(root: Path, release: str) -> Path | None:
+    """The kernel image inside unpacked stock packages (either layout), or None."""
+    for rel in (f"boot/vmlinuz-{release}", f"usr/lib/modules/{release}/vmlinuz"):
+        if (root / rel).is_file():
+            return root / rel
+    return None
+
+
 def debian_stock_kernel(cache_dir: Path) -> Kernel:
     """Debian's stock kernel for this release, downloaded and unpacked once into the cache."""
-    deps = _run(["apt-cache", "depends", "linux-image-amd64"])
-    pkg = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in deps.splitlines()
-            if ln.strip().startswith("Depends:") and "linux-image-" in ln
-        ),
-        None,
-    )
+    meta = _run(["apt-cache", "depends", "linux-image-amd64"])
+    pkg = next((d for d in _depends(meta) if d.startswith("linux-image-")), None)
     if pkg is None:
         raise ConfigError("apt knows no linux-image-amd64 dependency; run `apt-get update` first")
     release = pkg.removeprefix("linux-image-")
     root = cache_dir / "debian" / pkg
-    image = root / "boot" / f"vmlinuz-{release}"
-    if not image.exists():
+    image = stock_image_path(root, release)
+    if image is None:
         with _locked(cache_dir / "debian" / ".lock"):  # another session may be fetching it too
-            if not image.exists():
-                _fetch_stock(pkg, root, cache_dir / "debian" / "download")
+            if stock_image_path(root, release) is None:
+                _fetch_stock(pkg, release, root, cache_dir / "debian" / "download")
+        image = stock_image_path(root, release)
+        assert image is not None
     return Kernel(image, None, f"debian {release} (stock, unpatched)")
 
 
@@ -79,19 +103,26 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _fetch_stock(pkg: str, root: Path, dl: Path) -> None:
-    """Download ``pkg`` and unpack it to ``root`` (atomically: unpacked beside, then renamed)."""
+def _fetch_stock(pkg: str, release: str, root: Path, dl: Path) -> None:
+    """Download ``pkg`` (and the packages it needs) and unpack them to ``root`` (atomically:
+    unpacked beside, then renamed)."""
+    packages = stock_packages(pkg, _run(["apt-cache", "depends", pkg]))
     dl.mkdir(parents=True, exist_ok=True)
-    _run(["apt-get", "download", pkg], cwd=dl)
-    debs = sorted(dl.glob(f"{pkg}_*.deb"))
-    if not debs:
-        raise ConfigError(f"apt-get download {pkg} left no .deb in {dl}")
+    _run(["apt-get", "download", *packages], cwd=dl)
     tmp = root.with_name(root.name + ".tmp")
     subprocess.run(["rm", "-rf", str(tmp)], check=True)
-    _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
+    for p in packages:
+        debs = sorted(dl.glob(f"{p}_*.deb"))
+        if not debs:
+            raise ConfigError(f"apt-get download {p} left no .deb in {dl}")
+        _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
+        for deb in debs:
+            deb.unlink()
+    if stock_image_path(tmp, release) is None:
+        raise ConfigError(f"{' '.join(packages)} hold no vmlinuz for {release}; is this a Debian kernel?")
+    # an entry without its image (an older rig unpacked only linux-image-*) is replaced
+    subprocess.run(["rm", "-rf", str(root)], check=True)
     tmp.rename(root)
-    for deb in debs:
-        deb.unlink()
 
 
 def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:

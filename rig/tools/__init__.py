@@ -1,1 +1,1 @@
-"""Tools built on the rig: the mutant runner."""
+"""Tools built on the rig: the mutant runner, the container matrix."""

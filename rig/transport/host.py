@@ -1,8 +1,11 @@
 """Where the rig runs its processes: a small interface, and the local host.
 
-A :class:`Host` starts a process and gives a private directory for its sockets. Only
-:class:`LocalHost` exists now; an SSH host would implement the same three methods and
-forward the unix sockets.
+A :class:`Host` starts a process (QEMU) and gives a private directory for its sockets.
+The rig itself (GDB, the relay, pytest, the checks) always runs here; it reaches the
+host's sockets and logs through the *local* paths of that directory. On
+:class:`LocalHost` the host's view and the local view are the same directory; an SSH
+host (:mod:`rig.transport.ssh`) maps them to a remote private directory and forwards
+the unix sockets.
 """
 
 from __future__ import annotations
@@ -20,8 +23,43 @@ from pathlib import Path
 from rig.errors import ConfigError
 
 
+class HostProcess(abc.ABC):
+    """A process started by :meth:`Host.spawn` (in a process group of its own)."""
+
+    pid: int
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """None while it runs, else its exit status (negative: killed by that signal)."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """SIGKILL its process group and reap it. Idempotent."""
+
+    def exit_text(self) -> str:
+        """A short phrase on how it ended (call once :meth:`poll` is not None)."""
+        return f"exited with status {self.poll()}"
+
+
+class LocalProcess(HostProcess):
+    """A child process of this Python process."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        kill_process_group(self.popen)
+
+
 class Host(abc.ABC):
     """Runs processes for the rig and owns their private socket directories."""
+
+    #: How errors name this host (``local``, ``ssh://root@box:22``).
+    label = "local"
 
     @abc.abstractmethod
     def which(self, program: str) -> str | None:
@@ -29,15 +67,55 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     def private_dir(self, prefix: str) -> Path:
-        """A new directory only the current user can enter (mode 0700)."""
+        """A new local directory only the current user can enter (mode 0700); the host
+        has its own private directory behind it (:meth:`host_path`)."""
 
     @abc.abstractmethod
-    def spawn(self, argv: Sequence[str], *, log: Path) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in a session of its own, stdout+stderr to ``log``."""
+    def spawn(self, argv: Sequence[str], *, log: Path) -> HostProcess:
+        """Start ``argv`` in a process group of its own, stdout+stderr to the local file
+        ``log``, which lies in a directory made by :meth:`private_dir`."""
 
-    def kvm_usable(self) -> str | None:
+    @abc.abstractmethod
+    def run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str]:
+        """Run ``argv`` to completion on the host; (exit status, stdout+stderr)."""
+
+    def host_path(self, local: Path) -> str:
+        """How the host's processes name ``local`` (a path in a :meth:`private_dir`)."""
+        return str(local)
+
+    def stage(self, local_file: Path) -> str:
+        """The path under which the host's processes read ``local_file`` (uploaded once)."""
+        return str(local_file)
+
+    def expose(self, local_socket: Path) -> None:  # noqa: B027 (a no-op for the local host)
+        """Make the host's unix socket at ``host_path(local_socket)`` reachable at
+        ``local_socket`` (nothing to do when the host is this machine)."""
+
+    def exists(self, local: Path) -> bool:
+        """Whether ``host_path(local)`` exists on the host."""
+        return local.exists()
+
+    def read_tail(self, local: Path, size: int) -> bytes:
+        """The last ``size`` bytes of the host's file ``host_path(local)``; OSError if unreadable."""
+        with open(local, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read()
+
+    def remove_private_dir(self, local: Path) -> None:
+        """Remove a directory made by :meth:`private_dir` (and the host's side of it)."""
+        remove_tree(local)
+
+    def kvm_usable(self, qemu: str = "qemu-system-x86_64") -> str | None:
         """None if KVM can run guests here, else why not (one line)."""
         return "KVM is not checked on this host"
+
+    def summary(self) -> str | None:
+        """One line on what the rig did to reach this host (uploads), or None."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (a no-op for the local host)
+        """Release the connection to the host, if any. Idempotent."""
 
 
 class LocalHost(Host):
@@ -49,29 +127,28 @@ class LocalHost(Host):
     def private_dir(self, prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp makes it 0700
 
-    def spawn(self, argv: Sequence[str], *, log: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, argv: Sequence[str], *, log: Path) -> HostProcess:
         with open(log, "wb") as out:
-            return subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            return LocalProcess(
+                subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
 
-    def kvm_usable(self) -> str | None:
-        if not os.path.exists("/dev/kvm"):
-            return "/dev/kvm does not exist"
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return "/dev/kvm is not accessible to this user"
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((ln for ln in f if ln.startswith("flags")), "")
-        except OSError:
-            flags = ""
-        if " vmx" not in flags and " svm" not in flags:
-            return "the CPU has no vmx/svm flag (nested or emulated /dev/kvm cannot run guests)"
-        return None
+    def run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str]:
+        p = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False, errors="replace"
+        )
+        return p.returncode, p.stdout + p.stderr
+
+    def kvm_usable(self, qemu: str = "qemu-system-x86_64") -> str | None:
+        from rig.transport.kvmprobe import kvm_problem
+
+        return kvm_problem(self, qemu)
 
 
 def kill_process_group(proc: subprocess.Popen[bytes]) -> None:
@@ -87,7 +164,8 @@ def require_program(host: Host, program: str, package: str) -> str:
     """The path of ``program`` on ``host`` or a :class:`ConfigError` naming the package."""
     path = host.which(program)
     if path is None:
-        raise ConfigError(f"{program} not found: install it with `apt-get install {package}`")
+        where = "" if host.label == "local" else f" on {host.label}"
+        raise ConfigError(f"{program} not found{where}: install it with `apt-get install {package}`")
     return path
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rig.errors import ConfigError, GuestError
-from rig.transport.host import Host, kill_process_group, remove_tree, require_program
+from rig.transport.host import Host, HostProcess, require_program
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
@@ -69,7 +68,7 @@ class QemuMachine:
         self.qemu_log = self.dir / "qemu.log"
         #: QEMU's ``-d cpu_reset`` log: "Triple fault" lands here (resets are rare, so it stays small).
         self.debug_log = self.dir / "qemu-debug.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: HostProcess | None = None
         self.version = ""
         self._qmp: Any = None
 
@@ -77,56 +76,62 @@ class QemuMachine:
         """The QEMU command line (frozen at reset, everything on unix sockets)."""
         c = self.config
         accel = "kvm" if c.accel == "kvm" else "tcg"
+        cpu = "host" if accel == "kvm" and c.cpu == "max" else c.cpu  # KVM: the box's own CPU (PCID)
+        h = self.host.host_path
         return [
             qemu_path,
             "-accel", accel,
-            "-cpu", c.cpu,
+            "-cpu", cpu,
             "-smp", str(c.smp),
             "-m", str(c.memory_mib),
             "-nodefaults", "-display", "none", "-no-reboot", "-S",
             "-chardev",
-            f"socket,id=con0,path={self.console_socket},server=on,wait=off,"
-            f"logfile={self.console_log}",
+            f"socket,id=con0,path={h(self.console_socket)},server=on,wait=off,"
+            f"logfile={h(self.console_log)}",
             "-serial", "chardev:con0",
-            "-chardev", f"socket,id=gdb0,path={self.gdb_socket},server=on,wait=off",
+            "-chardev", f"socket,id=gdb0,path={h(self.gdb_socket)},server=on,wait=off",
             "-gdb", "chardev:gdb0",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-            "-kernel", str(c.kernel),
-            "-initrd", str(c.initrd),
+            "-qmp", f"unix:{h(self.qmp_socket)},server=on,wait=off",
+            "-kernel", self.host.stage(c.kernel),
+            "-initrd", self.host.stage(c.initrd),
             "-append", c.append,
-            "-d", "cpu_reset", "-D", str(self.debug_log),
+            "-d", "cpu_reset", "-D", h(self.debug_log),
             *c.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> None:
         """Start QEMU frozen; return once its QMP socket answers."""
         qemu_path = require_program(self.host, self.config.qemu, "qemu-system-x86")
-        said = subprocess.run([qemu_path, "--version"], capture_output=True, text=True, check=False).stdout
+        said = self.host.run([qemu_path, "--version"])[1]
         self.version = (said.splitlines() or [f"{qemu_path} (printed no version)"])[0]
         self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)
+        for sock in (self.qmp_socket, self.gdb_socket, self.console_socket):
+            self.host.expose(sock)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise ConfigError(self.start_failure(qemu_path))
-            if self.qmp_socket.exists():
+            if self.host.exists(self.qmp_socket):
                 qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
                     qmp.connect()
-                except OSError:
+                except Exception:  # OSError locally; qemu.qmp's ConnectError through a forwarder
                     qmp.close()
                 else:
                     self._qmp = qmp
                     return
             if time.monotonic() > deadline:
-                raise GuestError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
+                where = "" if self.host.label == "local" else f" on {self.host.label}"
+                raise GuestError(f"QEMU{where} did not open its QMP socket within {timeout:.0f} s")
             time.sleep(0.02)  # polling for a socket file to appear; not in any hot path
 
     def start_failure(self, qemu_path: str) -> str:
         """One line on why QEMU exited at start: its own last error line and exit status."""
         assert self.proc is not None
-        status = describe_status(self.proc.wait())
+        rc = self.proc.poll()  # it has exited: start() saw it
+        status = "an unknown status" if rc is None else describe_status(rc)
         said = self.log_tail(1)
         if not said:
             return (
@@ -168,11 +173,7 @@ class QemuMachine:
         if rc is None:
             return "QEMU still running"
         said = self.log_tail(1)
-        why = (
-            f"QEMU exited with {describe_status(rc)}: {said}"
-            if said
-            else f"QEMU exited with {describe_status(rc)}"
-        )
+        why = f"QEMU exited with {describe_status(rc)}" + (f": {said}" if said else "")
         if self.triple_faulted():
             why += " after a triple fault (the guest reset; -no-reboot ends QEMU)"
         return why
@@ -180,7 +181,7 @@ class QemuMachine:
     def triple_faulted(self) -> bool:
         """True if QEMU logged a triple fault (its ``-d cpu_reset`` log)."""
         try:
-            return b"Triple fault" in self.debug_log.read_bytes()
+            return b"Triple fault" in self.host.read_tail(self.debug_log, 1 << 20)
         except OSError:
             return False
 
@@ -195,7 +196,7 @@ class QemuMachine:
     def console_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the serial console, from the log file."""
         try:
-            data = self.console_log.read_bytes()[-65536:]
+            data = self.host.read_tail(self.console_log, 65536)
         except OSError:
             return ""
         text = data.decode("utf-8", "replace").replace("\r", "")
@@ -207,7 +208,7 @@ class QemuMachine:
         # landed inside an earlier QMP call (a KeyboardInterrupt, not an Exception).
         try:
             if self.proc is not None:
-                kill_process_group(self.proc)
+                self.proc.kill()
         finally:
             qmp, self._qmp = self._qmp, None
             try:
@@ -215,7 +216,7 @@ class QemuMachine:
                     with contextlib.suppress(Exception):
                         qmp.close()
             finally:
-                remove_tree(self.dir)
+                self.host.remove_private_dir(self.dir)
 
     def __enter__(self) -> QemuMachine:
         return self
@@ -258,4 +259,5 @@ def check_accel(host: Host, accel: str) -> None:
         raise ConfigError(f"--accel {accel!r} is not supported: use tcg or kvm")
     why = host.kvm_usable()
     if why is not None:
-        raise ConfigError(f"--accel kvm cannot run here: {why}; use --accel tcg")
+        where = "here" if host.label == "local" else f"on {host.label}"
+        raise ConfigError(f"--accel kvm cannot run {where}: {why}; use --accel tcg")

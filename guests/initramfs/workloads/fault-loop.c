@@ -6,7 +6,8 @@
  * -> do_anonymous_page), then discards all pages with a single
  * madvise(MADV_DONTNEED) so the next pass faults again.  That is 256 faults
  * per syscall, so nearly all the time goes to user mode plus the fault path
- * rather than to mmap/munmap.
+ * rather than to mmap/munmap. A kernel without madvise (no
+ * CONFIG_ADVISE_SYSCALLS) gets a fresh mapping at the same address instead.
  *
  * MADV_NOHUGEPAGE keeps transparent huge pages from turning 256 faults into
  * one (the region is smaller than 2 MiB anyway, but be explicit).

@@ -1,0 +1,109 @@
+"""Whether KVM can really run a guest on a host: flags, /dev/kvm, and a bounded test boot.
+
+A /dev/kvm can exist and still not run guests usefully (a nested or emulated KVM that
+hangs at the first VM entry), so the check ends with a real KVM boot of a 64 KiB
+firmware whose reset vector writes one byte to QEMU's ``isa-debug-exit`` port: QEMU
+then exits with status ``(0x31 << 1) | 1`` = 99. The boot runs under ``timeout -s
+KILL``, so a hanging KVM costs at most :data:`PROBE_SECONDS`. It proves VM entry, guest
+execution and VM exit, but a nested KVM that hangs later (in a kernel's decompressor,
+say) passes it, so :func:`kernel_probe` then boots the rig's own kernel and initramfs to
+its first user-space program (``rdinit=/bin/true``), also under ``timeout -s KILL``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import tempfile
+from pathlib import Path
+
+from rig.transport.host import Host
+
+#: Upper bound (s) on the probe boot.
+PROBE_SECONDS = 10
+#: QEMU's exit status when the probe firmware ran (isa-debug-exit: (0x31 << 1) | 1).
+PROBE_EXIT = 99
+
+# real mode at F000:FFF0: mov al,0x31; out 0xf4,al; hlt; jmp back to the hlt
+_RESET_VECTOR = bytes.fromhex("b031e6f4f4ebfd")
+
+_STATIC_CHECKS = (
+    "grep -qwE 'vmx|svm' /proc/cpuinfo || { echo 'the CPU has no vmx/svm flag "
+    "(a nested or emulated /dev/kvm cannot run guests)'; exit 1; }; "
+    "[ -e /dev/kvm ] || { echo '/dev/kvm does not exist (kvm_intel/kvm_amd not loaded?)'; exit 1; }; "
+    '[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "/dev/kvm is not accessible to $(id -un) '
+    '(add the user to the kvm group)"; exit 1; }'
+)
+
+
+def probe_firmware(*, halts: bool = True) -> bytes:
+    """The 64 KiB probe BIOS; ``halts=False`` gives one that spins forever (to test the bound)."""
+    code = _RESET_VECTOR if halts else bytes.fromhex("ebfe")  # jmp $
+    image = bytearray(b"\xf4" * 0x10000)
+    image[0xFFF0 : 0xFFF0 + len(code)] = code
+    return bytes(image)
+
+
+def probe_boot(
+    host: Host, qemu: str, accel: str, firmware: bytes, seconds: int = PROBE_SECONDS
+) -> str | None:
+    """Boot ``firmware`` under ``accel`` on ``host``; None if it ran to its exit, else why not."""
+    digest = hashlib.sha256(firmware).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / f"cr3rig-kvmprobe-{digest}.bin"
+    if not local.exists():
+        tmp = local.with_suffix(f".{digest}.tmp")
+        tmp.write_bytes(firmware)
+        tmp.replace(local)
+    bios = host.stage(local)
+    cpu = "host" if accel == "kvm" else "max"
+    argv = [
+        "timeout", "-s", "KILL", str(seconds),
+        qemu, "-accel", accel, "-cpu", cpu, "-m", "16", "-nodefaults", "-display", "none",
+        "-no-reboot", "-bios", bios, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01",
+    ]  # fmt: skip
+    status, out = host.run(["sh", "-c", " ".join(shlex.quote(a) for a in argv) + " 2>&1"], seconds + 20)
+    if status == PROBE_EXIT:
+        return None
+    if status in (124, 137, -9):
+        return f"a {accel.upper()} test boot did not finish within {seconds} s (a nested KVM that hangs?)"
+    last = out.strip().splitlines()[-1:] or ["no output"]
+    return f"a {accel.upper()} test boot failed with status {status}: {last[0]}"
+
+
+#: Upper bound (s) on the kernel probe boot (a kernel reaches init in ~1 s under KVM).
+KERNEL_PROBE_SECONDS = 60
+
+
+def kernel_probe(
+    host: Host, qemu: str, accel: str, kernel: Path, initrd: Path, seconds: int = KERNEL_PROBE_SECONDS
+) -> str | None:
+    """Boot ``kernel`` under ``accel`` on ``host`` until its first user-space program
+    (``/bin/true``) has run and init exited; None if it did, else why not (one line)."""
+    cpu = "host" if accel == "kvm" else "max"
+    argv = [
+        "timeout", "-s", "KILL", str(seconds),
+        qemu, "-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "256", "-nodefaults",
+        "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-kernel", host.stage(kernel), "-initrd", host.stage(initrd),
+        "-append", "console=ttyS0 la57=off panic=-1 rdinit=/bin/true",
+    ]  # fmt: skip
+    cmd = " ".join(shlex.quote(a) for a in argv) + " </dev/null 2>&1"
+    status, out = host.run(["sh", "-c", cmd], seconds + 30)
+    if status == 0 and "Attempted to kill init" in out:
+        return None
+    if status in (124, 137, -9):
+        tail = [ln for ln in out.replace("\r", "").splitlines() if ln.strip()][-1:] or ["no console output"]
+        return (
+            f"a {accel.upper()} boot of {kernel.name} did not reach user space within {seconds} s "
+            f"(a nested KVM that hangs?); last console line: {tail[0][:100]}"
+        )
+    last = out.strip().splitlines()[-1:] or ["no output"]
+    return f"a {accel.upper()} boot of {kernel.name} failed with status {status}: {last[0][:100]}"
+
+
+def kvm_problem(host: Host, qemu: str = "qemu-system-x86_64") -> str | None:
+    """None if KVM runs guests on ``host``, else why not (one line)."""
+    status, out = host.run(["sh", "-c", _STATIC_CHECKS])
+    if status != 0:
+        return out.strip().splitlines()[-1] if out.strip() else f"the KVM checks failed ({status})"
+    return probe_boot(host, qemu, "kvm", probe_firmware())

@@ -1,0 +1,77 @@
+"""Watch mode (rig.observe.watching): every CR3 switch of every vCPU, at full TCG speed.
+
+Every CR3 write and every signal store of the kernel's entry and noinstr text (found in
+the vmlinux) and ``paranoid_entry`` are breakpoints on every vCPU; the workloads run on
+every vCPU, and NMIs are injected (they reach vCPU 0) every ``NMI_EVERY`` stops. At each
+hit the vCPU that hit is stepped over the one instruction: a CR3 write that loads the
+kernel CR3 must find the signal at 1, one that loads the user CR3 must find it at 0 (a
+paranoid restore: the value its paranoid entry found), the signal changes only at a
+store, and every other vCPU reads the same signal. The count per site goes to the
+session's `cr3rig: explorations` section.
+
+``CR3RIG_WATCH_TRANSITIONS`` (environment) sets how many CR3 transitions to check
+(default ``WATCH_TRANSITIONS``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rig.guest import Guest
+from rig.observe.coverage import SiteCoverage
+from rig.observe.watching import watch
+from testcases.conftest import SIGNAL
+
+#: CR3 transitions (side changes) to check, across all vCPUs. The default keeps the whole
+#: default `pytest testcases/` near a minute (watching checks ~100 transitions/s here);
+#: CR3RIG_WATCH_TRANSITIONS=10000 is the long run (about 2 minutes on 2 cores).
+WATCH_TRANSITIONS = 1_000
+#: Inject an NMI (vCPU 0) before every this many continues.
+NMI_EVERY = 50
+#: Workloads started on every vCPU (user-spin only on vCPU 0, where the injected NMIs land
+#: and must find it in user mode; on the others it only burns time slices).
+EVERY_CPU = (
+    "syscall-loop",
+    "iret-loop",
+    "fault-loop",
+    "bad-iret-loop",
+    "compat-sysenter-loop",
+    "compat-syscall-loop",
+    "compat-int80-loop",
+    "compat-sysenter-tf-loop",
+)
+CPU0_ONLY = ("user-spin",)
+#: Seconds the watch may take before it fails as stuck.
+MAX_SECONDS = 900.0
+
+
+def test_every_cr3_transition_on_every_vcpu(
+    signal_guest: Guest,
+    site_coverage: SiteCoverage | None,
+    exploration_report: list[str],
+) -> None:
+    g = signal_guest
+    if not g.config.vmlinux or site_coverage is None:
+        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+    if g.config.smp < 2:
+        pytest.skip(f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={g.config.smp}")
+    transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", WATCH_TRANSITIONS))
+    for cpu in range(g.config.smp):
+        for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
+            g.start_workload(name, cpu)
+    result = watch(
+        g,
+        site_coverage.sites,
+        signal=SIGNAL,
+        transitions=transitions,
+        nmi_every=NMI_EVERY,
+        max_seconds=MAX_SECONDS,
+    )
+    exploration_report.append(result.table())
+    assert not result.problems, "\n".join(result.problems[:12]) + "\n" + result.table()
+    assert result.transitions >= transitions
+    assert set(result.hits_by_cpu) == set(range(g.config.smp)), (
+        f"not every vCPU hit a site:\n{result.table()}"
+    )

@@ -1,0 +1,207 @@
+"""The container matrix runner (rig.tools.matrix): cells, engine commands, JUnit, the table.
+
+The JUnit files come from real pytest runs; the engine test runs the real podman when it
+is installed. Running whole cells (minutes each) is the matrix's own job, not CI's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rig.tools import matrix
+from rig.tools.matrix import Cell, CellResult, Engine, MatrixError, Outcome
+
+SAMPLE_TESTS = """
+import pytest
+
+def test_passes():
+    assert True
+
+def test_fails():
+    assert 1 == 2, "one is not two"
+
+@pytest.mark.skip(reason="kernel has no CONFIG_TRACK_CR3")
+def test_skipped():
+    pass
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("guest did not boot: kernel panic")
+
+def test_errors(broken):
+    pass
+
+@pytest.mark.parametrize("w", ["a", "b"])
+def test_param(w):
+    pass
+"""
+
+
+def _real_junit(tmp_path: Path, source: str = SAMPLE_TESTS) -> Path:
+    """Run pytest on ``source`` (as testcases/test_sample.py) and return its JUnit XML."""
+    d = tmp_path / "testcases"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "test_sample.py").write_text(source)
+    junit = tmp_path / "junit.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cr3rig",
+         f"--junitxml={junit}", str(d)],
+        cwd=tmp_path, capture_output=True, check=False,
+    )  # fmt: skip
+    assert junit.exists()
+    return junit
+
+
+def test_parse_cell() -> None:
+    assert matrix.parse_cell("trixie:reference-7.2") == Cell("trixie", "reference-7.2")
+    assert matrix.parse_cell("sid:debian").slug == "sid__debian"
+    for bad in ("trixie", ":debian", "sid:", "sid/x:debian"):
+        with pytest.raises(MatrixError, match="expected SUITE:KERNEL"):
+            matrix.parse_cell(bad)
+    with pytest.raises(MatrixError, match="is no file"):
+        matrix.parse_cell("sid:/nonexistent/bzImage")
+
+
+def test_path_kernel_mounts_its_build_tree(tmp_path: Path) -> None:
+    image = tmp_path / "tree" / "arch" / "x86" / "boot" / "bzImage"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"MZ")
+    assert matrix.kernel_mounts(str(image)) == [image.parent]
+    (tmp_path / "tree" / "vmlinux").write_bytes(b"\x7fELF")
+    cell = matrix.parse_cell(f"bookworm:{image}")
+    assert matrix.kernel_mounts(cell.kernel) == [tmp_path / "tree"]
+    argv = matrix.run_argv(Engine("docker", ("docker",)), cell, tmp_path / "c", tmp_path / "o")
+    assert f"{tmp_path / 'tree'}:{tmp_path / 'tree'}:ro" in argv
+
+
+def test_podman_engine_drops_default_ulimits(tmp_path: Path) -> None:
+    eng = matrix.podman_engine(tmp_path, runc=True, containers_conf=None)
+    assert eng.argv == ("podman", "--cgroup-manager=cgroupfs", "--runtime", "runc")
+    conf = Path(eng.env["CONTAINERS_CONF"]).read_text()
+    assert "[containers]" in conf and "default_ulimits = []" in conf
+    # a containers.conf the user already has is kept, and crun hosts get no --runtime
+    eng = matrix.podman_engine(tmp_path / "x", runc=False, containers_conf="/etc/mine.conf")
+    assert eng.env == {"CONTAINERS_CONF": "/etc/mine.conf"} and "--runtime" not in eng.argv
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_argv_shares_the_cache_at_the_same_path(tmp_path: Path) -> None:
+    eng = Engine("podman", ("podman", "--cgroup-manager=cgroupfs"))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = matrix.run_argv(eng, Cell("sid", "debian"), cache, out, pytest_args=["-k", "it's"])
+    assert argv[:4] == ["podman", "--cgroup-manager=cgroupfs", "run", "--rm"]
+    assert f"{cache}:{cache}" in argv and f"CR3RIG_CACHE={cache}" in argv
+    assert f"{out}:/out" in argv and "CR3RIG_MATRIX_KERNEL=debian" in argv
+    assert argv[-4:-2] == ["cr3rig:sid", "sh"]
+    script = argv[-1]
+    assert "pytest testcases/" in script and "--junitxml=/out/junit.xml" in script
+    assert "'it'\\''s'" in script
+    prep = matrix.run_argv(eng, Cell("sid", "debian"), cache, out, prepare_only=True)[-1]
+    assert "rig.supply.kernel" in prep and "pytest" not in prep
+    b = matrix.build_argv(eng, "trixie", Path("/repo"))
+    assert b[2:] == ["build", "--network", "host", "--build-arg", "SUITE=trixie", "-t", "cr3rig:trixie",
+                     "-f", "/repo/Dockerfile", "/repo"]  # fmt: skip
+
+
+def test_cell_script_is_valid_shell() -> None:
+    script = matrix.cell_script(["-k", "x y"])
+    res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_parse_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
+    got = matrix.parse_junit(_real_junit(tmp_path))
+    assert {t: o.status for t, o in got.items()} == {
+        "test_sample.py::test_passes": "pass",
+        "test_sample.py::test_fails": "FAIL",
+        "test_sample.py::test_skipped": "skip",
+        "test_sample.py::test_errors": "error",
+        "test_sample.py::test_param[a]": "pass",
+        "test_sample.py::test_param[b]": "pass",
+    }
+    assert got["test_sample.py::test_skipped"].message == "kernel has no CONFIG_TRACK_CR3"
+    assert "one is not two" in got["test_sample.py::test_fails"].message
+    with pytest.raises(ValueError, match="unreadable JUnit"):
+        matrix.parse_junit("<testsuite><testcase")
+
+
+def test_judge_cell(tmp_path: Path) -> None:
+    cell = Cell("sid", "reference-6.1")
+    (tmp_path / "qemu-version").write_text("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1)\n")
+    (tmp_path / "prepare.log").write_text("Traceback...\nKernelBuildError: make failed\n")
+    r = matrix.judge_cell(cell, tmp_path, matrix.PREPARE_FAILED, 3.0)
+    assert (r.status, r.reason, r.qemu) == ("kernel failed", "KernelBuildError: make failed",
+                                            "11.1.3 (Debian 1:11.1.3+ds-1)")  # fmt: skip
+    r = matrix.judge_cell(cell, tmp_path, 4, 3.0)
+    assert r.status == "no result" and r.reason.startswith("exit 4")
+    shutil.copy(_real_junit(tmp_path / "a"), tmp_path / "junit.xml")
+    r = matrix.judge_cell(cell, tmp_path, 1, 3.0)
+    assert r.status == "failed" and not r.ok
+    assert r.counts() == {"pass": 3, "FAIL": 1, "error": 1, "skip": 1}
+    boot = "import pytest\n@pytest.fixture\ndef g():\n    raise RuntimeError('guest did not boot: panic')\n"
+    boot += "def test_a(g): pass\ndef test_b(g): pass\n"
+    shutil.copy(_real_junit(tmp_path / "b", boot), tmp_path / "junit.xml")
+    r = matrix.judge_cell(cell, tmp_path, 1, 3.0)
+    assert r.status == "boot failed" and "guest did not boot: panic" in r.reason
+
+
+def test_image_reason_names_the_tool_error() -> None:
+    log = "Get:1 ...\nE: Release file for http://x/dists/sid/InRelease is expired\nError: building at STEP\n"
+    assert matrix._image_reason("sid", log).startswith("E: Release file")
+    log = 'Error: creating build container: short-name "debian:sid" did not resolve: not found\n'
+    assert matrix._image_reason("sid", log).endswith("make it with scripts/debian-base-image.sh sid")
+
+
+def test_table_markdown_and_json() -> None:
+    outcomes = {"t.py::a": Outcome("pass"), "t.py::b": Outcome("skip", "no CONFIG_TRACK_CR3")}
+    ok = CellResult("bookworm:debian", "ok", qemu="7.2.22", seconds=75, outcomes=outcomes)
+    bad = CellResult("sid:reference-6.1", "kernel failed", "make: *** [vmlinux] Error 2", seconds=4)
+    md = matrix.render_markdown([ok, bad])
+    lines = md.splitlines()
+    assert lines[0] == "| testcase | bookworm:debian | sid:reference-6.1 |"
+    assert "| QEMU | 7.2.22 | ? |" in lines and "| result | 1 pass, 1 skip | kernel failed |" in lines
+    assert "| time | 1 min 15 s | 4 s |" in lines
+    assert "| `t.py::b` | skip |  |" in lines
+    assert "sid:reference-6.1: kernel failed: make: *** [vmlinux] Error 2" in md
+    md = matrix.render_markdown([ok, bad], reasons=True)
+    assert "| `t.py::b` | skip [1] |  |" in md and "[1] no CONFIG_TRACK_CR3" in md
+    back = matrix.from_json(matrix.to_json([ok, bad]))
+    assert back == [ok, bad]
+    assert json.loads(matrix.to_json([ok]))[0]["outcomes"]["t.py::b"]["message"] == "no CONFIG_TRACK_CR3"
+
+
+def test_merge_exits_nonzero_on_a_broken_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ok = CellResult("bookworm:debian", "ok", qemu="7.2.22", outcomes={"t.py::a": Outcome("pass")})
+    bad = CellResult("sid:debian", "image failed", "no base image debian:sid")
+    (tmp_path / "1.json").write_text(matrix.to_json([ok]))
+    (tmp_path / "2.json").write_text(matrix.to_json([bad]))
+    assert matrix.main(["--merge", str(tmp_path / "1.json"), "--out", str(tmp_path / "o")]) == 0
+    assert matrix.main(["--merge", str(tmp_path / "1.json"), str(tmp_path / "2.json"),
+                        "--out", str(tmp_path / "o")]) == 1  # fmt: skip
+    assert "sid:debian: image failed: no base image debian:sid" in capsys.readouterr().out
+    assert "sid:debian" in (tmp_path / "o" / "matrix.md").read_text()
+
+
+def test_bad_cell_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert matrix.main(["--cell", "bookworm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ERROR: cell 'bookworm': expected SUITE:KERNEL") and "\n" not in err
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed (apt-get install podman)")
+def test_a_suite_without_base_image_is_reported_not_raised(tmp_path: Path) -> None:
+    """Real podman: a suite with no base image fails its image build; the runner reports it and goes on."""
+    eng = matrix.find_engine(tmp_path, "podman")
+    res = matrix.run_matrix(
+        [Cell("no-such-suite", "debian"), Cell("no-such-suite", "reference-7.2")],
+        tmp_path, eng, cache=tmp_path / "cache", log=lambda s: None,
+    )  # fmt: skip
+    assert [r.status for r in res] == ["image failed", "image failed"]
+    fix = "make it with scripts/debian-base-image.sh no-such-suite"
+    assert res[0].reason == f"no base image debian:no-such-suite: {fix}"

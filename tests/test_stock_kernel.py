@@ -1,0 +1,50 @@
+"""Debian's stock kernel packages across suites (rig.supply.kernel): both package layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rig.supply.kernel import stock_image_path, stock_packages
+
+# `apt-cache depends` as printed in the suites' containers (2026-11)
+TRIXIE = """linux-image-6.12.118+deb13-amd64
+  PreDepends: linux-base
+ |Depends: initramfs-tools
+  Depends: <linux-initramfs-tool>
+    initramfs-tools
+  Recommends: firmware-linux-free
+"""
+SID = """linux-image-7.2.13+deb14-amd64
+  PreDepends: linux-base
+ |Depends: dracut
+ |Depends: initramfs-tools
+  Depends: <linux-initramfs-tool>
+    dracut
+    initramfs-tools
+    tiny-initramfs
+  Depends: linux-base-7.2.13+deb14-amd64
+  Depends: linux-binary-7.2.13+deb14-amd64
+  Depends: linux-modules-7.2.13+deb14-amd64
+  Breaks: initramfs-tools
+  Suggests: linux-doc-7.2
+"""
+
+
+def test_split_packaging_adds_the_binary_package() -> None:
+    assert stock_packages("linux-image-6.12.118+deb13-amd64", TRIXIE) == ["linux-image-6.12.118+deb13-amd64"]
+    assert stock_packages("linux-image-7.2.13+deb14-amd64", SID) == [
+        "linux-image-7.2.13+deb14-amd64",
+        "linux-binary-7.2.13+deb14-amd64",
+    ]
+
+
+def test_image_found_in_either_layout(tmp_path: Path) -> None:
+    assert stock_image_path(tmp_path, "7.2.13+deb14-amd64") is None
+    old = tmp_path / "boot" / "vmlinuz-6.12.118+deb13-amd64"
+    old.parent.mkdir()
+    old.write_bytes(b"MZ")
+    assert stock_image_path(tmp_path, "6.12.118+deb13-amd64") == old
+    new = tmp_path / "usr" / "lib" / "modules" / "7.2.13+deb14-amd64" / "vmlinuz"
+    new.parent.mkdir(parents=True)
+    new.write_bytes(b"MZ")
+    assert stock_image_path(tmp_path, "7.2.13+deb14-amd64") == new
