@@ -390,9 +390,7 @@ def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> 
         "| testcase | " + " | ".join(r.cell for r in results) + " |",
         "| --- |" + " --- |" * len(results),
         "| QEMU | " + " | ".join(r.qemu.split(" ", 1)[0] if r.qemu else "?" for r in results) + " |",
-        "| result | "
-        + " | ".join(r.status if not r.outcomes else _summary(r) for r in results)
-        + " |",
+        "| result | " + " | ".join(r.status if not r.outcomes else _summary(r) for r in results) + " |",
         "| time | " + " | ".join(_fmt_seconds(r.seconds) for r in results) + " |",
     ]
     for t in tests:

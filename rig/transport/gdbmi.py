@@ -180,7 +180,7 @@ class GdbMi:
     def death(self, doing: str) -> str:
         """One line on GDB's exit: its status, ``doing`` (e.g. "while running 'x'"), its
         last output."""
-        from rig.transport.qemu import describe_status
+        from rig.transport.host import describe_status
 
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)

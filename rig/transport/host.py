@@ -38,7 +38,8 @@ class HostProcess(abc.ABC):
 
     def exit_text(self) -> str:
         """A short phrase on how it ended (call once :meth:`poll` is not None)."""
-        return f"exited with status {self.poll()}"
+        rc = self.poll()
+        return "is still running" if rc is None else f"exited with {describe_status(rc)}"
 
 
 class LocalProcess(HostProcess):
@@ -172,3 +173,14 @@ def require_program(host: Host, program: str, package: str) -> str:
 def remove_tree(path: Path) -> None:
     """Remove a private directory made by :meth:`Host.private_dir`."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def describe_status(returncode: int) -> str:
+    """``status N`` or ``signal N (SIGNAME)`` for a Popen return code."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "?"
+        return f"signal {-returncode} ({name})"
+    return f"status {returncode}"

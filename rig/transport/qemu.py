@@ -9,14 +9,13 @@ any failure of the pexpect side.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rig.errors import ConfigError, GuestError
-from rig.transport.host import Host, HostProcess, require_program
+from rig.transport.host import Host, HostProcess, describe_status, require_program
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
@@ -173,7 +172,7 @@ class QemuMachine:
         if rc is None:
             return "QEMU still running"
         said = self.log_tail(1)
-        why = f"QEMU exited with {describe_status(rc)}" + (f": {said}" if said else "")
+        why = f"QEMU {self.proc.exit_text()}" + (f": {said}" if said else "")
         if self.triple_faulted():
             why += " after a triple fault (the guest reset; -no-reboot ends QEMU)"
         return why
@@ -238,17 +237,6 @@ def check_cmdline_length(cmdline: str) -> None:
             f"{COMMAND_LINE_SIZE - 1} (COMMAND_LINE_SIZE {COMMAND_LINE_SIZE}) and drops the rest "
             "silently: shorten --append"
         )
-
-
-def describe_status(returncode: int) -> str:
-    """``status N`` or ``signal N (SIGNAME)`` for a Popen return code."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "?"
-        return f"signal {-returncode} ({name})"
-    return f"status {returncode}"
 
 
 def check_accel(host: Host, accel: str) -> None:
