@@ -540,7 +540,10 @@ class Explorer:
                     )
                 if paranoid_restore:
                     paranoid.pop()  # back to the code it interrupted, not to user mode
-                elif depth == 0 and returned:
+                elif returned:
+                    # an exit to user mode: every frame is unwound (an unexpected event taken
+                    # in user mode after ours returned leaves that way too)
+                    depth = 0
                     after_return_user_write = True
                 if depth == 1 and return_to is not None and return_to < 1 << 63:
                     # an event taken in user mode leaves for user mode here (swapgs, iretq
