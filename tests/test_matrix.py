@@ -17,7 +17,7 @@ import pytest
 from rig.tools import matrix
 from rig.tools.matrix import Cell, CellResult, Engine, MatrixError, Outcome
 
-SAMPLE_TESTS = '''
+SAMPLE_TESTS = """
 import pytest
 
 def test_passes():
@@ -40,7 +40,7 @@ def test_errors(broken):
 @pytest.mark.parametrize("w", ["a", "b"])
 def test_param(w):
     pass
-'''
+"""
 
 
 def _real_junit(tmp_path: Path, source: str = SAMPLE_TESTS) -> Path:

@@ -56,17 +56,9 @@ class SiteCoverage:
             f"{len(self.missing())} reachable but not executed"
         ]
         for s in self.sites:
-            who = self.executed_by.get(s.address)
-            reason = self.reason(s)
-            if who:
-                status = f"executed by {len(who)}: " + ", ".join(_short(t) for t in who[:3])
-                if len(who) > 3:
-                    status += ", ..."
-            elif reason is not None:
-                status = f"not reachable under TCG: {reason}"
-            else:
-                status = "NOT EXECUTED"
-            lines.append(f"  {s.address:#x} {s.kind:<12} {s.where:<44} {s.insn:<34.34} {status}")
+            lines.append(
+                f"  {s.address:#x} {s.kind:<12} {s.where:<44} {s.insn:<34.34} {self._status(s, limit=3)}"
+            )
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -79,14 +71,21 @@ class SiteCoverage:
             "| --- | --- | --- | --- |",
         ]
         for s in self.sites:
-            who = self.executed_by.get(s.address)
-            reason = self.reason(s)
-            if who:
-                cell = ", ".join(f"`{_short(t)}`" for t in who)
-            else:
-                cell = f"not reachable under TCG: {reason}" if reason else "**NOT EXECUTED**"
-            out.append(f"| `{s.where}` | {s.kind} | `{s.insn}` | {cell} |")
+            out.append(f"| `{s.where}` | {s.kind} | `{s.insn}` | {self._status(s, code=True)} |")
         return "\n".join(out) + "\n"
+
+    def _status(self, site: Site, *, limit: int | None = None, code: bool = False) -> str:
+        """Who executed ``site`` (at most ``limit`` names), or why nobody did."""
+        who = self.executed_by.get(site.address)
+        if who:
+            names = [f"`{_short(t)}`" if code else _short(t) for t in who[:limit]]
+            more = ", ..." if limit is not None and len(who) > limit else ""
+            head = f"executed by {len(who)}: " if limit is not None else ""
+            return head + ", ".join(names) + more
+        reason = self.reason(site)
+        if reason is not None:
+            return f"not reachable under TCG: {reason}"
+        return "**NOT EXECUTED**" if code else "NOT EXECUTED"
 
     def rows(self) -> list[dict[str, str]]:
         """The table as dicts (for reports)."""

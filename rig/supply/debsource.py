@@ -91,7 +91,8 @@ def _sources_list(suite: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _apt_options(apt_dir: Path) -> list[str]:
+def apt_options(apt_dir: Path) -> list[str]:
+    """apt-get options for a private configuration in ``apt_dir`` (sources.list, lists/, cache/)."""
     opts = [
         f"-oDir::Etc::SourceList={apt_dir / 'sources.list'}",
         "-oDir::Etc::SourceParts=/dev/null",
@@ -119,7 +120,7 @@ def fetch_package(flavor: SourcePackage, kernels: Path, *, refresh: bool, runner
         (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
         (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         (apt_dir / "sources.list").write_text(_sources_list(flavor.suite))
-        opts = _apt_options(apt_dir)
+        opts = apt_options(apt_dir)
         runner.say(f"kernelbuild: apt-get update ({flavor.suite})")
         runner.run(["apt-get", "-q", *opts, "update"], what="apt-get update")
         download = Path(tempfile.mkdtemp(prefix="download-", dir=apt_dir))

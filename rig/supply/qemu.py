@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rig.errors import ConfigError
 from rig.supply.cache import default_cache_dir
+from rig.supply.debsource import apt_options
 from rig.supply.kernelbuild import system_mirrors
 
 __all__ = ["PACKAGES", "fetch_qemu", "main", "wrapper_script"]
@@ -73,14 +74,7 @@ def fetch_qemu(suite: str = "bookworm-backports", cache_dir: Path | None = None)
         mirror, _ = system_mirrors()
         signed = f"[signed-by={_KEYRING}] " if _KEYRING.exists() else ""
         (apt / "sources.list").write_text(f"deb {signed}{mirror} {suite} main\n")
-        opts = [
-            f"-oDir::Etc::SourceList={apt / 'sources.list'}",
-            "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={apt / 'lists'}",
-            f"-oDir::Cache={apt / 'cache'}",
-        ]
-        if os.geteuid() == 0:
-            opts.append("-oAPT::Sandbox::User=root")
+        opts = apt_options(apt)
         _run(["apt-get", "-q", *opts, "update"], f"apt-get update ({suite})")
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             what = f"apt-get download {' '.join(PACKAGES)}"
