@@ -318,6 +318,16 @@ class Explorer:
                 )
                 seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x} from {came}"]
                 self._step_over(link, self.cpu, pc)
+                if window.from_user and not _user(cr3):
+                    # taken in kernel mode: run to user mode with the entries disarmed, so
+                    # that kernel-mode events run at full speed. Stopping at each of them
+                    # can livelock the vCPU in kernel mode: every stop lets the guest's
+                    # clock run on (QEMU 10), so the next timer interrupt is due by the
+                    # time the handler's softirqs enable interrupts again.
+                    for a in entries:
+                        self._disarm(link, a)
+                    self._to_user_mode(link, window)
+                    self._arm(link, entries)
         finally:
             for a in entries:
                 self._disarm(link, a)
