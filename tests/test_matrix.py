@@ -176,6 +176,16 @@ def test_table_markdown_and_json() -> None:
     assert json.loads(matrix.to_json([ok]))[0]["outcomes"]["t.py::b"]["message"] == "no CONFIG_TRACK_CR3"
 
 
+def test_a_failure_always_carries_its_message() -> None:
+    long = "GuestError: interrupt-entry: 200 hits in a row\n" + "x" * 2000
+    outcomes = {"t.py::a": Outcome("FAIL", long), "t.py::b": Outcome("skip", "no PCID")}
+    md = matrix.render_markdown([CellResult("trixie:reference-7.2", "failed", outcomes=outcomes)])
+    assert "| `t.py::a` | FAIL [1] |" in md and "| `t.py::b` | skip |" in md
+    note = next(line for line in md.splitlines() if line.startswith("[1] "))
+    assert note.startswith("[1] GuestError: interrupt-entry: 200 hits in a row x")
+    assert len(note) <= matrix.NOTE_CHARS + 4 and note.endswith("…")
+
+
 def test_merge_exits_nonzero_on_a_broken_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ok = CellResult("bookworm:debian", "ok", qemu="7.2.22", outcomes={"t.py::a": Outcome("pass")})
     bad = CellResult("sid:debian", "image failed", "no base image debian:sid")

@@ -381,7 +381,8 @@ def _fmt_seconds(s: float) -> str:
 def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> str:
     """The table: a column per cell, a row per testcase; header rows give QEMU, result and time.
 
-    With ``reasons`` each ``skip`` carries a footnote number; the notes follow the table.
+    Each ``FAIL`` and ``error`` carries a footnote number (its message), with ``reasons``
+    each ``skip`` too; the notes follow the table.
     Cells that could not build or boot are listed below it with their reason.
     """
     tests = sorted({t for r in results for t in r.outcomes})
@@ -399,9 +400,9 @@ def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> 
             o = r.outcomes.get(t)
             if o is None:
                 row.append("")
-            elif o.status == "skip" and reasons:
-                n = notes.setdefault(o.message, len(notes) + 1)
-                row.append(f"skip [{n}]")
+            elif (o.status == "skip" and reasons) or (o.status in ("FAIL", "error") and o.message):
+                n = notes.setdefault(_note(o.message), len(notes) + 1)
+                row.append(f"{o.status} [{n}]")
             else:
                 row.append(o.status)
         lines.append(f"| `{t}` | " + " | ".join(row) + " |")
@@ -411,6 +412,16 @@ def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> 
         if r.reason:
             lines.append(f"\n{r.cell}: {r.status}: {r.reason}")
     return "\n".join(lines) + "\n"
+
+
+#: A footnote longer than this is cut (a failure message can run to many kilobytes).
+NOTE_CHARS = 400
+
+
+def _note(message: str) -> str:
+    """One line of at most :data:`NOTE_CHARS` characters for a footnote."""
+    line = " ".join(message.split())
+    return line if len(line) <= NOTE_CHARS else line[: NOTE_CHARS - 1] + "…"
 
 
 def _summary(r: CellResult) -> str:
