@@ -44,6 +44,7 @@ from rig.machine.sites import Site
 from rig.machine.vcpu import thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.checks import signal_problems
+from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
 from rig.transport.rsp import RspLink, hex_le, is_error
 
@@ -154,6 +155,8 @@ class Exploration:
     cr3_index: int
     runs: list[BoundaryRun] = field(default_factory=list)
     seconds: float = 0.0
+    #: single steps QEMU answered without executing (repeated; see runcontrol.step_over)
+    repeated_steps: int = 0
 
     def problems(self) -> list[str]:
         """Every violation, each naming the window, boundary, event and path."""
@@ -178,6 +181,7 @@ class Exploration:
         head = (
             f"{self.window.name}: {len(self.runs)} boundaries, store at {self.store_index}, "
             f"CR3 write at {self.cr3_index}, {self.seconds:.1f} s"
+            + (f", {self.repeated_steps} single steps repeated" if self.repeated_steps else "")
         )
         lines = [head, f"{'k':>3} {'where':<36} {'instruction':<32} {'cr3':<6} sig event path verdict"]
         for r in self.runs:
@@ -210,6 +214,8 @@ class Explorer:
         self._armed: set[int] = set()
         self._seed: list[list[Any]] = []
         self.mismatch = ""
+        #: single steps QEMU answered without executing the instruction (repeated)
+        self.repeated_steps = 0
         rm = guest.regmap
         self._read = [
             f"Hg{self._thread}",
@@ -266,18 +272,11 @@ class Explorer:
         return hex_le(r[1]), hex_le(r[2]), hex_le(r[3]), None if is_error(r[5]) else hex_le(r[5])
 
     def _step_over(self, link: RspLink, cpu: int, pc: int) -> None:
-        """Step vCPU ``cpu`` (alone, interrupts masked) over the instruction at ``pc``,
-        lifting a breakpoint there for the step."""
-        armed = pc in self._armed
-        if armed:
-            link.transact([f"z0,{pc:x},1"])
-        reply = link.transact([f"vCont;s:{thread_id(cpu)}"])[0]
-        if not reply or reply[0] not in "ST":
-            raise GuestError(
-                f"single step of vCPU {cpu} at {self.guest.symbols.describe(pc)} answered {reply!r}"
-            )
-        if armed:
-            link.transact([f"Z0,{pc:x},1"])
+        """Step vCPU ``cpu`` alone over the instruction at ``pc`` (:func:`step_over`)."""
+        _, repeated = step_over(
+            link, self.guest.symbols, cpu, pc, self.guest.regmap.packet("rip"), armed=pc in self._armed
+        )
+        self.repeated_steps += repeated
 
     def _arm(self, link: RspLink, addrs: Iterable[int]) -> None:
         new = [a for a in addrs if a not in self._armed]
@@ -350,7 +349,7 @@ class Explorer:
         the user CR3, then step to user mode. (An NMI made pending in kernel mode would
         be taken there; one made pending in user mode is an NMI from user.)"""
         g = self.guest
-        cs_packet, cr3_packet = g.regmap.packet("cs"), g.regmap.packet("cr3")
+        cs_packet, cr3_packet, rip_packet = (g.regmap.packet(r) for r in ("cs", "cr3", "rip"))
         writes = [a for a, s in self.sites.items() if s.kind == "cr3-write"]
         for _ in range(20):
             if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
@@ -363,10 +362,10 @@ class Explorer:
                 for a in writes:
                     self._disarm(link, a)
             for _ in range(max_steps):
-                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet])
+                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet, rip_packet])
                 if hex_le(r[1]) & 3 or not _user(hex_le(r[2])):
                     break
-                self._step_over(link, self.cpu, 0)
+                self._step_over(link, self.cpu, hex_le(r[3]))
         raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
 
     def run_boundary(self, link: RspLink, window: Window, k: int, scout: Snapshot) -> BoundaryRun | None:
@@ -681,6 +680,7 @@ def _explore(
                     break
                 result.runs.append(run)
             else:
+                result.repeated_steps = ex.repeated_steps
                 return result
         if attempt == scouts:
             raise GuestError(

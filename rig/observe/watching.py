@@ -42,14 +42,13 @@ from rig.machine.sites import Site
 from rig.machine.vcpu import thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.exploration import NMI_CPU, PARANOID_RESTORE_FUNCTIONS, quiet_console
+from rig.observe.runcontrol import step_over
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Seconds one ``vCont;c`` may run without any vCPU hitting a switch site.
 CONTINUE_TIMEOUT = 10.0
 #: The run stops collecting after this many problems (the first ones say it all).
 MAX_PROBLEMS = 50
-#: Single steps tried on one site before the vCPU is declared stuck.
-STEP_TRIES = 5
 
 _STOP_THREAD = re.compile(r"thread:p[0-9a-f]+\.([0-9a-f]+)")
 
@@ -301,39 +300,13 @@ class Watcher:
         self.armed = []
 
     def _step_over(self, link: RspLink, cpu: int, pc: int) -> list[str]:
-        """Step vCPU ``cpu`` alone over the instruction at ``pc``; return the replies of
-        [Hg, rip, cr3, the observers' signal reads] after it.
-
-        QEMU's TCG lets a single step override a breakpoint at the stepped pc, so the
-        breakpoint stays armed. If the vCPU did not move (a QEMU that re-reports the
-        breakpoint, or a stop it still owed), the step is repeated with the breakpoint
-        lifted. The step packet is always sent alone: on a link with acknowledgements
-        the ``+`` for an earlier reply would reach QEMU while the vCPU runs, and any
-        byte arriving then pauses the VM (a ``T02`` reply, nothing executed).
-        """
-        thread = thread_id(cpu)
-        after = [f"Hg{thread}", self._rip, self._cr3, *self._observe[cpu]]
-        lifted = False
-        try:
-            for _ in range(STEP_TRIES):
-                step = link.transact([f"vCont;s:{thread}"])[0]
-                if not step or step[0] not in "ST":
-                    raise GuestError(
-                        f"single step of vCPU {cpu} at {self.guest.symbols.describe(pc)} answered {step!r}"
-                    )
-                r = link.transact(after)
-                if hex_le(r[1]) != pc:
-                    return r
-                self.repeated_steps += 1
-                if not lifted:
-                    link.transact([f"z0,{pc:x},1"])
-                    lifted = True
-        finally:
-            if lifted:
-                link.transact([f"Z0,{pc:x},1"])
-        raise GuestError(
-            f"vCPU {cpu} did not execute {self.guest.symbols.describe(pc)} in {STEP_TRIES} single steps"
+        """Step vCPU ``cpu`` alone over ``pc`` (:func:`step_over`); return the replies of
+        [Hg, rip, cr3, the observers' signal reads] after it."""
+        replies, repeated = step_over(
+            link, self.guest.symbols, cpu, pc, self._rip, armed=True, after=[self._cr3, *self._observe[cpu]]
         )
+        self.repeated_steps += repeated
+        return replies
 
     def _signal_reads(self, replies: Sequence[str]) -> list[int | None]:
         # replies alternate Hg (OK) and m (value or Exx)
