@@ -1,4 +1,5 @@
-"""Watch mode's checks over a stream of hits (rig/observe/watching.py), no guest needed.
+"""The transition rules over a stream of hits (rig/observe/transitions.py) and watch mode's
+tallies (rig/observe/watching.py), no guest needed.
 
 The sites and CR3 values are those of reference-7.2 (kernel PGD 0x3dc000, user 0x3dd000).
 """
@@ -6,7 +7,8 @@ The sites and CR3 values are those of reference-7.2 (kernel PGD 0x3dc000, user 0
 from __future__ import annotations
 
 from rig.machine.sites import Site
-from rig.observe.watching import Hit, SiteTally, TransitionChecker, WatchResult, agreed_signal
+from rig.observe.transitions import Hit, TransitionChecker, agreed_signal
+from rig.observe.watching import SiteTally, WatchResult
 
 KERNEL, USER = 0x3DC000, 0x3DD000
 
@@ -130,3 +132,19 @@ def test_result_counts_transitions_per_site_and_cpu() -> None:
     assert r.executed() == {s.address for s in sites[:4]}
     table = r.table()
     assert "6 CR3 transitions checked" in table and "not hit: paranoid_entry+0x8b" in table
+
+
+def test_strict_restores_check_an_unmatched_restore_as_a_user_cr3_write() -> None:
+    """The exploration sees every paranoid entry: a restore without one is an ordinary
+    user CR3 write (signal 0), not an unverified one."""
+    restore = Site(0x60, "cr3-write", "paranoid_exit", "paranoid_exit+0x43", "mov %r14,%cr3")
+    hit = Hit(0, restore, KERNEL, USER, 1, 1)
+    lax = TransitionChecker(2)
+    assert lax.check(hit) == [] and lax.unverified_restores == 1
+    strict = TransitionChecker(2, strict_restores=True)
+    problems = strict.check(hit)
+    assert strict.unverified_restores == 0
+    assert len(problems) == 1 and "loaded the user CR3 (kernel->user) with the signal 1" in problems[0]
+    assert not strict.restores_paranoid_entry(0, restore)
+    strict.paranoid_entry(0, 1)
+    assert strict.restores_paranoid_entry(0, restore)

@@ -46,6 +46,7 @@ from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.checks import signal_problems
 from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
+from rig.observe.transitions import Hit, TransitionChecker
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
@@ -55,8 +56,6 @@ NMI_CPU = 0
 MAX_STOPS = 400
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
-#: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
-PARANOID_RESTORE_FUNCTIONS = frozenset({"paranoid_exit", "end_repeat_nmi", "nmi_restore"})
 #: Most boundaries allowed between the store of 0 and the write of the user CR3.
 MAX_STORE_TO_CR3_WINDOW = 8
 
@@ -438,14 +437,18 @@ class Explorer:
         self._arm(link, fixed if latched else fixed - {pc_k})
         first: int | None = pc_k if latched else None
         found_signal, found_cr3 = run.signal, run.cr3
-        last_signal = run.signal
         depth = 0
         return_to: int | None = None
         return_rsp = 0
         delivered = returned = False
         after_return_user_write = False
         wrong_kernel_since: str | None = None
-        paranoid: list[list[Any]] = self._seed  # per paranoid entry taken: [signal it found, restored]
+        # the rules of each transition; the paranoid entries the stepped part took are its
+        # stack, and every later one is a stop, so a restore without an entry is checked
+        # as an ordinary user CR3 write
+        checker = TransitionChecker(self.guest.config.smp, strict_restores=True)
+        checker.paranoid[self.cpu] = self._seed
+        checker.last_signal[self.cpu] = run.signal
         for _ in range(MAX_STOPS):
             initial = first is not None
             pc = first if first is not None else self._continue(link, window, run)
@@ -453,11 +456,7 @@ class Explorer:
             self._arm(link, fixed)
             _, cr3, rsp, signal = self._state(link)
             where = sym.describe(pc)
-            if signal != last_signal:
-                run.problems.append(
-                    f"the signal changed {last_signal}->{signal} before {where} with no store site in between"
-                )
-            last_signal = signal
+            run.problems += checker.observe(self.cpu, signal, where)
             kind = ""
             if initial:
                 pass  # the interrupted instruction itself, not an event's stop
@@ -478,7 +477,7 @@ class Explorer:
                     self._arm(link, fixed | {ret})
             elif pc == self.paranoid:
                 kind = "paranoid_entry"
-                paranoid.append([signal, False])  # the value its exit must put back
+                run.problems += checker.paranoid_entry(self.cpu, signal)  # its exit must put it back
                 if not run.path or depth > 0:
                     run.path = f"paranoid_entry on the {_side(cr3)} CR3"
             elif pc == self.handler:
@@ -515,41 +514,16 @@ class Explorer:
             if site is None:
                 self._step_over(link, self.cpu, pc)  # a breakpoint that is not a switch
                 continue
-            restore = site.function in PARANOID_RESTORE_FUNCTIONS
-            if paranoid and paranoid[-1][1] and not (restore and site.kind == "cr3-write"):
-                paranoid.pop()  # its exit put the signal back and left CR3 alone
+            paranoid_restore = checker.restores_paranoid_entry(self.cpu, site)
             self._step_over(link, self.cpu, pc)
             _, cr3_after, _, signal_after = self._state(link)
             self._record(run, site.kind, pc, where, depth, cr3, cr3_after, signal, signal_after)
-            last_signal = signal_after
-            if restore and site.kind == "signal-store" and paranoid:
-                if signal_after != paranoid[-1][0]:
-                    run.problems.append(
-                        f"the paranoid exit at {where} stored {signal_after}; "
-                        f"its entry found {paranoid[-1][0]}"
-                    )
-                paranoid[-1][1] = True
+            run.problems += checker.check(Hit(self.cpu, site, cr3, cr3_after, signal, signal_after))
             if site.kind == "cr3-write" and _user(cr3) and not _user(cr3_after):
                 if signal != 1:
-                    run.problems.append(
-                        f"the CR3 write at {where} loaded the kernel CR3 with the signal {signal}"
-                    )
                     wrong_kernel_since = where
             elif site.kind == "cr3-write" and not _user(cr3) and _user(cr3_after):
-                paranoid_restore = restore and bool(paranoid)
-                want = paranoid[-1][0] if paranoid_restore and paranoid[-1][0] is not None else 0
-                if signal != want:
-                    what = (
-                        "the paranoid restore of the interrupted user CR3"
-                        if paranoid_restore
-                        else "the CR3 write"
-                    )
-                    run.problems.append(
-                        f"{what} at {where} loaded the user CR3 with the signal {signal} (want {want})"
-                    )
-                if paranoid_restore:
-                    paranoid.pop()  # back to the code it interrupted, not to user mode
-                elif returned:
+                if not paranoid_restore and returned:
                     # an exit to user mode: every frame is unwound (an unexpected event taken
                     # in user mode after ours returned leaves that way too)
                     depth = 0

@@ -1,0 +1,150 @@
+"""The rules of a CR3 transition and the signal, over a stream of executed switch sites.
+
+Pure (no guest): watch mode (:mod:`rig.observe.watching`) feeds it every site any vCPU
+executes; the exploration (:mod:`rig.observe.exploration`) feeds it the stops of the
+vCPU it fast-forwards. The rules:
+
+* a CR3 write that loads the kernel CR3 finds the signal at 1;
+* a CR3 write that loads the user CR3 finds it at 0, except a paranoid restore
+  (:data:`PARANOID_RESTORE_FUNCTIONS`) of a paranoid entry, which must find the value
+  that entry found (a per-vCPU stack of paranoid entries);
+* the store of a paranoid exit puts back the value its entry found;
+* the signal of a vCPU changes only at a store site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rig.machine.sites import Site
+from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+
+#: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
+PARANOID_RESTORE_FUNCTIONS = frozenset({"paranoid_exit", "end_repeat_nmi", "nmi_restore"})
+
+
+def user_side(cr3: int) -> bool:
+    """True if ``cr3`` is a PTI user CR3 (bit 12 set)."""
+    return bool(cr3 & (1 << PTI_USER_PGTABLE_BIT))
+
+
+def side(cr3: int) -> str:
+    return "user" if user_side(cr3) else "kernel"
+
+
+def agreed_signal(reads: Sequence[int | None]) -> tuple[int | None, str]:
+    """The signal the observers agree on, and a problem text if they disagree.
+
+    ``reads`` is the value each other vCPU read (None: not mapped through its CR3).
+    The value is None when nobody could read it.
+    """
+    seen = [v for v in reads if v is not None]
+    if not seen:
+        return None, ""
+    if any(v != seen[0] for v in seen):
+        return seen[0], f"the other vCPUs read different signals {list(reads)}"
+    return seen[0], ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One checked stop: vCPU ``cpu`` executed the site at ``site.address``.
+
+    ``signal_*`` is the hitting vCPU's signal as the other vCPUs read it (agreed value).
+    """
+
+    cpu: int
+    site: Site
+    cr3_before: int
+    cr3_after: int
+    signal_before: int | None
+    signal_after: int | None
+
+
+class TransitionChecker:
+    """The rules (module doc) over a stream of hits of ``ncpus`` vCPUs.
+
+    Feed it :meth:`paranoid_entry` when a vCPU reaches ``paranoid_entry``, :meth:`check`
+    for every executed site, and :meth:`observe` for any other stop where the signal was
+    read; it keeps, per vCPU, the paranoid entries not yet returned (each: the signal it
+    found, and whether its exit stored it back) and the last signal value seen.
+
+    A paranoid restore with no paranoid entry on its vCPU's stack (its entry ran before
+    the stream began) is counted in :attr:`unverified_restores`; with ``strict_restores``
+    it is checked as an ordinary user CR3 write instead (a stream that saw every entry).
+    """
+
+    def __init__(self, ncpus: int, *, strict_restores: bool = False) -> None:
+        self.paranoid: list[list[list[int | bool | None]]] = [[] for _ in range(ncpus)]
+        self.last_signal: list[int | None] = [None] * ncpus
+        self.unverified_restores = 0
+        self.strict_restores = strict_restores
+
+    def paranoid_entry(self, cpu: int, signal: int | None) -> list[str]:
+        problems = self._unchanged(cpu, signal, "paranoid_entry")
+        self.paranoid[cpu].append([signal, False])
+        return problems
+
+    def observe(self, cpu: int, signal: int | None, where: str) -> list[str]:
+        """A stop at ``where`` (not a site) read ``signal``: it must not have changed."""
+        return self._unchanged(cpu, signal, where)
+
+    def restores_paranoid_entry(self, cpu: int, site: Site) -> bool:
+        """Whether ``site``, executed next on ``cpu``, is the CR3 restore of a paranoid entry."""
+        restore = site.function in PARANOID_RESTORE_FUNCTIONS
+        return site.kind == "cr3-write" and restore and bool(self.paranoid[cpu])
+
+    def _unchanged(self, cpu: int, signal: int | None, where: str) -> list[str]:
+        last = self.last_signal[cpu]
+        self.last_signal[cpu] = signal
+        if last is not None and signal is not None and signal != last:
+            return [
+                f"vCPU {cpu}: the signal changed {last}->{signal} before {where} "
+                "with no store site in between"
+            ]
+        return []
+
+    def check(self, hit: Hit) -> list[str]:
+        """The problems of one executed site (empty: it was right)."""
+        cpu, site = hit.cpu, hit.site
+        where = f"vCPU {cpu} at {site.where}"
+        problems = self._unchanged(cpu, hit.signal_before, site.where)
+        self.last_signal[cpu] = hit.signal_after
+        stack = self.paranoid[cpu]
+        restore = site.function in PARANOID_RESTORE_FUNCTIONS
+        if stack and stack[-1][1] and not (restore and site.kind == "cr3-write"):
+            stack.pop()  # its exit put the signal back and left CR3 alone
+        if site.kind == "signal-store":
+            if restore and stack:
+                if hit.signal_after != stack[-1][0]:
+                    problems.append(
+                        f"{where}: the paranoid exit stored {hit.signal_after}; "
+                        f"its entry found {stack[-1][0]}"
+                    )
+                stack[-1][1] = True
+            return problems
+        if not user_side(hit.cr3_after):
+            if hit.signal_before != 1:
+                problems.append(
+                    f"{where}: the CR3 write loaded the kernel CR3 ({side(hit.cr3_before)}->kernel) "
+                    f"with the signal {hit.signal_before}"
+                )
+            return problems
+        if restore and (stack or not self.strict_restores):
+            if not stack:
+                self.unverified_restores += 1  # its entry ran before the stream began
+                return problems
+            want = stack.pop()[0]
+            if hit.signal_before != want:
+                problems.append(
+                    f"{where}: the paranoid restore of the interrupted user CR3 found the signal "
+                    f"{hit.signal_before}; its entry found {want}"
+                )
+            return problems
+        if hit.signal_before != 0:
+            problems.append(
+                f"{where}: the CR3 write loaded the user CR3 ({side(hit.cr3_before)}->user) "
+                f"with the signal {hit.signal_before}"
+            )
+        return problems
