@@ -62,6 +62,7 @@ struct __attribute__((packed)) record {
     uint32_t signal_before;
     uint32_t signal_after;
 };
+_Static_assert(sizeof(struct record) == 40, "rig.observe.pluginwatch.RECORD is 40 bytes");
 
 /* One instrumented address: a site, the instruction after a site, paranoid_entry. */
 struct role {
