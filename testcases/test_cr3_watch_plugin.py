@@ -32,7 +32,7 @@ from testcases.conftest import SIGNAL
 from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU
 
 #: CR3 transitions (side changes) to check across all vCPUs (CR3RIG_WATCH_TRANSITIONS overrides).
-PLUGIN_TRANSITIONS = 10_000
+PLUGIN_TRANSITIONS = 50_000
 #: Inject an NMI every this many site hits.
 NMI_EVERY = 200
 #: Seconds the watch may take before it fails as stuck.

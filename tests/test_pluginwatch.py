@@ -13,7 +13,15 @@ import pytest
 from rig.errors import ConfigError
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import Site
-from rig.observe.pluginwatch import RECORD, PluginWatch, _loaded_value_problems, operand, sites_file, watch
+from rig.observe.pluginwatch import (
+    RECORD,
+    CR3Sides,
+    PluginWatch,
+    _loaded_value_problems,
+    operand,
+    sites_file,
+    watch,
+)
 from rig.observe.watching import Hit
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
@@ -61,6 +69,18 @@ def test_the_value_read_back_must_be_the_value_written() -> None:
     assert "CR3 reads" in _loaded_value_problems(Hit(1, WRITE, 0x1234000, 0x1234000, 0, 0), user)[0]
     assert _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 1), 1) == []
     assert "went elsewhere" in _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 0), 1)[0]
+
+
+def test_a_side_change_between_watched_instructions_is_a_missed_write() -> None:
+    sides = CR3Sides(2)
+    kernel, user = 0x1234000, 0x1235000
+    assert sides.continues(0, kernel, "a") == []  # first hit: nothing to compare
+    sides.left(0, user)
+    assert sides.continues(1, kernel, "b") == []  # another vCPU has its own side
+    assert sides.continues(0, user, "c") == []
+    sides.left(0, user)
+    (problem,) = sides.continues(0, kernel, "paranoid_entry")
+    assert problem.startswith("vCPU 0 at paranoid_entry: CR3 went from the user to the kernel side")
 
 
 def test_the_record_layout_matches_the_plugin() -> None:

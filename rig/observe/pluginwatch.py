@@ -44,7 +44,7 @@ from rig.guest import Guest
 from rig.machine.sites import Site, find_sites
 from rig.machine.symbols import SymbolTable, elf_symbols
 from rig.observe.exploration import quiet_console
-from rig.observe.watching import MAX_PROBLEMS, Hit, SiteTally, TransitionChecker, WatchResult
+from rig.observe.watching import MAX_PROBLEMS, Hit, SiteTally, TransitionChecker, WatchResult, user_side
 from rig.supply.qemuplugin import build_plugin, plugin_support
 from rig.transport.qemu import QemuPlugin
 
@@ -151,6 +151,35 @@ class PluginWatchResult(WatchResult):
         return head + "\n" + super().table()
 
 
+class CR3Sides:
+    """Per vCPU, the CR3 side its last watched instruction left it on (pure, no guest).
+
+    Only the sites switch sides (a context switch loads another *kernel* CR3, never a user
+    one), so a vCPU found on the other side at its next watched instruction went through a
+    CR3 write the plugin did not see: this checks the plugin's own completeness.
+    """
+
+    def __init__(self, ncpus: int) -> None:
+        self.last: list[bool | None] = [None] * ncpus
+
+    def continues(self, cpu: int, cr3: int, where: str) -> list[str]:
+        """The problem if ``cpu`` is at ``where`` on another side than it was left on."""
+        last = self.last[cpu]
+        now = user_side(cr3)
+        self.last[cpu] = now
+        if last is None or last == now:
+            return []
+        was, got = ("user", "kernel") if last else ("kernel", "user")
+        return [
+            f"vCPU {cpu} at {where}: CR3 went from the {was} to the {got} side since its last watched "
+            "instruction (a CR3 write the plugin did not see)"
+        ]
+
+    def left(self, cpu: int, cr3: int) -> None:
+        """``cpu``'s watched instruction left it on ``cr3``."""
+        self.last[cpu] = user_side(cr3)
+
+
 class PluginWatcher:
     """Consumes the plugin's records of one booted ``guest`` and checks them."""
 
@@ -164,6 +193,7 @@ class PluginWatcher:
         self.ncpus = guest.config.smp
         self.signal_addresses = [guest.per_cpu(watch.signal, n) for n in range(self.ncpus)]
         self._masks = [(1 << _operand_bits(s)) - 1 for s in watch.sites]
+        self._sides = CR3Sides(self.ncpus)
 
     def _connect(self) -> socket.socket:
         path = self.guest.machine.dir / SOCKET
@@ -197,16 +227,23 @@ class PluginWatcher:
         before = sig_before if flags & F_SIG_BEFORE else None
         if before is None:
             result.unreadable_signals += 1
-        if rtype == REC_PARANOID:
-            result.paranoid_entries += 1
-            result.problems += checker.paranoid_entry(cpu, before)
-            return
         sites = self.watch.sites
-        if rtype != REC_SITE or index >= len(sites) or cpu >= self.ncpus:
+        if (
+            cpu >= self.ncpus
+            or rtype not in (REC_SITE, REC_PARANOID)
+            or (rtype == REC_SITE and index >= len(sites))
+        ):
             raise GuestError(
                 f"the watch plugin sent a malformed record (type {rtype}, site {index}, vCPU {cpu})"
             )
+        if rtype == REC_PARANOID:
+            result.problems += self._sides.continues(cpu, cr3_before, "paranoid_entry")
+            result.paranoid_entries += 1
+            result.problems += checker.paranoid_entry(cpu, before)
+            return
         site = sites[index]
+        result.problems += self._sides.continues(cpu, cr3_before, site.where)
+        self._sides.left(cpu, cr3_after)
         after = sig_after if flags & F_SIG_AFTER else None
         if after is None:
             result.unreadable_signals += 1

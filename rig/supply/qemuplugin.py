@@ -9,7 +9,7 @@ the header alone is extracted from it. The plugin is then compiled with gcc agai
 glib (``libglib2.0-dev``, installed by ``scripts/setup.sh``)::
 
     <cache>/qemu-plugin/header/<suite>/qemu-plugin.h
-    <cache>/qemu-plugin/<sha256(source + header)[:16]>/cr3watch.so
+    <cache>/qemu-plugin/<sha256(source, header, glibc and glib versions)[:16]>/cr3watch.so
 
 The header is API version 4 (QEMU 10.0.2): the plugin loads into QEMU releases whose
 plugin API is 4 or later (register and guest-memory reads), not into Debian bookworm's
@@ -19,6 +19,7 @@ QEMU 7.2 (:func:`plugin_support` says why before anything starts).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -95,19 +96,25 @@ def plugin_header(cache_dir: Path, suite: str = HEADER_SUITE) -> Path:
 def build_plugin(cache_dir: Path) -> Path:
     """The compiled plugin (a shared object), built once per (source, header) content."""
     header = plugin_header(cache_dir)
-    digest = hashlib.sha256(SOURCE.read_bytes() + b"\0" + header.read_bytes()).hexdigest()[:16]
-    out_dir = cache_dir / "qemu-plugin" / digest
-    lib = out_dir / "cr3watch.so"
-    if lib.exists():
-        return lib
     for tool, pkg in (("gcc", "gcc"), ("pkg-config", "pkg-config")):
         if shutil.which(tool) is None:
             raise ConfigError(
                 f"building the watch plugin needs {tool}: apt-get install {pkg} (scripts/setup.sh)"
             )
     glib = _run(["pkg-config", "--cflags", "--libs", "glib-2.0"])
-    if glib.returncode != 0:
+    glib_version = _run(["pkg-config", "--modversion", "glib-2.0"]).stdout.strip()
+    if glib.returncode != 0 or not glib_version:
         raise ConfigError("building the watch plugin needs glib's headers: apt-get install libglib2.0-dev")
+    # the host's C library and glib are part of the key: a container of another suite
+    # sharing this cache builds its own (a newer glibc's build does not load on an older one)
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or "?"
+    h = hashlib.sha256()
+    for piece in (SOURCE.read_bytes(), header.read_bytes(), libc.encode(), glib_version.encode()):
+        h.update(len(piece).to_bytes(8, "little") + piece)
+    out_dir = cache_dir / "qemu-plugin" / h.hexdigest()[:16]
+    lib = out_dir / "cr3watch.so"
+    if lib.exists():
+        return lib
     with locked(out_dir / ".lock"):
         if lib.exists():
             return lib
