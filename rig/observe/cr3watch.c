@@ -21,7 +21,9 @@
  * vCPU executes (normally the one right after the site; an interrupt taken in between
  * runs no CR3 write or signal store that is not itself a site) completes it with CR3
  * and the signal again, and the record is queued. Records are buffered per vCPU and
- * written under one lock, when a buffer fills and when the vCPU goes idle.
+ * written under one lock, when a buffer fills and when the vCPU goes idle (a vCPU thread
+ * blocks in send() while the client is behind: the client paces the guest). A hit begun
+ * or queued for one client is never sent to the next (a generation count).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -84,6 +86,7 @@ struct vcpu {
     uint64_t pending_next;
     struct record out[BUF_RECORDS];
     int n_out;
+    unsigned generation;  /* the client generation its pending hit and buffer belong to */
 };
 
 static const char *gpr_names[16] = {
@@ -98,7 +101,8 @@ static char setup_error[256];
 
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
 static int client = -1;              /* the connected client, -1: none */
-static volatile int enabled;         /* a client is connected and configured */
+static int enabled;                  /* a client is connected and configured (atomic) */
+static unsigned generation;          /* counts clients (atomic): buffers of an older one are dropped */
 static uint64_t signal_addr[MAX_VCPUS];
 static unsigned ncpus;
 
@@ -145,7 +149,8 @@ static void flush(struct vcpu *v)
         return;
     }
     pthread_mutex_lock(&out_lock);
-    if (client >= 0) {
+    /* (generation changes under this lock: records queued for a client that is gone are dropped) */
+    if (client >= 0 && v->generation == __atomic_load_n(&generation, __ATOMIC_RELAXED)) {
         const char *p = (const char *)v->out;
         size_t left = (size_t)v->n_out * sizeof(struct record);
         while (left > 0) {
@@ -154,7 +159,7 @@ static void flush(struct vcpu *v)
                 continue;
             }
             if (n <= 0) {
-                enabled = 0;  /* the client went away; the control thread cleans up */
+                __atomic_store_n(&enabled, 0, __ATOMIC_RELEASE);  /* the client went away */
                 break;
             }
             p += n;
@@ -180,9 +185,16 @@ static void on_insn(unsigned int cpu_index, void *udata)
         return;
     }
     struct vcpu *v = &vcpus[cpu_index];
-    if (!enabled) {
+    if (!__atomic_load_n(&enabled, __ATOMIC_ACQUIRE)) {
         v->pending = 0;  /* a hit begun for an earlier client is not completed for the next */
+        v->n_out = 0;
         return;
+    }
+    unsigned gen = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
+    if (v->generation != gen) {  /* the first instruction for a new client */
+        v->generation = gen;
+        v->pending = 0;
+        v->n_out = 0;
     }
     int ok = 1;
     uint32_t sig = 0;
@@ -325,12 +337,10 @@ static void *control(void *arg)
         pthread_mutex_lock(&out_lock);
         memcpy(signal_addr, addrs, sizeof(addrs));
         ncpus = n;
-        for (int i = 0; i < MAX_VCPUS; i++) {
-            vcpus[i].n_out = 0;  /* records of an earlier client are not sent to this one */
-        }
         reply(fd, "OK\n");
         client = fd;
-        enabled = 1;
+        __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&enabled, 1, __ATOMIC_RELEASE);  /* after the addresses: vCPUs acquire it */
         pthread_mutex_unlock(&out_lock);
         char byte;
         for (;;) {  /* the client sends nothing more; EOF (or an error) ends the stream */
@@ -340,7 +350,7 @@ static void *control(void *arg)
             }
         }
         pthread_mutex_lock(&out_lock);
-        enabled = 0;
+        __atomic_store_n(&enabled, 0, __ATOMIC_RELEASE);
         client = -1;
         close(fd);
         pthread_mutex_unlock(&out_lock);
