@@ -10,7 +10,8 @@ after the instruction is the value it wrote. At least ``PLUGIN_TRANSITIONS`` CR3
 transitions across all vCPUs, the count per site in the session's `cr3rig: explorations`
 section.
 
-The guest is booted here (the session's configuration plus the plugin), so it needs a
+It skips as every signal testcase does (no PTI, no signal: from the session's guest); then
+its own guest is booted (the session's configuration plus the plugin), so it needs a
 QEMU with TCG plugin API 4: ``--qemu $(python -m rig.supply.qemu bookworm-backports)``;
 on Debian bookworm's QEMU 7.2 (the default) it skips saying so.
 """
@@ -40,8 +41,13 @@ MAX_SECONDS = 300.0
 
 
 @pytest.fixture
-def plugin_guest(rig_settings: RigSettings, guest_pool: GuestPool) -> Iterator[tuple[Guest, PluginWatch]]:
-    """A guest of the session's configuration booted with the watch plugin (closed after)."""
+def plugin_guest(
+    signal_guest: Guest, rig_settings: RigSettings, guest_pool: GuestPool
+) -> Iterator[tuple[Guest, PluginWatch]]:
+    """A guest of the session's configuration booted with the watch plugin (closed after).
+
+    The session's guest (``signal_guest``) says first whether this kernel has PTI and the
+    signal at all, with the same skips as every signal testcase."""
     base = rig_settings.base
     if base.vmlinux is None:
         pytest.skip("plugin watch needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
@@ -64,10 +70,7 @@ def test_every_cr3_transition_on_every_vcpu_in_qemu(
     plugin_guest: tuple[Guest, PluginWatch], exploration_report: list[str]
 ) -> None:
     g, pw = plugin_guest
-    if SIGNAL not in g.symbols:
-        pytest.skip(f"kernel {g.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch)")
-    if not g.pti_enabled:
-        pytest.skip(f"kernel {g.release} runs without PTI (cmdline: {g.config.cmdline()})")
+    assert g.pti_enabled and SIGNAL in g.symbols, "the plugin guest differs from the session's guest"
     transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", PLUGIN_TRANSITIONS))
     for cpu in range(g.config.smp):
         for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
