@@ -9,13 +9,16 @@
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
    ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
    same measure with QEMU local, alternating local and SSH in each round (only this).
-4. Watch mode: CR3 transitions checked per second by rig.observe.watching (every CR3
-   write and signal store a breakpoint on every vCPU, the guest at full speed) against
-   those checked by full stepping (the Stepper, every boundary of the isolated vCPU,
-   counting its CR3 side changes), same guest, same ``syscall-loop`` on the isolated vCPU.
+4. Watch mode, on one guest booted with QEMU >= 9.2 (default: bookworm-backports' 10.0)
+   and the watch plugin: CR3 transitions checked per second by plugin watching
+   (rig.observe.pluginwatch: a TCG plugin reads every CR3 write and signal store inside
+   QEMU, the guest never stops) against those checked by full stepping (the Stepper,
+   every boundary of the isolated vCPU, counting its CR3 side changes), same guest, same
+   ``syscall-loop`` on the isolated vCPU; gdbstub watching (rig.observe.watching: every
+   site a breakpoint) is measured on it too.
 
 Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--transitions T]
-       [--ssh loopback|URL]
+       [--plugin-transitions P] [--watch-qemu PATH] [--watch-only] [--ssh loopback|URL]
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
+from rig.observe.pluginwatch import PluginWatch
+from rig.observe.pluginwatch import watch as plugin_watch
 from rig.observe.stepping import Stepper, Watch
 from rig.observe.watching import watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
+from rig.supply.qemu import fetch_qemu
 from rig.transport.console import Console
 from rig.transport.host import Host, LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
@@ -130,13 +137,64 @@ def stepped_transition_rate(g: Guest, steps: int) -> tuple[float, int]:
 
 
 def watched_transition_rate(g: Guest, transitions: int) -> tuple[float, float]:
-    """CR3 side changes per second checked in watch mode (rig.observe.watching) on the same
-    guest and workload; (rate, seconds)."""
+    """CR3 side changes per second checked in gdbstub watch mode (rig.observe.watching) on
+    the same guest and workload; (rate, seconds)."""
     assert g.config.vmlinux is not None
     result = watch(g, find_sites(g.config.vmlinux, g.symbols), signal=SIGNAL, transitions=transitions)
     if result.problems:
         raise RuntimeError(f"watch mode found problems: {result.problems[:3]}")
     return result.rate, result.seconds
+
+
+def plugin_transition_rate(g: Guest, pw: PluginWatch, transitions: int) -> tuple[float, float]:
+    """CR3 side changes per second checked in plugin watch mode (rig.observe.pluginwatch) on
+    the same guest and workload; (rate, seconds)."""
+    result = plugin_watch(g, pw, transitions=transitions)
+    if result.problems:
+        raise RuntimeError(f"plugin watch found problems: {result.problems[:3]}")
+    return result.rate, result.seconds
+
+
+def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> list[str]:
+    """The watch ratio, on ONE guest booted with QEMU >= 9.2 and the watch plugin: per round,
+    stepping (the Stepper over ``syscall-loop`` on the isolated vCPU, its CR3 side changes
+    per second: the baseline), plugin watch and gdbstub watch over the same workload.
+    Returns the lines to print."""
+    med = statistics.median
+    if cfg.vmlinux is None:
+        return [f"ratio watch n/a goal >= 100 (needs a vmlinux and {SIGNAL} in the kernel)"]
+    qemu = args.watch_qemu or str(fetch_qemu("bookworm-backports", cfg.cache_dir))
+    pw = PluginWatch.prepare(cfg.vmlinux, signal=SIGNAL, qemu=qemu, cache_dir=cfg.cache_dir)
+    stepped: list[float] = []
+    plugin: list[float] = []
+    gdbstub: list[float] = []
+    g = Guest.boot(replace(cfg, qemu=qemu, plugin=pw.plugin))
+    try:
+        if SIGNAL not in g.symbols:
+            return [f"ratio watch n/a goal >= 100 (needs {SIGNAL} in the kernel)"]
+        version = g.machine.version
+        g.start_workload("syscall-loop")
+        for _ in range(args.rounds):
+            rebreak(g)
+            stepped.append(stepped_transition_rate(g, args.steps)[0])
+            g.resume()
+            plugin.append(plugin_transition_rate(g, pw, args.plugin_transitions)[0])
+            gdbstub.append(watched_transition_rate(g, args.transitions)[0])
+    finally:
+        g.close()
+    return [
+        f"watch (one guest, {version}, watch plugin loaded; syscall-loop on the isolated vCPU): "
+        f"stepped (Stepper) {med(stepped):.1f} CR3 transitions/s (baseline); plugin watch "
+        f"{med(plugin):.0f}/s ({args.plugin_transitions} per sample); gdbstub watch {med(gdbstub):.0f}/s "
+        f"({args.transitions} per sample, ratio {med(gdbstub) / med(stepped):.1f})",
+        f"ratio watch {med(plugin) / med(stepped):.1f} goal >= 100",
+        "watch samples: stepped-transitions "
+        + str([f"{x:.1f}" for x in stepped])
+        + " plugin-transitions "
+        + str([f"{x:.0f}" for x in plugin])
+        + " gdbstub-transitions "
+        + str([f"{x:.0f}" for x in gdbstub]),
+    ]
 
 
 def rebreak(g: Guest) -> None:
@@ -192,7 +250,14 @@ def main() -> int:
     ap.add_argument("--ssh", default=None, help="'loopback' or ssh://[user@]box[:port]: the SSH ratio only")
     ap.add_argument("--ssh-identity", default=None)
     ap.add_argument("--ssh-known-hosts", default=None)
-    ap.add_argument("--transitions", type=int, default=1000, help="CR3 transitions per watch-mode sample")
+    ap.add_argument("--transitions", type=int, default=1000, help="CR3 transitions per gdbstub-watch sample")
+    ap.add_argument(
+        "--plugin-transitions", type=int, default=20000, help="CR3 transitions per plugin-watch sample"
+    )
+    ap.add_argument("--watch-only", action="store_true", help="only the watch section")
+    ap.add_argument(
+        "--watch-qemu", default=None, help="QEMU >= 9.2 for the watch section (default: bookworm-backports')"
+    )
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
@@ -204,14 +269,16 @@ def main() -> int:
     if args.ssh:
         ssh_ratio(cfg, args)
         return 0
+    watch_lines = watch_section(cfg, args)
+    if args.watch_only:
+        print(f"kernel: {k.label}; steps per sample: {args.steps}; rounds: {args.rounds}")
+        print("\n".join(watch_lines))
+        return 0
     plain: list[float] = []
     first: list[float] = []
     cli: list[float] = []
     checked: list[float] = []
     mi: list[float] = []
-    stepped: list[float] = []
-    watched: list[float] = []
-    can_watch = k.vmlinux is not None
     version = ""
     for _ in range(args.rounds):
         plain.append(plain_boot_seconds(cfg))
@@ -220,12 +287,6 @@ def main() -> int:
         try:
             version = g.machine.version
             checked.append(checked_step_rate(g, args.steps))
-            if can_watch and SIGNAL in g.symbols:
-                rebreak(g)
-                stepped.append(stepped_transition_rate(g, args.steps)[0])
-                watched.append(watched_transition_rate(g, args.transitions)[0])
-            else:
-                can_watch = False
             rebreak(g)
             mi.append(mi_step_rate(g, max(100, args.steps // 10)))
             rebreak(g)
@@ -243,14 +304,7 @@ def main() -> int:
         f" GDB/MI per step {med(mi):.0f}/s"
     )
     print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0); MI/CLI {med(mi) / med(cli):.2f}")
-    if can_watch and stepped and watched:
-        print(
-            f"watch: stepped (Stepper, isolated vCPU, syscall-loop) {med(stepped):.1f} CR3 transitions/s "
-            f"(baseline); watch mode {med(watched):.0f}/s ({args.transitions} per sample)"
-        )
-        print(f"ratio watch {med(watched) / med(stepped):.1f} goal >= 100")
-    else:
-        print(f"ratio watch n/a goal >= 100 (needs a vmlinux and {SIGNAL} in the kernel)")
+    print("\n".join(watch_lines))
     print(
         "samples: plain",
         [f"{x:.2f}" for x in plain],
@@ -262,10 +316,6 @@ def main() -> int:
         [f"{x:.0f}" for x in checked],
         "mi",
         [f"{x:.0f}" for x in mi],
-        "stepped-transitions",
-        [f"{x:.1f}" for x in stepped],
-        "watched-transitions",
-        [f"{x:.0f}" for x in watched],
     )
     return 0
 

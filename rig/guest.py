@@ -39,7 +39,14 @@ from rig.transport.console import Console
 from rig.transport.gdbmi import GdbMi
 from rig.transport.gdbproxy import GdbRelay
 from rig.transport.host import Host, LocalHost, require_program
-from rig.transport.qemu import QemuConfig, QemuMachine, check_accel, check_cmdline_length, is_kernel_image
+from rig.transport.qemu import (
+    QemuConfig,
+    QemuMachine,
+    QemuPlugin,
+    check_accel,
+    check_cmdline_length,
+    is_kernel_image,
+)
 from rig.transport.rsp import RspLink
 
 #: Parameters every boot gets unless the user's ``--append`` sets them otherwise.
@@ -63,6 +70,8 @@ class GuestConfig:
     isolate: bool = True
     label: str = ""
     cache_dir: Path = field(default_factory=default_cache_dir)
+    #: a TCG plugin QEMU loads (rig.observe.pluginwatch); None: none
+    plugin: QemuPlugin | None = None
 
     @property
     def isolated(self) -> int:
@@ -147,6 +156,7 @@ class Guest:
                 smp=config.smp,
                 accel=config.accel,
                 qemu=config.qemu,
+                plugin=config.plugin,
             ),
         )
         self.relay: GdbRelay | None = None

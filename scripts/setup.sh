@@ -32,6 +32,9 @@ pkgs="$pkgs shellcheck"
 if [ ! -e /run/.containerenv ] && [ ! -e /.dockerenv ]; then
     pkgs="$pkgs podman runc debootstrap"
 fi
+# what building the watch-mode TCG plugin needs (rig/supply/qemuplugin.py; its header comes from
+# QEMU's source package, fetched by the rig; xz-utils unpacks it)
+pkgs="$pkgs gcc pkg-config libglib2.0-dev xz-utils"
 # what building the reference kernel needs
 pkgs="$pkgs $(grep -v '^#' guests/linux/build-deps.txt | tr '\n' ' ')"
 missing=""

@@ -16,10 +16,11 @@ tasks) are listed too, each with the reason TCG cannot reach it (:func:`unreacha
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,8 @@ class Site:
     where: str
     insn: str
     value: int | None = None
+    #: the address of the instruction after it in the text (0: not known)
+    next_address: int = field(default=0, compare=False)
 
 
 def _split_operands(ops: str) -> list[str]:
@@ -79,6 +82,7 @@ def parse_objdump(text: str, signal_targets: frozenset[int]) -> list[Site]:
     variable and its page symbol; zero-based per-CPU offsets before 6.15).
     """
     sites: list[Site] = []
+    addresses: list[int] = []  # every instruction's, in text order (for next_address)
     func, func_addr = "?", 0
     recent: list[tuple[str, list[str]]] = []  # (mnemonic, operands) since the function start
     sgdt_regs: set[str] = set()
@@ -92,6 +96,7 @@ def parse_objdump(text: str, signal_targets: frozenset[int]) -> list[Site]:
         if not m:
             continue
         addr = int(m.group(1), 16)
+        addresses.append(addr)
         mnemonic, rest = m.group(2), m.group(3)
         body, _, comment = rest.partition("#")
         ops = _split_operands(body.strip())
@@ -115,7 +120,8 @@ def parse_objdump(text: str, signal_targets: frozenset[int]) -> list[Site]:
                 value = int(src[1:], 16) if src.startswith("$") else None
                 sites.append(Site(addr, "signal-store", func, where, insn, value))
         recent.append((mnemonic, ops))
-    return sites
+    following = dict(itertools.pairwise(addresses))
+    return [replace(s, next_address=following.get(s.address, 0)) for s in sites]
 
 
 def _is_signal_operand(dst: str, comment: str, targets: frozenset[int], sgdt_regs: set[str]) -> bool:
@@ -148,7 +154,7 @@ def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_lo
     named = []
     for s in found:  # name each by the symbol the rig uses everywhere (objdump picks any alias)
         where = symbols.describe(s.address)
-        named.append(Site(s.address, s.kind, where.split("+")[0], where, s.insn, s.value))
+        named.append(replace(s, function=where.split("+")[0], where=where))
     return sorted(named, key=lambda s: s.address)
 
 

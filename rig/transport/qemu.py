@@ -22,6 +22,26 @@ DEFAULT_MEMORY_MIB = 512
 
 
 @dataclass(frozen=True)
+class QemuPlugin:
+    """A TCG plugin to load (``-plugin LIBRARY,KEY=VALUE,...``).
+
+    ``files`` (name, text) are written into the machine's private directory before QEMU
+    starts; in ``args`` (key, value), ``{dir}`` stands for that directory, so a plugin's
+    files and sockets live where only this user can reach them and go with the machine.
+    Plugins load on a local QEMU only.
+    """
+
+    library: Path
+    args: tuple[tuple[str, str], ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+
+    def argument(self, private_dir: str) -> str:
+        """The ``-plugin`` argument, with ``{dir}`` replaced by ``private_dir``."""
+        opts = [f"{k}={v.replace('{dir}', private_dir)}" for k, v in self.args]
+        return ",".join([str(self.library), *opts])
+
+
+@dataclass(frozen=True)
 class QemuConfig:
     """What to boot and how. ``append`` is the full kernel command line."""
 
@@ -34,6 +54,7 @@ class QemuConfig:
     qemu: str = "qemu-system-x86_64"
     cpu: str = "max"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    plugin: QemuPlugin | None = None
 
 
 def is_kernel_image(path: Path) -> str | None:
@@ -95,12 +116,21 @@ class QemuMachine:
             "-initrd", self.host.stage(c.initrd),
             "-append", c.append,
             "-d", "cpu_reset", "-D", h(self.debug_log),
+            *(["-plugin", c.plugin.argument(h(self.dir))] if c.plugin is not None else []),
             *c.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> None:
         """Start QEMU frozen; return once its QMP socket answers."""
         qemu_path = require_program(self.host, self.config.qemu, "qemu-system-x86")
+        plugin = self.config.plugin
+        if plugin is not None:
+            if self.host.label != "local":
+                raise ConfigError(f"a QEMU TCG plugin loads on a local QEMU only, not on {self.host.label}")
+            if self.config.accel != "tcg":
+                raise ConfigError(f"a QEMU TCG plugin needs --accel tcg, not {self.config.accel}")
+            for name, text in plugin.files:
+                (self.dir / name).write_text(text)
         said = self.host.run([qemu_path, "--version"])[1]
         self.version = (said.splitlines() or [f"{qemu_path} (printed no version)"])[0]
         self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)

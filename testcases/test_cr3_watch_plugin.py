@@ -1,0 +1,86 @@
+"""Plugin watch mode (rig.observe.pluginwatch): every CR3 switch of every vCPU, read inside
+QEMU by a TCG plugin while the guest never stops.
+
+The same workloads as ``test_cr3_watch.py`` run on every vCPU and NMIs are injected
+(QMP, every ``NMI_EVERY`` site hits). The plugin records, at every CR3 write and signal
+store of the entry/noinstr text (from the vmlinux) and at ``paranoid_entry``, the vCPU's
+CR3, the value written and the signal, and again after the instruction; the checks are
+``watching.TransitionChecker``'s (the gdbstub watch mode's), plus: the value read back
+after the instruction is the value it wrote. At least ``PLUGIN_TRANSITIONS`` CR3
+transitions across all vCPUs, the count per site in the session's `cr3rig: explorations`
+section.
+
+It skips as every signal testcase does (no PTI, no signal: from the session's guest); then
+its own guest is booted (the session's configuration plus the plugin), so it needs a
+QEMU with TCG plugin API 4: ``--qemu $(python -m rig.supply.qemu bookworm-backports)``;
+on Debian bookworm's QEMU 7.2 (the default) it skips saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from rig.errors import ConfigError
+from rig.guest import Guest
+from rig.observe.pluginwatch import PluginWatch, watch
+from rig.pytestplugin.plugin import GuestPool, RigSettings
+from rig.supply.qemuplugin import plugin_support
+from testcases.conftest import SIGNAL
+from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU
+
+#: CR3 transitions (side changes) to check across all vCPUs (CR3RIG_WATCH_TRANSITIONS overrides).
+PLUGIN_TRANSITIONS = 50_000
+#: Inject an NMI every this many site hits.
+NMI_EVERY = 200
+#: Seconds the watch may take before it fails as stuck.
+MAX_SECONDS = 300.0
+
+
+@pytest.fixture
+def plugin_guest(
+    signal_guest: Guest, rig_settings: RigSettings, guest_pool: GuestPool
+) -> Iterator[tuple[Guest, PluginWatch]]:
+    """A guest of the session's configuration booted with the watch plugin (closed after).
+
+    The session's guest (``signal_guest``) says first whether this kernel has PTI and the
+    signal at all, with the same skips as every signal testcase."""
+    base = rig_settings.base
+    if base.vmlinux is None:
+        pytest.skip("plugin watch needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+    why = plugin_support(base.qemu)
+    if why is not None:
+        pytest.skip(why)
+    try:
+        pw = PluginWatch.prepare(base.vmlinux, signal=SIGNAL, qemu=base.qemu, cache_dir=base.cache_dir)
+    except ConfigError as exc:
+        pytest.fail(f"cannot prepare plugin watch: {exc}")
+    guest_pool.close()  # one guest alive at a time on these 2 cores; the pool boots its own again
+    g = Guest.boot(replace(base, plugin=pw.plugin), rig_settings.host)
+    try:
+        yield g, pw
+    finally:
+        g.close()
+
+
+def test_every_cr3_transition_on_every_vcpu_in_qemu(
+    plugin_guest: tuple[Guest, PluginWatch], exploration_report: list[str]
+) -> None:
+    g, pw = plugin_guest
+    assert g.pti_enabled and SIGNAL in g.symbols, "the plugin guest differs from the session's guest"
+    transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", PLUGIN_TRANSITIONS))
+    for cpu in range(g.config.smp):
+        for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
+            g.start_workload(name, cpu)
+    result = watch(g, pw, transitions=transitions, nmi_every=NMI_EVERY, max_seconds=MAX_SECONDS)
+    exploration_report.append(result.table())
+    print(result.table())
+    assert not result.problems, "\n".join(result.problems[:12]) + "\n" + result.table()
+    assert result.transitions >= transitions
+    assert set(result.hits_by_cpu) == set(range(g.config.smp)), (
+        f"not every vCPU hit a site:\n{result.table()}"
+    )
+    assert result.paranoid_entries > 0, f"no NMI reached paranoid_entry:\n{result.table()}"

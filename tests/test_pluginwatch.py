@@ -1,0 +1,193 @@
+"""Plugin watch mode (rig.observe.pluginwatch, rig/observe/cr3watch.c): the pure parts, and
+real guests under QEMU 10.0 (bookworm-backports) with the plugin: the reference kernel
+passes, a mutant kernel from the cache is caught, and QEMU 7.2 refuses with one line."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rig.errors import ConfigError
+from rig.guest import Guest, GuestConfig
+from rig.machine.sites import Site
+from rig.observe.pluginwatch import (
+    RECORD,
+    CR3Sides,
+    PluginWatch,
+    _loaded_value_problems,
+    operand,
+    sites_file,
+    watch,
+)
+from rig.observe.watching import Hit
+from rig.supply.cache import default_cache_dir
+from rig.supply.kernel import resolve_kernel
+from rig.supply.kernelbuild import cache_key, get_flavor, series_patches
+from rig.supply.qemu import fetch_qemu
+from rig.supply.qemuplugin import build_plugin, plugin_support
+from rig.tools.mutants import DEFAULT_FLAVOR, MUTANTS_DIR
+from rig.transport.host import LocalHost
+from rig.transport.qemu import QemuConfig, QemuMachine, QemuPlugin
+
+SIGNAL = "kernel_cr3_loaded"
+#: The mutant the plugin must catch: its SYSRET exit loads the user CR3 with the signal still 1.
+MUTANT = "sysret-exit-no-clear"
+
+WRITE = Site(
+    0xFFFFFFFF81000030, "cr3-write", "entry_SYSCALL_64", "entry_SYSCALL_64+0x30", "mov %rdi,%cr3", None, 0x1
+)
+STORE = Site(0xFFFFFFFF81000025, "signal-store", "f", "f+0x25", "movl $0x1,%gs:0x0(%rip)", 1, 0x2)
+REG_STORE = Site(0xFFFFFFFF81000040, "signal-store", "g", "g+0x3b", "mov %ebx,0x10(%rax)", None, 0x3)
+
+
+def test_operands_name_what_the_instruction_writes() -> None:
+    assert operand(WRITE) == "rdi"
+    assert operand(STORE) == "$1"
+    assert operand(REG_STORE) == "rbx"  # %ebx: the plugin reads rbx, the check keeps 32 bits
+    assert operand(replace(WRITE, insn="mov %r12,%cr3")) == "r12"
+    assert operand(replace(WRITE, insn="mov %r9d,%cr3")) == "r9"
+
+
+def test_the_sites_file_lists_each_site_and_paranoid_entry() -> None:
+    text = sites_file([STORE, WRITE], 0xFFFFFFFF81000100)
+    assert text.splitlines() == [
+        "0 ffffffff81000025 2 store $1",
+        "1 ffffffff81000030 1 cr3 rdi",
+        "2 ffffffff81000100 0 paranoid -",
+    ]
+    with pytest.raises(ConfigError, match="no following instruction"):
+        sites_file([replace(STORE, next_address=0)], None)
+
+
+def test_the_value_read_back_must_be_the_value_written() -> None:
+    user = 0x1234000 | (1 << 12)
+    assert _loaded_value_problems(Hit(1, WRITE, 0x1234000, user, 0, 0), user) == []
+    assert _loaded_value_problems(Hit(1, WRITE, 0x1234000, user, 0, 0), user | (1 << 63)) == []  # NOFLUSH
+    assert "CR3 reads" in _loaded_value_problems(Hit(1, WRITE, 0x1234000, 0x1234000, 0, 0), user)[0]
+    assert _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 1), 1) == []
+    assert "went elsewhere" in _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 0), 1)[0]
+
+
+def test_a_side_change_between_watched_instructions_is_a_missed_write() -> None:
+    sides = CR3Sides(2)
+    kernel, user = 0x1234000, 0x1235000
+    assert sides.continues(0, kernel, "a") == []  # first hit: nothing to compare
+    sides.left(0, user)
+    assert sides.continues(1, kernel, "b") == []  # another vCPU has its own side
+    assert sides.continues(0, user, "c") == []
+    sides.left(0, user)
+    (problem,) = sides.continues(0, kernel, "paranoid_entry")
+    assert problem.startswith("vCPU 0 at paranoid_entry: CR3 went from the user to the kernel side")
+
+
+def test_the_record_layout_matches_the_plugin() -> None:
+    assert RECORD.size == 40  # cr3watch.c: _Static_assert(sizeof(struct record) == 40)
+
+
+def test_the_plugin_argument_names_files_in_the_private_directory() -> None:
+    plugin = QemuPlugin(Path("/x/cr3watch.so"), args=(("sites", "{dir}/s.txt"), ("sock", "{dir}/w.sock")))
+    assert plugin.argument("/tmp/d") == "/x/cr3watch.so,sites=/tmp/d/s.txt,sock=/tmp/d/w.sock"
+    m = QemuMachine(LocalHost(), QemuConfig(Path("k"), Path("i"), "", plugin=plugin))
+    try:
+        argv = m.argv("qemu")
+        assert argv[argv.index("-plugin") + 1] == plugin.argument(str(m.dir))
+    finally:
+        m.close()
+
+
+def cached_mutant(name: str) -> tuple[Path, Path] | None:
+    """(bzImage, vmlinux) of mutant ``name`` of the default flavor if it is in the cache."""
+    fl = get_flavor(DEFAULT_FLAVOR)
+    kernels = default_cache_dir() / "kernels"
+    debs = sorted((kernels / "debian" / fl.suite / "debs").glob(f"{fl.package}_*.deb"))
+    if not debs:
+        return None
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(debs[-1]), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    patches = [*series_patches(fl), MUTANTS_DIR / f"{name}.patch"]
+    key = cache_key(
+        fl.name,
+        f"{fl.package} {version}",
+        [(p.name, p.read_bytes()) for p in patches],
+        fl.fragment.read_bytes(),
+    )
+    out = kernels / "builds" / key
+    if not (out / "vmlinux").is_file() or not (out / "bzImage").is_file():
+        return None
+    return out / "bzImage", out / "vmlinux"
+
+
+@pytest.fixture(scope="module")
+def qemu10() -> str:
+    return str(fetch_qemu("bookworm-backports", default_cache_dir()))
+
+
+def boot_watched(
+    kernel: Path, vmlinux: Path, initrd: Path, qemu: str, label: str
+) -> tuple[Guest, PluginWatch]:
+    cache = default_cache_dir()
+    pw = PluginWatch.prepare(vmlinux, signal=SIGNAL, qemu=qemu, cache_dir=cache)
+    config = GuestConfig(kernel, initrd, vmlinux, qemu=qemu, label=label, cache_dir=cache, plugin=pw.plugin)
+    return Guest.boot(config), pw
+
+
+def test_the_reference_kernel_passes(initrd: Path, qemu10: str) -> None:
+    k = resolve_kernel(None, None, default_cache_dir())
+    if k.vmlinux is None:
+        pytest.skip(f"the default kernel {k.label} has no vmlinux")
+    g, pw = boot_watched(k.image, k.vmlinux, initrd, qemu10, k.label)
+    try:
+        g.start_workload("syscall-loop", g.config.isolated)
+        g.start_workload("fault-loop", 0)
+        result = watch(g, pw, transitions=2000, nmi_every=100)
+    finally:
+        g.close()
+    assert not result.problems, "\n".join(result.problems[:10])
+    assert result.transitions >= 2000
+    assert set(result.hits_by_cpu) == {0, 1}
+    assert result.unreadable_signals == 0
+
+
+def test_a_mutant_kernel_is_caught(initrd: Path, qemu10: str) -> None:
+    build = cached_mutant(MUTANT)
+    if build is None:
+        pytest.skip(
+            f"mutant {MUTANT} is not built in the cache (a kernel build, ~5-10 min): "
+            f"python -m rig.tools.mutants --only {MUTANT}"
+        )
+    g, pw = boot_watched(*build, initrd, qemu10, f"mutant {MUTANT}")
+    try:
+        g.start_workload("syscall-loop", g.config.isolated)
+        result = watch(g, pw, transitions=200)
+    finally:
+        g.close()
+    assert result.problems, f"plugin watch missed {MUTANT}:\n{result.table()}"
+    assert "syscall_return_via_sysret" in result.problems[0]
+    assert "loaded the user CR3 (kernel->user) with the signal 1" in result.problems[0]
+
+
+def test_qemu_7_2_cannot_load_the_plugin(initrd: Path) -> None:
+    why = plugin_support("qemu-system-x86_64")
+    assert why is not None and "QEMU 7.2" in why and "bookworm-backports" in why
+    k = resolve_kernel(None, None, default_cache_dir())
+    if k.vmlinux is None:
+        pytest.skip(f"the default kernel {k.label} has no vmlinux")
+    with pytest.raises(ConfigError, match=r"QEMU >= 9\.2"):
+        PluginWatch.prepare(
+            k.vmlinux, signal=SIGNAL, qemu="qemu-system-x86_64", cache_dir=default_cache_dir()
+        )
+    # what the version check spares: QEMU 7.2 itself refuses the plugin at start (one line)
+    plugin = QemuPlugin(
+        build_plugin(default_cache_dir()), args=(("sites", "/dev/null"), ("sock", "{dir}/w.sock"))
+    )
+    m = QemuMachine(LocalHost(), QemuConfig(k.image, initrd, "", plugin=plugin))
+    try:
+        with pytest.raises(ConfigError, match="undefined symbol: qemu_plugin_read_memory_vaddr"):
+            m.start()
+    finally:
+        m.close()
+    assert not m.dir.exists()
