@@ -22,7 +22,7 @@ from rig.observe.pluginwatch import (
     sites_file,
     watch,
 )
-from rig.observe.watching import Hit
+from rig.observe.transitions import Hit
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.kernelbuild import cache_key, get_flavor, series_patches

@@ -9,7 +9,7 @@ At a site it reads the vCPU's CR3, the register the instruction writes from (the
 about to be loaded or stored) and the vCPU's signal; at the vCPU's next instrumented
 instruction (normally the one right after) CR3 and the signal again. The guest never
 stops. Records stream over a unix socket in QEMU's private directory to this module,
-which feeds the one checker of both modes, :class:`rig.observe.watching.TransitionChecker`,
+which feeds the one checker of both modes, :class:`rig.observe.transitions.TransitionChecker`,
 and counts per site exactly as the gdbstub mode does (:class:`WatchResult`).
 
 Arming: the plugin is loaded at QEMU start but records nothing until :func:`watch`
@@ -44,7 +44,8 @@ from rig.guest import Guest
 from rig.machine.sites import Site, find_sites
 from rig.machine.symbols import SymbolTable, elf_symbols
 from rig.observe.exploration import quiet_console
-from rig.observe.watching import MAX_PROBLEMS, Hit, SiteTally, TransitionChecker, WatchResult, user_side
+from rig.observe.transitions import Hit, TransitionChecker, user_side
+from rig.observe.watching import MAX_PROBLEMS, SiteTally, WatchResult
 from rig.supply.qemuplugin import build_plugin, plugin_support
 from rig.transport.qemu import QemuPlugin
 
