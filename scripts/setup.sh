@@ -26,7 +26,7 @@ pkgs="$pkgs chromium chromium-driver"
 # postinst also starts the system sshd where services can start (not in containers with
 # a policy-rc.d that exits 101)
 pkgs="$pkgs openssh-server openssh-client"
-# shellcheck: actionlint checks the workflow's run: scripts with it (tests/test_workflow.py)
+# (package shellcheck) actionlint checks the workflow's run: scripts with it (tests/test_workflow.py)
 pkgs="$pkgs shellcheck"
 # on a host (not inside the matrix's own containers): what the container matrix needs
 if [ ! -e /run/.containerenv ] && [ ! -e /.dockerenv ]; then
@@ -46,6 +46,7 @@ if [ -n "$missing" ] || ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; the
 fi
 if [ -n "$missing" ]; then
     echo "setup: installing$missing"
+    # shellcheck disable=SC2086 # one word per package
     $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
 fi
@@ -62,3 +63,6 @@ want cache || exit 0
 # kernel (the rig's own tests boot it), and the initramfs, all cached
 .venv/bin/python -m rig.supply.kernel
 .venv/bin/python -m rig.supply.kernel debian
+# plugin watch (testcases/test_cr3_watch_plugin.py): a QEMU with TCG plugin API 4 (the
+# system's, or bookworm-backports' 10.0 beside bookworm's 7.2), qemu-plugin.h, the plugin
+.venv/bin/python -m rig.supply.qemuplugin

@@ -31,7 +31,16 @@ from rig.errors import ConfigError
 from rig.supply.debsource import apt_options, system_mirrors
 from rig.supply.kerneltree import locked
 
-__all__ = ["HEADER_SUITE", "MIN_QEMU", "SOURCE", "build_plugin", "plugin_header", "plugin_support"]
+__all__ = [
+    "HEADER_SUITE",
+    "MIN_QEMU",
+    "SOURCE",
+    "build_plugin",
+    "main",
+    "plugin_header",
+    "plugin_qemu",
+    "plugin_support",
+]
 
 #: The plugin's C source.
 SOURCE = Path(__file__).resolve().parent.parent / "observe" / "cr3watch.c"
@@ -153,3 +162,54 @@ def plugin_support(qemu: str) -> str | None:
             "--qemu $(python -m rig.supply.qemu bookworm-backports)"
         )
     return None
+
+
+def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
+    """The QEMU to run plugin watch with, and a note saying why when it is not ``qemu``.
+
+    ``qemu`` itself when it can load the plugin; otherwise :data:`HEADER_SUITE`'s QEMU
+    (:func:`rig.supply.qemu.fetch_qemu`: fetched once into the cache, run beside the
+    system's), so that the default run on Debian bookworm (QEMU 7.2) watches with the
+    plugin too. Raises :class:`ConfigError` (one line, both reasons) when neither can.
+    """
+    why = plugin_support(qemu)
+    if why is None:
+        return qemu, ""
+    from rig.supply.qemu import fetch_qemu  # the fallback only; keeps this module light
+
+    try:
+        other = str(fetch_qemu(HEADER_SUITE, cache_dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{why}; fetching {HEADER_SUITE}' QEMU failed: {exc}") from None
+    why_not = plugin_support(other)
+    if why_not is not None:
+        raise ConfigError(f"{why}; and {HEADER_SUITE}' QEMU cannot either: {why_not}")
+    have, used = (".".join(map(str, qemu_version(q) or ())) for q in (qemu, other))
+    return (
+        other,
+        f"{qemu} is QEMU {have}, without plugin API 4: plugin watch runs on {HEADER_SUITE}' QEMU {used}",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rig.supply.qemuplugin [QEMU]``: fetch what plugin watch needs (the QEMU to
+    run it with, the header, the built plugin) into the cache and print the QEMU and plugin
+    paths; 1 with the reason if it cannot."""
+    import sys
+
+    from rig.supply.cache import default_cache_dir
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    cache = default_cache_dir()
+    try:
+        qemu, note = plugin_qemu(args[0] if args else "qemu-system-x86_64", cache)
+        lib = build_plugin(cache)
+    except ConfigError as exc:
+        print(f"cr3rig: plugin watch: {exc}", file=sys.stderr)
+        return 1
+    print(f"{qemu}\n{lib}" + (f"\n({note})" if note else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
