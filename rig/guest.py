@@ -164,6 +164,8 @@ class Guest:
         self.running = False
         self.boot_seconds = 0.0
         self.started_at = 0.0
+        #: Seconds since :attr:`started_at` at which each boot phase ended, in order.
+        self.boot_phases: dict[str, float] = {}
         self.closed = False
         self.traces: list[Trace] = []
         self.effort = Effort()
@@ -204,17 +206,25 @@ class Guest:
         self.machine.start()
         self.console = Console(self.machine.console_socket, self.machine.console_log)
         self.machine.qmp("cont")  # the kernel boots while GDB starts and attaches
+        self._phase("qemu started")
         for setting in ("mi-async on", "pagination off", "confirm off"):
             self.gdb.command(f"-gdb-set {setting}")
+        self._phase("gdb started")
         self.relay = GdbRelay(self.machine.gdb_socket, self.machine.dir / "gdb-relay.sock")
         self.gdb.command(f"-target-select remote {self.relay.listen_path}")
         self.gdb.wait_stopped(10)
         self.gdb.command("-gdb-set scheduler-locking step")
         self.regmap = RegisterMap.from_gdb_table(self.gdb.cli("maint print remote-registers"))
         self.resume()
+        self._phase("gdb attached")
         self._wait_ready()
         self.boot_seconds = time.monotonic() - self.started_at
+        self._phase("ready marker")
         self._learn_kernel()
+        self._phase("kernel learnt")
+
+    def _phase(self, name: str) -> None:
+        self.boot_phases[name] = time.monotonic() - self.started_at
 
     def _wait_ready(self) -> None:
         assert self.console is not None
