@@ -2,7 +2,7 @@
 
 The loop speaks raw RSP on the link borrowed from the GDB relay: ``vCont;s:<thread>``
 steps only that vCPU, then one pipelined write reads the stepping vCPU's rip and CR3
-and each watched word through every vCPU's page tables. Two round trips a step, no
+and each watched word through every vCPU's page tables. At most two round trips a step, no
 timeouts: each read blocks only until QEMU's reply arrives.
 
 **Why the frozen vCPUs' rip and CR3 are read once per run, not per step.** QEMU's
@@ -20,9 +20,11 @@ memory is what the stepping vCPU changes, and reading the signal through each vC
 the check itself.
 
 **Pipelining.** The reads of a snapshot go in one write with their acknowledgements
-(:meth:`RspLink.pipeline`); the step goes in a write of its own, after the bytes of the
-code read at a new rip (a resume packet must end a write: QEMU stops the VM at any
-byte that arrives while a vCPU runs), and its stop reply's ``+`` leads the next write.
+(:meth:`RspLink.pipeline`); a step always ends its write (QEMU stops the VM at any byte
+that arrives while a vCPU runs, so nothing may follow it), and its stop reply's ``+``
+leads the next write. With a stop condition a step is two round trips (step; reads that
+decide). Without one (``max_steps`` only, e.g. the exploration's boundary runs) the reads
+of boundary k, the code at a new rip and step k+1 share one write: one round trip a step.
 """
 
 from __future__ import annotations
