@@ -1,11 +1,16 @@
 """cr3rig benchmark: every number is a ratio against a baseline measured in the same run.
 
-1. Checked steps/s (step the isolated vCPU, read CR3 and rip of every vCPU, read one
-   word through every vCPU) against a bare GDB CLI ``stepi`` loop on the same guest,
-   same stopping point. Also GDB/MI per-step (-exec-step-instruction + register read).
-2. Time from QEMU start to the first breakpoint hit on the isolated vCPU against the
-   plain boot of the same kernel to its readiness marker (QEMU started by QMP ``cont``,
-   no GDB attached).
+1. **step**: the Stepper's checked steps/s (step the isolated vCPU; rip and CR3 of every
+   vCPU, the signal (or, without it, ``cpu_tss_rw.sp0``) through every vCPU) against the
+   raw single-step loop (``vCont;s`` only, no reads) on the same borrowed link: the
+   limit. The two alternate in blocks of ``--block`` steps on the same guest so that
+   the load of other processes falls on both alike. The Stepper with a stop condition
+   (two round trips a step) is measured the same way and printed beside it. Also, for
+   comparison: a bare GDB CLI ``stepi`` loop and GDB/MI per step.
+2. **first-hit**: time from QEMU start to the first breakpoint hit on the isolated vCPU
+   (``syscall-loop`` started, ``entry_SYSCALL_64``) against the plain boot of the same
+   kernel to its readiness marker (QEMU started by QMP ``cont``, no GDB attached), with
+   the rig's boot phases (``Guest.boot_phases``) as a breakdown.
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
    ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
    same measure with QEMU local, alternating local and SSH in each round (only this).
@@ -17,22 +22,31 @@
    ``syscall-loop`` on the isolated vCPU; gdbstub watching (rig.observe.watching: every
    site a breakpoint) is measured on it too.
 
-Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--rounds R] [--transitions T]
-       [--plugin-transitions P] [--watch-qemu PATH] [--watch-only] [--ssh loopback|URL]
+Each goal is printed as one line ``ratio NAME VALUE goal OP TARGET`` and written, with
+its baseline, measure and samples, to ``--json`` (default results/bench.json).
+
+Usage: python bench/bench_rig.py [--kernel PATH] [--steps N] [--block B] [--rounds R]
+       [--transitions T] [--plugin-transitions P] [--watch-qemu PATH] [--watch-only]
+       [--json PATH] [--ssh loopback|URL]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
+from rig.machine.vcpu import thread_id
 from rig.observe.pluginwatch import PluginWatch
 from rig.observe.pluginwatch import watch as plugin_watch
 from rig.observe.stepping import Stepper, Watch
@@ -44,6 +58,7 @@ from rig.supply.qemu import fetch_qemu
 from rig.transport.console import Console
 from rig.transport.host import Host, LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
+from rig.transport.rsp import RspLink, frame
 
 
 def plain_boot_seconds(cfg: GuestConfig) -> float:
@@ -111,6 +126,7 @@ def mi_step_rate(g: Guest, steps: int) -> float:
 
 
 def checked_step_rate(g: Guest, steps: int) -> float:
+    """``Guest.step`` as a test calls it (borrow, Stepper, disassembly), steps/s; the SSH ratio."""
     cpu = g.config.isolated
     w = Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     t0 = time.monotonic()
@@ -118,6 +134,74 @@ def checked_step_rate(g: Guest, steps: int) -> float:
     dt = time.monotonic() - t0
     g.traces.clear()
     return steps / dt
+
+
+def raw_step_loop(link: RspLink, cpu: int, steps: int) -> float:
+    """The limit: ``vCont;s`` on vCPU ``cpu`` only, no reads; seconds for ``steps`` steps.
+
+    Each write is the step alone (with the ``+`` for the previous stop reply in front),
+    exactly the step writes of the Stepper, minus everything it reads.
+    """
+    data = frame(f"vCont;s:{thread_id(cpu)}")
+    t0 = time.monotonic()
+    for _ in range(steps):
+        reply = link.exchange(data, 1, owe_last=True)[0]
+        if not reply.startswith(("S", "T")):
+            raise RuntimeError(f"vCont;s answered {reply!r}")
+    return time.monotonic() - t0
+
+
+def _never(_: object) -> bool:
+    return False
+
+
+def step_rates(g: Guest, steps: int, block: int) -> dict[str, float]:
+    """The raw loop, the Stepper and the Stepper with a stop condition, in adjacent
+    blocks of ``block`` steps on one borrowed link (same guest, same path: ``syscall-loop``
+    on the isolated vCPU from ``entry_SYSCALL_64``), ``steps`` steps each.
+
+    Returns steps/s of each over all its blocks, and ``step``/``step-stop``: the median
+    over the block triples of the Stepper's rate over the raw loop's in the same triple
+    (adjacent blocks see the same load from other processes; the median drops the
+    blocks a burst of load hit). The order inside a triple alternates.
+    """
+    cpu = g.config.isolated
+    watch = (
+        Watch(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)
+        if SIGNAL in g.symbols
+        else Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
+    )
+    stepper = Stepper(g.regmap, g.config.smp, cpu, [watch])
+    seconds = {"raw": 0.0, "stepper": 0.0, "stepper-stop": 0.0}
+    pairs: dict[str, list[float]] = {"step": [], "step-stop": []}
+    done = 0
+    with g.link() as link:
+
+        def timed(kind: str, n: int) -> float:
+            if kind == "raw":
+                return raw_step_loop(link, cpu, n)
+            t0 = time.monotonic()
+            trace = stepper.run(link, max_steps=n, stop=_never if kind == "stepper-stop" else None)
+            dt = time.monotonic() - t0
+            moved = trace.frozen_violations()
+            if moved or len(trace.snapshots) != n + 1:
+                got = len(trace.snapshots)
+                raise RuntimeError(f"the Stepper's trace is wrong: {moved[:3]}, {got} boundaries")
+            return dt
+
+        order = ["raw", "stepper", "stepper-stop"]
+        while done < steps:
+            n = min(block, steps - done)
+            dt = {kind: timed(kind, n) for kind in order}
+            for kind, v in dt.items():
+                seconds[kind] += v
+            pairs["step"].append(dt["raw"] / dt["stepper"])
+            pairs["step-stop"].append(dt["raw"] / dt["stepper-stop"])
+            order.reverse()
+            done += n
+    out = {k: steps / v for k, v in seconds.items()}
+    out.update({k: statistics.median(v) for k, v in pairs.items()})
+    return out
 
 
 SIGNAL = "kernel_cr3_loaded"
@@ -155,14 +239,14 @@ def plugin_transition_rate(g: Guest, pw: PluginWatch, transitions: int) -> tuple
     return result.rate, result.seconds
 
 
-def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> list[str]:
-    """The watch ratio, on ONE guest booted with QEMU >= 9.2 and the watch plugin: per round,
-    stepping (the Stepper over ``syscall-loop`` on the isolated vCPU, its CR3 side changes
-    per second: the baseline), plugin watch and gdbstub watch over the same workload.
-    Returns the lines to print."""
+def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> tuple[list[str], dict[str, list[float]]]:
+    """The watch measures, on ONE guest booted with QEMU >= 9.2 and the watch plugin: per
+    round, stepping (the Stepper over ``syscall-loop`` on the isolated vCPU, its CR3 side
+    changes per second: the baseline), plugin watch and gdbstub watch over the same
+    workload. Returns the lines to print and the samples (empty when it cannot run)."""
     med = statistics.median
     if cfg.vmlinux is None:
-        return [f"ratio watch n/a goal >= 100 (needs a vmlinux and {SIGNAL} in the kernel)"]
+        return [f"watch n/a (needs a vmlinux and {SIGNAL} in the kernel)"], {}
     qemu = args.watch_qemu or str(fetch_qemu("bookworm-backports", cfg.cache_dir))
     pw = PluginWatch.prepare(cfg.vmlinux, signal=SIGNAL, qemu=qemu, cache_dir=cfg.cache_dir)
     stepped: list[float] = []
@@ -171,7 +255,7 @@ def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> list[str]:
     g = Guest.boot(replace(cfg, qemu=qemu, plugin=pw.plugin))
     try:
         if SIGNAL not in g.symbols:
-            return [f"ratio watch n/a goal >= 100 (needs {SIGNAL} in the kernel)"]
+            return [f"watch n/a (needs {SIGNAL} in the kernel)"], {}
         version = g.machine.version
         g.start_workload("syscall-loop")
         for _ in range(args.rounds):
@@ -182,19 +266,37 @@ def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> list[str]:
             gdbstub.append(watched_transition_rate(g, args.transitions)[0])
     finally:
         g.close()
-    return [
+    lines = [
         f"watch (one guest, {version}, watch plugin loaded; syscall-loop on the isolated vCPU): "
         f"stepped (Stepper) {med(stepped):.1f} CR3 transitions/s (baseline); plugin watch "
         f"{med(plugin):.0f}/s ({args.plugin_transitions} per sample); gdbstub watch {med(gdbstub):.0f}/s "
         f"({args.transitions} per sample, ratio {med(gdbstub) / med(stepped):.1f})",
-        f"ratio watch {med(plugin) / med(stepped):.1f} goal >= 100",
-        "watch samples: stepped-transitions "
-        + str([f"{x:.1f}" for x in stepped])
-        + " plugin-transitions "
-        + str([f"{x:.0f}" for x in plugin])
-        + " gdbstub-transitions "
-        + str([f"{x:.0f}" for x in gdbstub]),
     ]
+    samples = {"stepped-transitions": stepped, "plugin-transitions": plugin, "gdbstub-transitions": gdbstub}
+    return lines, samples
+
+
+def watch_ratio(results: Results, lines: list[str], samples: dict[str, list[float]]) -> None:
+    """Print the watch lines and the ``ratio watch`` line (plugin watch / stepping)."""
+    print("\n".join(lines))
+    if not samples:
+        print("ratio watch n/a goal >= 100")
+        return
+    med = statistics.median
+    stepped, plugin = med(samples["stepped-transitions"]), med(samples["plugin-transitions"])
+    results.ratio(
+        "watch",
+        plugin / stepped,
+        ">=",
+        100,
+        digits=1,
+        baseline={
+            "what": "Stepper, every boundary of syscall-loop, CR3 transitions/s",
+            "rate": round(stepped, 2),
+        },
+        measure={"what": "plugin watch, every vCPU, CR3 transitions/s", "rate": round(plugin)},
+        gdbstub_watch={"rate": round(med(samples["gdbstub-transitions"]), 1)},
+    )
 
 
 def rebreak(g: Guest) -> None:
@@ -242,10 +344,37 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
     print("samples: local", [f"{x:.0f}" for x in local], "ssh", [f"{x:.0f}" for x in remote])
 
 
+class Results:
+    """The ratio lines (``ratio NAME VALUE goal OP TARGET``) and what goes to the JSON file."""
+
+    def __init__(self, kernel: str) -> None:
+        self.data: dict[str, Any] = {
+            "kernel": kernel,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average_at_start": list(os.getloadavg()),
+            "ratios": {},
+            "measures": {},
+            "samples": {},
+        }
+
+    def ratio(self, name: str, value: float, op: str, target: float, digits: int = 2, **detail: Any) -> None:
+        met = value >= target if op == ">=" else value <= target
+        print(f"ratio {name} {value:.{digits}f} goal {op} {target:g}")
+        goal = f"{op} {target:g}"
+        self.data["ratios"][name] = {"value": round(value, 4), "goal": goal, "met": met, **detail}
+
+    def write(self, path: Path) -> None:
+        self.data["load_average_at_end"] = list(os.getloadavg())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.data, indent=2) + "\n")
+        print(f"json: {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--block", type=int, default=200, help="steps per alternating block of the step ratio")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ssh", default=None, help="'loopback' or ssh://[user@]box[:port]: the SSH ratio only")
     ap.add_argument("--ssh-identity", default=None)
@@ -258,6 +387,7 @@ def main() -> int:
     ap.add_argument(
         "--watch-qemu", default=None, help="QEMU >= 9.2 for the watch section (default: bookworm-backports')"
     )
+    ap.add_argument("--json", default="results/bench.json", help="where the ratios go as JSON")
     args = ap.parse_args()
     cache = default_cache_dir()
     k = resolve_kernel(args.kernel, None, cache)
@@ -269,54 +399,99 @@ def main() -> int:
     if args.ssh:
         ssh_ratio(cfg, args)
         return 0
-    watch_lines = watch_section(cfg, args)
+    results = Results(k.label)
+    watch_lines, watch_samples = watch_section(cfg, args)
     if args.watch_only:
         print(f"kernel: {k.label}; steps per sample: {args.steps}; rounds: {args.rounds}")
-        print("\n".join(watch_lines))
+        watch_ratio(results, watch_lines, watch_samples)
+        results.write(Path(args.json))
         return 0
     plain: list[float] = []
     first: list[float] = []
+    phases: list[dict[str, float]] = []
+    raw: list[float] = []
+    stepper: list[float] = []
+    stepper_stop: list[float] = []
+    step_ratio: list[float] = []
+    step_stop_ratio: list[float] = []
     cli: list[float] = []
-    checked: list[float] = []
     mi: list[float] = []
     version = ""
     for _ in range(args.rounds):
         plain.append(plain_boot_seconds(cfg))
         t, g = rig_first_hit_seconds(cfg)
         first.append(t)
+        phases.append(dict(g.boot_phases))
         try:
             version = g.machine.version
-            checked.append(checked_step_rate(g, args.steps))
+            rates = step_rates(g, args.steps, args.block)
+            raw.append(rates["raw"])
+            stepper.append(rates["stepper"])
+            stepper_stop.append(rates["stepper-stop"])
+            step_ratio.append(rates["step"])
+            step_stop_ratio.append(rates["step-stop"])
             rebreak(g)
             mi.append(mi_step_rate(g, max(100, args.steps // 10)))
             rebreak(g)
             cli.append(gdb_cli_stepi_rate(g, args.steps))
         finally:
             g.close()
-    print(f"kernel: {k.label}; qemu: {version}; steps per sample: {args.steps}; rounds: {args.rounds}")
     med = statistics.median
+    print(f"kernel: {k.label}; qemu: {version}; steps per sample: {args.steps}; rounds: {args.rounds}")
+    print(f"load average at start {results.data['load_average_at_start']}, now {list(os.getloadavg())}")
+    results.data.update(qemu=version, steps=args.steps, block=args.block, rounds=args.rounds)
+    phase_names = list(phases[0]) if phases else []
+    breakdown = {p: med(x[p] for x in phases) for p in phase_names}
     print(
         f"boot: plain to marker {med(plain):.2f} s; rig QEMU start to first hit {med(first):.2f} s;"
-        f" ratio {med(first) / med(plain):.2f} (goal <= 1.5)"
+        " rig phases (s since QEMU start, medians): "
+        + ", ".join(f"{p} {v:.2f}" for p, v in breakdown.items())
     )
-    print(
-        f"stepping: gdb CLI stepi {med(cli):.0f}/s (baseline); rig checked steps {med(checked):.0f}/s;"
-        f" GDB/MI per step {med(mi):.0f}/s"
-    )
-    print(f"ratio checked/CLI {med(checked) / med(cli):.2f} (goal >= 1.0); MI/CLI {med(mi) / med(cli):.2f}")
-    print("\n".join(watch_lines))
-    print(
-        "samples: plain",
-        [f"{x:.2f}" for x in plain],
+    results.ratio(
         "first-hit",
-        [f"{x:.2f}" for x in first],
-        "cli",
-        [f"{x:.0f}" for x in cli],
-        "checked",
-        [f"{x:.0f}" for x in checked],
-        "mi",
-        [f"{x:.0f}" for x in mi],
+        med(first) / med(plain),
+        "<=",
+        1.5,
+        baseline={"what": "plain boot to the readiness marker (no GDB)", "seconds": round(med(plain), 3)},
+        measure={"what": "QEMU start to the first hit on the isolated vCPU", "seconds": round(med(first), 3)},
+        breakdown={p: round(v, 3) for p, v in breakdown.items()},
     )
+    print(
+        f"stepping: raw vCont;s loop {med(raw):.0f}/s (limit); Stepper {med(stepper):.0f}/s;"
+        f" Stepper with a stop condition {med(stepper_stop):.0f}/s, {med(step_stop_ratio):.2f} of the limit"
+        f" (ratios: medians of adjacent {args.block}-step blocks)"
+    )
+    results.ratio(
+        "step",
+        med(step_ratio),
+        ">=",
+        0.8,
+        baseline={"what": "raw vCont;s loop, no reads, same link", "steps_per_s": round(med(raw))},
+        measure={"what": "Stepper (rip+CR3, signal via each vCPU)", "steps_per_s": round(med(stepper))},
+        with_stop={"steps_per_s": round(med(stepper_stop)), "ratio": round(med(step_stop_ratio), 3)},
+        method=f"median over adjacent {args.block}-step blocks of raw seconds / Stepper seconds",
+    )
+    print(
+        f"for comparison: gdb CLI stepi {med(cli):.0f}/s; GDB/MI per step {med(mi):.0f}/s;"
+        f" Stepper/CLI {med(stepper) / med(cli):.2f}"
+    )
+    watch_ratio(results, watch_lines, watch_samples)
+    samples = {
+        "plain": plain,
+        "first-hit": first,
+        "raw": raw,
+        "stepper": stepper,
+        "stepper-stop": stepper_stop,
+        "step-ratio": step_ratio,
+        "step-stop-ratio": step_stop_ratio,
+        "cli": cli,
+        "mi": mi,
+        **watch_samples,
+    }
+    results.data["samples"] = {name: [round(x, 3) for x in v] for name, v in samples.items()}
+    results.data["boot_phases"] = phases
+    print("samples:", " ".join(f"{n} {[round(x, 2) for x in v]}" for n, v in samples.items()))
+    results.write(Path(args.json))
     return 0
 
 

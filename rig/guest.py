@@ -13,14 +13,17 @@ import contextlib
 import gzip
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rig.errors import ConfigError, GdbError, GuestError, RigError
 from rig.machine.disasm import disassemble
 from rig.machine.symbols import (
+    Symbol,
     SymbolTable,
     cache_path,
     elf_build_id,
@@ -171,10 +174,13 @@ class Guest:
         self.running = False
         self.boot_seconds = 0.0
         self.started_at = 0.0
+        #: Seconds since :attr:`started_at` at which each boot phase ended, in order.
+        self.boot_phases: dict[str, float] = {}
         self.closed = False
         self.traces: list[Trace] = []
         self.effort = Effort()
         self.workloads: dict[int, str] = {}
+        self._symbols_loading: Future[list[Symbol]] | None = None
 
     # -- life cycle --------------------------------------------------------------
     @classmethod
@@ -193,22 +199,42 @@ class Guest:
         return guest
 
     def _boot(self) -> None:
+        """Start QEMU and GDB side by side, let the kernel boot while GDB attaches.
+
+        Where the time goes (reference-7.2, README "Performance"): GDB's own start-up
+        (~0.25 s) and the vmlinux symbols are overlapped with the kernel's boot; QEMU
+        starts frozen (``-S``) only until the console is connected, then runs (QMP
+        ``cont``) while GDB starts. GDB's attach stops the VM for a moment (QEMU's
+        gdbstub stops it when a client connects) and GDB continues it. No breakpoint is
+        armed before the readiness marker.
+        """
         self.started_at = time.monotonic()
-        # GDB first: a broken --gdb fails before QEMU starts
+        # GDB is spawned first; its first command (below) reports a broken --gdb
         self.gdb = GdbMi(self.config.gdb, cwd=self.machine.dir)
+        if self.config.vmlinux is not None:
+            self._symbols_loading = _background(elf_symbols, self.config.vmlinux)
+        self.machine.start()
+        self.console = Console(self.machine.console_socket, self.machine.console_log)
+        self.machine.qmp("cont")  # the kernel boots while GDB starts and attaches
+        self._phase("qemu started")
         for setting in ("mi-async on", "pagination off", "confirm off"):
             self.gdb.command(f"-gdb-set {setting}")
-        self.machine.start()
+        self._phase("gdb started")
         self.relay = GdbRelay(self.machine.gdb_socket, self.machine.dir / "gdb-relay.sock")
         self.gdb.command(f"-target-select remote {self.relay.listen_path}")
         self.gdb.wait_stopped(10)
         self.gdb.command("-gdb-set scheduler-locking step")
         self.regmap = RegisterMap.from_gdb_table(self.gdb.cli("maint print remote-registers"))
-        self.console = Console(self.machine.console_socket, self.machine.console_log)
         self.resume()
+        self._phase("gdb attached")
         self._wait_ready()
         self.boot_seconds = time.monotonic() - self.started_at
+        self._phase("ready marker")
         self._learn_kernel()
+        self._phase("kernel learnt")
+
+    def _phase(self, name: str) -> None:
+        self.boot_phases[name] = time.monotonic() - self.started_at
 
     def _wait_ready(self) -> None:
         assert self.console is not None
@@ -218,21 +244,29 @@ class Guest:
             raise GuestError(f"{self.config.kernel} did not boot: {exc}") from None
 
     def _learn_kernel(self) -> None:
+        """Release, build-id, PTI state, symbols and per-CPU offsets of the running kernel.
+
+        With a vmlinux, everything comes through the gdbstub (no console round trip; each
+        costs 0.05-1 s under TCG on a loaded machine): the symbols were parsed while the
+        kernel booted, the build-id is read from the kernel's own notes in memory
+        (``__start_notes``..``__stop_notes``) and must equal the vmlinux's, the release
+        is the one ``linux_banner`` names, and PTI is on iff :meth:`_pti_active`.
+        Without one, the console gives release, build-id and the PTI line of dmesg, and
+        the symbols come from /proc/kallsyms (cached by build-id).
+        """
         assert self.console is not None
+        if self.config.vmlinux is not None:
+            self._learn_from_vmlinux(self.config.vmlinux)
+            return
         self.release = self.console.check("uname -r").strip()
         notes_hex = self.console.check("od -An -tx1 -v /sys/kernel/notes")
         self.build_id = notes_build_id(bytes.fromhex("".join(notes_hex.split()))) or ""
         dmesg = self.console.check("dmesg | grep -i 'page tables isolation' || true")
         self.pti_enabled = bool(re.search(r"isolation: (enabled|force enabled)", dmesg))
-        self.symbols = self._load_symbols()
+        self.symbols = self._load_kallsyms()
         with self.stopped(), self.link() as link:
             reader = self._kernel_reader(link)
-            base = self.symbols.address("__per_cpu_offset")
-            for cpu in range(self.config.smp):
-                value = reader.read_u64(link, base + 8 * cpu)
-                if value is None:
-                    raise GuestError("cannot read __per_cpu_offset through a kernel-mode vCPU")
-                self.per_cpu_offsets[cpu] = value
+            self._read_per_cpu_offsets(reader, link)
             banner = reader.read(link, self.symbols.address("linux_banner"), 64) or b""
         if not banner.startswith(b"Linux version " + self.release.encode()):
             raise ConfigError(
@@ -241,16 +275,75 @@ class Guest:
                 "this build with --vmlinux"
             )
 
-    def _load_symbols(self) -> SymbolTable:
-        assert self.console is not None
-        if self.config.vmlinux is not None:
-            vid = elf_build_id(self.config.vmlinux)
-            if self.build_id and vid and vid != self.build_id:
+    def _learn_from_vmlinux(self, vmlinux: Path) -> None:
+        loading, self._symbols_loading = self._symbols_loading, None
+        symbols = SymbolTable(loading.result() if loading is not None else elf_symbols(vmlinux), str(vmlinux))
+        vid = elf_build_id(vmlinux) or ""
+        needed = ("linux_banner", "__start_notes", "__stop_notes", "__per_cpu_offset", "entry_SYSCALL_64")
+        missing = [n for n in needed if n not in symbols]
+        if missing:
+            raise ConfigError(
+                f"--vmlinux {vmlinux} does not match the running kernel: it has no "
+                f"{', '.join(missing)}; pass the unstripped vmlinux of this build"
+            )
+        start, stop = symbols.address("__start_notes"), symbols.address("__stop_notes")
+        with self.stopped(), self.link() as link:
+            reader = self._kernel_reader(link)
+            notes = reader.read(link, start, stop - start) if 0 < stop - start <= 4096 else None
+            banner = reader.read(link, symbols.address("linux_banner"), 256) or b""
+            self.build_id = notes_build_id(notes or b"") or ""
+            if vid and vid != self.build_id:
+                running = self.build_id[:12] or "unreadable at the vmlinux's __start_notes"
                 raise ConfigError(
-                    f"--vmlinux {self.config.vmlinux} (build-id {vid[:12]}) does not match the "
-                    f"running kernel (build-id {self.build_id[:12]}); pass the vmlinux of that build"
+                    f"--vmlinux {vmlinux} (build-id {vid[:12]}) does not match the running "
+                    f"kernel (build-id {running}); pass the vmlinux of that build"
                 )
-            return SymbolTable(elf_symbols(self.config.vmlinux), str(self.config.vmlinux))
+            m = re.match(rb"Linux version (\S+) ", banner)
+            if m is None:
+                raise ConfigError(
+                    f"--vmlinux {vmlinux} does not match the running kernel: linux_banner reads "
+                    f"{banner[:40]!r}; pass the vmlinux of this build"
+                )
+            self.release = m.group(1).decode(errors="replace")
+            self.symbols = symbols
+            self._read_per_cpu_offsets(reader, link)
+            self.pti_enabled = self._pti_active(reader, link)
+
+    def _read_per_cpu_offsets(self, reader: Vcpu, link: RspLink) -> None:
+        base = self.symbols.address("__per_cpu_offset")
+        for cpu in range(self.config.smp):
+            value = reader.read_u64(link, base + 8 * cpu)
+            if value is None:
+                raise GuestError("cannot read __per_cpu_offset through a kernel-mode vCPU")
+            self.per_cpu_offsets[cpu] = value
+
+    def _pti_active(self, reader: Vcpu, link: RspLink) -> bool:
+        """True iff the kernel runs with page table isolation.
+
+        PTI's defining property: the entry code is mapped in the user half of the PGD
+        pair (kernel PGD + 4 KiB, CR3 bit 12). Without PTI at run time that page is
+        zeroed (``pgd_alloc``'s ``__GFP_ZERO``) and nothing is mapped through it; a
+        kernel built without PTI (no ``pti_init``) has no such page, so it is not
+        walked. Both walks must reach the same physical byte of ``entry_SYSCALL_64``.
+        The same answer as dmesg's "page tables isolation: enabled" line, without a
+        console round trip (tests/test_nopti.py boots ``nopti``).
+        """
+        if "pti_init" not in self.symbols:
+            return False
+        regs = reader.registers(link, ("cr3", "cr4"))
+        cr3 = decode_cr3(regs["cr3"], regs["cr4"])
+        entry = self.symbols.address("entry_SYSCALL_64")
+        five = bool(regs["cr4"] & X86_CR4_LA57)
+
+        def read_u64(addr: int) -> int:
+            return int.from_bytes(read_physical(link, addr, 8), "little")
+
+        kernel = walk(cr3.kernel_pgd, entry, read_u64, five_level=five)
+        user = walk(cr3.kernel_pgd | (1 << PTI_USER_PGTABLE_BIT), entry, read_u64, five_level=five)
+        return kernel.present and user.physical == kernel.physical
+
+    def _load_kallsyms(self) -> SymbolTable:
+        assert self.console is not None
         kaslr = "nokaslr" not in self.config.cmdline().split()
         path = cache_path(self.config.cache_dir, self.build_id or self.release, kaslr)
         if path.exists() and not kaslr:
@@ -521,3 +614,18 @@ class Guest:
             return "\n".join(lines)
         except Exception as exc:
             return f"(no registers: {exc})"
+
+
+def _background(fn: Callable[[Path], list[Symbol]], arg: Path) -> Future[list[Symbol]]:
+    """Run ``fn(arg)`` on a daemon thread (it never blocks an exit); its result or error
+    comes out of the returned future."""
+    fut: Future[list[Symbol]] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(arg))
+        except BaseException as exc:  # handed to whoever asks for the result
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="vmlinux-symbols", daemon=True).start()
+    return fut

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from rig.guest import Guest
-from rig.observe.stepping import Watch
+from rig.machine.vcpu import thread_id
+from rig.observe.stepping import Snapshot, Stepper, Watch
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,60 @@ def test_stepping_moves_only_the_stepped_vcpu(booted: Guest) -> None:
     assert all(s.words["tss"][sib] is not None for s in trace.snapshots)
     assert trace.snapshots[0].insn == "swapgs"
     assert trace.snapshots[0].where == "entry_SYSCALL_64"
+
+
+def test_pipelined_and_checked_stepping_give_the_same_trace(booted: Guest) -> None:
+    """Without a stop condition the Stepper pipelines each step with the reads before it;
+    with one it reads, decides, then steps. Same path, same boundaries, same words."""
+    cpu = booted.config.isolated
+    other = 1 - cpu if booted.config.smp == 2 else 0
+    tss = Watch("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
+    pid = booted.start_workload("syscall-loop", cpu)
+    traces = []
+    try:
+        for stop in (None, lambda s: False):
+            booted.break_on(booted.symbols.address("entry_SYSCALL_64"), cpu)
+            stepper = Stepper(booted.regmap, booted.config.smp, cpu, [tss])
+            with booted.link() as link:
+                traces.append(stepper.run(link, max_steps=150, stop=stop))
+    finally:
+        booted.stop_workload(pid)
+    a, b = traces
+    assert [(s.rip[cpu], s.cr3[cpu], s.words) for s in a.snapshots] == [
+        (s.rip[cpu], s.cr3[cpu], s.words) for s in b.snapshots
+    ]
+    assert a.code == b.code and len(a.code) > 50
+    assert all(a.snapshots[0].rip[other] == s.rip[other] for s in a.snapshots)
+    assert not a.frozen_violations() and not b.frozen_violations()
+
+
+def test_a_frozen_vcpu_that_moved_is_reported(booted: Guest) -> None:
+    """The frozen vCPUs' rip/CR3 are read at the first and last boundary only: a change
+    in between (here: the test moves the sibling's rip through the gdbstub) still shows."""
+    cpu = booted.config.isolated
+    other = 1 - cpu if booted.config.smp == 2 else 0
+    rip = booted.regmap.numbers["rip"]
+    pid = booted.start_workload("syscall-loop", cpu)
+    try:
+        booted.break_on(booted.symbols.address("entry_SYSCALL_64"), cpu)
+        with booted.link() as link:
+            original = booted.vcpu(other).registers(link, ("rip",))["rip"]
+
+            def move_sibling(snap: Snapshot) -> None:
+                if snap.step == 10:
+                    moved = (original + 1).to_bytes(8, "little").hex()
+                    assert link.transact([f"Hg{thread_id(other)}", f"P{rip:x}={moved}"])[1] == "OK"
+
+            stepper = Stepper(booted.regmap, booted.config.smp, cpu)
+            try:
+                trace = stepper.run(link, max_steps=20, on_step=move_sibling)
+            finally:
+                back = original.to_bytes(8, "little").hex()
+                link.transact([f"Hg{thread_id(other)}", f"P{rip:x}={back}"])
+    finally:
+        booted.stop_workload(pid)
+    moved = trace.frozen_violations()
+    cr3 = trace.snapshots[0].cr3[other]
+    assert trace.snapshots[-1].rip[other] == original + 1
+    rips = f"rip {original:#x}->{original + 1:#x}"
+    assert moved == [f"step 20: vCPU {other} moved: {rips} cr3 {cr3:#x}->{cr3:#x}"]

@@ -1,8 +1,20 @@
 """Symbol tables, build-ids from kernel notes, per-CPU addresses (rig/symbols.py)."""
 
+import subprocess
 from pathlib import Path
 
-from rig.machine.symbols import SymbolTable, elf_build_id, notes_build_id, parse_kallsyms, per_cpu_address
+import pytest
+
+from rig.machine.symbols import (
+    Symbol,
+    SymbolTable,
+    elf_build_id,
+    elf_symbols,
+    notes_build_id,
+    parse_kallsyms,
+    per_cpu_address,
+)
+from rig.supply.cache import default_cache_dir
 
 KALLSYMS = """\
 0000000000006000 A cpu_tss_rw
@@ -39,3 +51,45 @@ def test_notes_build_id_matches_elf_build_id() -> None:
         raw = sect.data()
     assert notes_build_id(raw) == elf_build_id(path)
     assert notes_build_id(b"") is None
+
+
+def _pyelftools_symbols(path: Path) -> list[Symbol]:
+    """The former elf_symbols: pyelftools' per-symbol objects (the reference)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    with open(path, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        out = []
+        for sym in symtab.iter_symbols():
+            if not sym.name or sym["st_info"]["type"] in ("STT_FILE", "STT_SECTION"):
+                continue
+            kind = "T" if sym["st_info"]["type"] == "STT_FUNC" else "D"
+            out.append(Symbol(sym.name, int(sym["st_value"]), kind))
+        return out
+
+
+def test_elf_symbols_equal_pyelftools(tmp_path: Path) -> None:
+    # a small unstripped ELF with functions, data, a file symbol and section symbols
+    src = tmp_path / "syms.c"
+    src.write_text(
+        "int counter = 3;\nstatic int hidden;\nint bump(void) { return ++counter + hidden; }\n"
+        "static void helper(void) { hidden++; }\nint main(void) { helper(); return bump(); }\n"
+    )
+    exe = tmp_path / "syms"
+    subprocess.run(["gcc", "-O0", "-o", str(exe), str(src)], check=True)
+    got = elf_symbols(exe)
+    assert got == _pyelftools_symbols(exe)
+    names = {s.name: s.kind for s in got}
+    assert names["bump"] == "T" and names["counter"] == "D" and names["helper"] == "T"
+    assert "syms.c" not in names  # STT_FILE is skipped
+
+
+def test_elf_symbols_of_a_cached_vmlinux_equal_pyelftools() -> None:
+    builds = sorted(default_cache_dir().glob("kernels/builds/*/vmlinux"))
+    if not builds:
+        pytest.skip(f"no vmlinux under {default_cache_dir()}/kernels/builds (scripts/setup.sh builds one)")
+    got = elf_symbols(builds[0])
+    assert len(got) > 10_000
+    assert got == _pyelftools_symbols(builds[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,15 @@ def vmlinux_problem(vmlinux: Path) -> str | None:
 
 
 def elf_symbols(vmlinux: Path) -> list[Symbol]:
-    """The symbols of a vmlinux's ``.symtab``; a vmlinux without one is a ConfigError."""
+    """The symbols of a vmlinux's ``.symtab``; a vmlinux without one is a ConfigError.
+
+    pyelftools finds the ``.symtab`` and its string table (section headers only); the
+    entries (24-byte ``Elf64_Sym``) are decoded with :func:`struct.iter_unpack`, which
+    is ~40x faster than pyelftools' per-symbol objects (50,000 symbols of reference-7.2:
+    ~0.05 s instead of ~2 s) and gives the same list (tests/test_symbols.py compares).
+    Skipped: unnamed symbols, ``STT_FILE`` and ``STT_SECTION``; ``STT_FUNC`` is kind
+    ``T``, everything else ``D``.
+    """
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
 
@@ -165,13 +174,26 @@ def elf_symbols(vmlinux: Path) -> list[Symbol]:
         symtab = elf.get_section_by_name(".symtab")
         if not isinstance(symtab, SymbolTableSection):
             raise ConfigError(f"{vmlinux} has no symbol table: pass an unstripped vmlinux")
-        out = []
-        for sym in symtab.iter_symbols():
-            if not sym.name or sym["st_info"]["type"] in ("STT_FILE", "STT_SECTION"):
-                continue
-            kind = "T" if sym["st_info"]["type"] == "STT_FUNC" else "D"
-            out.append(Symbol(sym.name, int(sym["st_value"]), kind))
-        return out
+        if elf.elfclass != 64 or not elf.little_endian or symtab["sh_entsize"] != _ELF64_SYM.size:
+            raise ConfigError(f"{vmlinux} is not a little-endian ELF64 vmlinux: pass an x86-64 vmlinux")
+        strtab = elf.get_section(symtab["sh_link"])
+        entries = symtab.data()
+        names = strtab.data()
+    out = []
+    for st_name, st_info, _other, _shndx, st_value, _size in _ELF64_SYM.iter_unpack(entries):
+        kind = st_info & 0xF
+        if st_name == 0 or kind in (_STT_SECTION, _STT_FILE):
+            continue
+        name = names[st_name : names.index(b"\0", st_name)].decode("utf-8", "replace")
+        if not name:
+            continue
+        out.append(Symbol(name, st_value, "T" if kind == _STT_FUNC else "D"))
+    return out
+
+
+#: ``Elf64_Sym``: st_name, st_info, st_other, st_shndx, st_value, st_size (little-endian).
+_ELF64_SYM = struct.Struct("<IBBHQQ")
+_STT_FUNC, _STT_SECTION, _STT_FILE = 2, 3, 4
 
 
 def elf_build_id(vmlinux: Path) -> str | None:

@@ -1,15 +1,36 @@
 """Single-step one vCPU while the others stay frozen, snapshotting every vCPU each step.
 
 The loop speaks raw RSP on the link borrowed from the GDB relay: ``vCont;s:<thread>``
-steps only that vCPU (QEMU leaves vCPUs without an action stopped, as GDB's
-``scheduler-locking step`` does), then one pipelined batch reads rip and CR3 of every
-vCPU and each watched word through every vCPU's page tables. Two round trips a step,
-no timeouts: each read blocks only until QEMU's reply arrives.
+steps only that vCPU, then one pipelined write reads the stepping vCPU's rip and CR3
+and each watched word through every vCPU's page tables. At most two round trips a step, no
+timeouts: each read blocks only until QEMU's reply arrives.
+
+**Why the frozen vCPUs' rip and CR3 are read once per run, not per step.** QEMU's
+gdbstub resumes only the vCPUs a ``vCont`` gives an action: ``gdb_continue_partial``
+(gdbstub/gdbstub.c, QEMU 7.2 and later) calls ``cpu_single_step``/``cpu_resume`` for
+``s``/``c`` and does nothing for a vCPU without one ("nothing to do here"), so a frozen
+vCPU executes no instruction, takes no interrupt and its registers do not change while
+another is stepped (only the gdbstub could write them, and this loop writes none). The
+Stepper reads every vCPU's rip and CR3 before the first step and again after the last
+one (the end of the run, whether by ``stop`` or ``max_steps``); the snapshots in between
+carry the first reading for the frozen vCPUs, and the last snapshot carries the
+re-reading, so :meth:`Trace.frozen_violations` still reports a vCPU that moved
+(as "by step N"). The watched words stay per step through *every* vCPU's page tables:
+memory is what the stepping vCPU changes, and reading the signal through each vCPU is
+the check itself.
+
+**Pipelining.** The reads of a snapshot go in one write with their acknowledgements
+(:meth:`RspLink.pipeline`); a step always ends its write (QEMU stops the VM at any byte
+that arrives while a vCPU runs, so nothing may follow it), and its stop reply's ``+``
+leads the next write. With a stop condition a step is two round trips (step; reads that
+decide). Without one (``max_steps`` only, e.g. the exploration's boundary runs) the reads
+of boundary k, the code at a new rip and step k+1 share one write: one round trip a step.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +38,7 @@ from pathlib import Path
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
-from rig.transport.rsp import RspLink, hex_le, is_error
+from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
 #: Longest x86 instruction (bytes); what is read at each new rip to disassemble later.
 MAX_INSN = 15
@@ -146,16 +167,29 @@ class Stepper:
         self.cpu = cpu
         self.watches = list(watches)
         self._step_packet = f"vCont;s:{thread_id(cpu)}"
-        batch: list[str] = []
+        reads = [f"m{w.address:x},{w.size:x}" for w in self.watches]
+        rip, cr3 = regmap.packet("rip"), regmap.packet("cr3")
+        # every vCPU: Hg, rip, cr3, the watches
+        self._batch: list[str] = []
         for n in range(ncpus):
-            batch += [f"Hg{thread_id(n)}", regmap.packet("rip"), regmap.packet("cr3")]
-            batch += [f"m{w.address:x},{w.size:x}" for w in self.watches]
-        self._batch = batch
+            self._batch += [f"Hg{thread_id(n)}", rip, cr3, *reads]
+        # a step: the stepping vCPU's rip, cr3, watches; then each frozen vCPU's Hg, watches.
+        # No Hg for the stepping vCPU when the stop reply names it: QEMU selects the vCPU
+        # that stopped for register and memory access (gdb_set_stop_cpu) and names that
+        # vCPU in the stop reply (gdb_vm_state_change).
+        self._step_batch = [rip, cr3, *reads]
+        for n in range(ncpus):
+            if n != cpu and reads:
+                self._step_batch += [f"Hg{thread_id(n)}", *reads]
+        self._select = f"Hg{thread_id(cpu)}"
+        self._stop_names_cpu = re.compile(rf"thread:p0*1\.0*{cpu + 1:x};")
         self._per_cpu = 3 + len(self.watches)
 
     def snapshot(self, link: RspLink, step: int) -> Snapshot:
         """Read every vCPU's rip and CR3 and every watch through every vCPU (one round trip)."""
-        replies = link.transact(self._batch)
+        return self._parse_full(link.exchange(link.pipeline(self._batch), len(self._batch)), step)
+
+    def _parse_full(self, replies: list[str], step: int) -> Snapshot:
         rips: list[int] = []
         cr3s: list[int] = []
         words: dict[str, list[int | None]] = {w.name: [] for w in self.watches}
@@ -170,6 +204,27 @@ class Stepper:
                 words[w.name].append(None if is_error(val) else hex_le(val))
         return Snapshot(step, self.cpu, rips, cr3s, words)
 
+    def _parse_step(self, replies: list[str], step: int, frozen: Snapshot) -> Snapshot:
+        """A snapshot from a step batch: the frozen vCPUs' rip and CR3 from ``frozen``."""
+        if is_error(replies[0]) or is_error(replies[1]):
+            raise GuestError(f"cannot read registers of vCPU {self.cpu}: {replies[0]} {replies[1]}")
+        rips = list(frozen.rip)
+        cr3s = list(frozen.cr3)
+        rips[self.cpu] = hex_le(replies[0])
+        cr3s[self.cpu] = hex_le(replies[1])
+        nw = len(self.watches)
+        words: dict[str, list[int | None]] = {w.name: [] for w in self.watches}
+        at = 2 + nw  # the frozen vCPUs' groups follow the stepping vCPU's (Hg + watches each)
+        for n in range(self.ncpus):
+            if n == self.cpu:
+                vals = replies[2 : 2 + nw]
+            else:
+                vals = replies[at + 1 : at + 1 + nw]
+                at += 1 + nw
+            for w, val in zip(self.watches, vals, strict=True):
+                words[w.name].append(None if is_error(val) else hex_le(val))
+        return Snapshot(step, self.cpu, rips, cr3s, words)
+
     def run(
         self,
         link: RspLink,
@@ -181,26 +236,116 @@ class Stepper:
         """Snapshot, then step and snapshot until ``stop`` holds or ``max_steps`` steps ran.
 
         The first snapshot is the boundary before any step. ``code`` gets the bytes of each
-        distinct rip, read through the stepping vCPU when first seen.
+        distinct rip, read through the stepping vCPU. The frozen vCPUs' rip and CR3 are
+        read at the first and the last boundary (see the module's doc); ``stop`` and
+        ``on_step`` see the first reading for them in between.
+
+        With a ``stop`` condition each step costs two round trips: the step, then the
+        reads that decide whether to step again. Without one, the reads of boundary k and
+        step k+1 share one write (the step last): one round trip a step, and the code at
+        a new rip is read in the write after the one that stepped over it.
         """
         trace = Trace(self.cpu, self.ncpus)
-        snap = self.snapshot(link, 0)
-        self._remember_code(link, trace, snap)
-        trace.snapshots.append(snap)
+        full = link.pipeline(self._batch)
+        first = self._parse_full(link.exchange(full, len(self._batch)), 0)
+        trace.snapshots.append(first)
+        if max_steps <= 0:
+            snap = first
+            trace.stopped_because = f"max_steps={max_steps}"
+        elif stop is None:
+            snap = self._run_pipelined(link, trace, first, max_steps, on_step)
+            trace.stopped_because = f"max_steps={max_steps}"
+        else:
+            snap = self._run_checked(link, trace, first, max_steps, stop, on_step)
+        # the last boundary: every vCPU read again (a frozen vCPU that moved shows here)
+        last = self._parse_full(link.exchange(full, len(self._batch)), snap.step)
+        last.words = snap.words
+        trace.snapshots[-1] = last
+        self._remember_code(link, trace, last)
+        return trace
+
+    def _code_read(self, link: RspLink, trace: Trace, pc: int) -> tuple[bytes, int]:
+        """The pipelined read of the code at ``pc`` (and how many replies), or nothing if known."""
+        if pc in trace.code:
+            return b"", 0
+        return link.pipeline([self._select, f"m{pc:x},{MAX_INSN:x}"]), 2
+
+    def _check_step(self, reply: str) -> bool:
+        """Raise unless ``reply`` is a stop reply; True if it names the stepping vCPU."""
+        if not reply or reply[0] not in "ST":
+            raise GuestError(f"single step of vCPU {self.cpu} answered {reply!r}")
+        return self._stop_names_cpu.search(reply) is not None
+
+    def _run_checked(
+        self,
+        link: RspLink,
+        trace: Trace,
+        first: Snapshot,
+        max_steps: int,
+        stop: StopCondition,
+        on_step: Callable[[Snapshot], None] | None,
+    ) -> Snapshot:
+        step = frame(self._step_packet)
+        reads = link.pipeline(self._step_batch)
+        selected_reads = link.pipeline([self._select]) + reads
+        n = len(self._step_batch)
+        snap = first
         for i in range(1, max_steps + 1):
-            reply = link.transact([self._step_packet])[0]
-            if not reply or reply[0] not in "ST":
-                raise GuestError(f"single step of vCPU {self.cpu} answered {reply!r}")
-            snap = self.snapshot(link, i)
-            self._remember_code(link, trace, snap)
+            # the code at a new rip, read through the stepping vCPU, then the step
+            pc = snap.pc
+            code, k = self._code_read(link, trace, pc)
+            replies = link.exchange(code + step, k + 1, owe_last=True)
+            if k:
+                trace.code[pc] = _code_bytes(replies[1])
+            if self._check_step(replies[-1]):
+                snap = self._parse_step(link.exchange(reads, n), i, first)
+            else:
+                snap = self._parse_step(link.exchange(selected_reads, n + 1)[1:], i, first)
             trace.snapshots.append(snap)
             if on_step is not None:
                 on_step(snap)
-            if stop is not None and stop(snap):
+            if stop(snap):
                 trace.stopped_because = "condition"
-                return trace
+                return snap
         trace.stopped_because = f"max_steps={max_steps}"
-        return trace
+        return snap
+
+    def _run_pipelined(
+        self,
+        link: RspLink,
+        trace: Trace,
+        first: Snapshot,
+        max_steps: int,
+        on_step: Callable[[Snapshot], None] | None,
+    ) -> Snapshot:
+        """Write j carries the reads of boundary j-1, the code at boundary j-2's rip if
+        new, and step j (none after the last step)."""
+        step = frame(self._step_packet)
+        reads = link.pipeline(self._step_batch)
+        selected_reads = link.pipeline([self._select]) + reads
+        n = len(self._step_batch)
+        code, k = self._code_read(link, trace, first.pc)
+        replies = link.exchange(code + step, k + 1, owe_last=True)
+        if k:
+            trace.code[first.pc] = _code_bytes(replies[1])
+        named = self._check_step(replies[-1])
+        snap = first
+        for j in range(2, max_steps + 2):
+            last = j == max_steps + 1
+            head, nh = (reads, n) if named else (selected_reads, n + 1)
+            pc = snap.pc  # boundary j-2's rip: the instruction step j-1 executed
+            code, k = self._code_read(link, trace, pc)
+            data = head + code + (b"" if last else step)
+            replies = link.exchange(data, nh + k + (0 if last else 1), owe_last=not last)
+            snap = self._parse_step(replies[nh - n : nh], j - 1, first)
+            if k:
+                trace.code[pc] = _code_bytes(replies[nh + 1])
+            trace.snapshots.append(snap)
+            if on_step is not None:
+                on_step(snap)
+            if not last:
+                named = self._check_step(replies[-1])
+        return snap
 
     def _remember_code(self, link: RspLink, trace: Trace, snap: Snapshot) -> None:
         pc = snap.pc
@@ -208,6 +353,10 @@ class Stepper:
             return
         replies = link.transact([f"Hg{thread_id(self.cpu)}", f"m{pc:x},{MAX_INSN:x}"])
         trace.code[pc] = b"" if is_error(replies[1]) else bytes.fromhex(replies[1])
+
+
+def _code_bytes(reply: str) -> bytes:
+    return b"" if is_error(reply) else bytes.fromhex(reply)
 
 
 def in_user_mode(cpu: int) -> StopCondition:

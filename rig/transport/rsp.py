@@ -36,6 +36,8 @@ def frame(payload: str) -> bytes:
 
 def unescape(data: bytes) -> bytes:
     """Undo RSP escaping (``}x`` -> ``x^0x20``) and run-length encoding (``c*n``)."""
+    if b"}" not in data and b"*" not in data:
+        return data  # the usual reply (hex digits, OK, Exx, a stop reply): nothing to undo
     out = bytearray()
     i = 0
     n = len(data)
@@ -89,18 +91,73 @@ class RspLink:
         self.acks = acks
         self.reply_timeout = reply_timeout
         self._buf = bytearray()
+        self._owed_ack = False
 
     def transact(self, packets: Sequence[str]) -> list[str]:
         """Send ``packets`` in one write; return their replies, in order, as text."""
+        self._send(b"".join(frame(p) for p in packets))
+        return [self._read_packet() for _ in packets]
+
+    def pipeline(self, packets: Sequence[str]) -> bytes:
+        """``packets`` framed for one :meth:`exchange`, each followed by the ``+`` that
+        acknowledges its reply when the link uses acknowledgements.
+
+        These acknowledgements are sent ahead of the replies. That is sound with QEMU's
+        gdbstub (system mode): it handles its input byte by byte, in order, and answers
+        a packet that does not resume the VM before it reads the next byte, so each
+        ``+`` arrives right after the reply it acknowledges (``gdb_read_byte``: a ``+``
+        while a reply is outstanding clears it). It saves one write per reply, and a
+        wake-up of QEMU's main loop for each. A resume packet (``vCont;s``/``c``) may
+        only come last: any byte that reaches the gdbstub while a vCPU runs stops the VM.
+        """
+        ack = b"+" if self.acks else b""
+        return b"".join(frame(p) + ack for p in packets)
+
+    def exchange(self, data: bytes, count: int, *, owe_last: bool = False) -> list[str]:
+        """Send ``data`` from :meth:`pipeline` (one write) and read ``count`` replies.
+
+        The replies were acknowledged in ``data``; if ``owe_last`` (``data`` ends with a
+        resume packet, whose stop reply must not be acknowledged in the same write),
+        the last reply's ``+`` is sent at the front of the link's next write instead.
+        """
+        if owe_last and self.acks and data.endswith(b"+"):
+            raise ValueError("a resume packet must end the write: pipeline it without its '+'")
+        self._send(data)
+        out = self._read_packets(count)
+        self._owed_ack = owe_last and self.acks
+        return out
+
+    def _read_packets(self, count: int) -> list[str]:
+        """The next ``count`` packets, none acknowledged (see :meth:`exchange`)."""
+        buf = self._buf
+        out: list[str] = []
+        pos = 0
+        while True:
+            start = buf.find(b"$", pos)
+            end = buf.find(b"#", start) if start >= 0 else -1
+            if end >= 0 and len(buf) >= end + 3:
+                out.append(unescape(bytes(buf[start + 1 : end])).decode("latin-1"))
+                pos = end + 3
+                if len(out) == count:
+                    del buf[:pos]
+                    return out
+                continue
+            del buf[:pos]
+            pos = 0
+            self._receive()
+
+    def _send(self, data: bytes) -> None:
+        if self._owed_ack:
+            data = b"+" + data
+            self._owed_ack = False
         try:
-            self.sock.sendall(b"".join(frame(p) for p in packets))
+            self.sock.sendall(data)
         except OSError as exc:
             raise GuestError(f"the gdbstub connection failed: {exc.strerror} (did QEMU exit?)") from None
-        return [self._read_packet() for _ in packets]
 
     def interrupt(self) -> str:
         """Send the break byte (``\\x03``, stop the VM) and return the stop reply."""
-        self.sock.sendall(b"\x03")
+        self._send(b"\x03")
         return self._read_packet()
 
     def resume(self, packet: str, timeout: float) -> str:
@@ -111,7 +168,7 @@ class RspLink:
         saying so. The wait itself is one blocking read; the deadline only matters
         when no stop arrives.
         """
-        self.sock.sendall(frame(packet))
+        self._send(frame(packet))
         self.sock.settimeout(timeout)
         try:
             return self._read_packet()
@@ -130,7 +187,7 @@ class RspLink:
         finally:
             self.sock.settimeout(None)
 
-    def _read_packet(self) -> str:
+    def _read_packet(self, *, ack: bool = True) -> str:
         buf = self._buf
         while True:
             start = buf.find(b"$")
@@ -139,26 +196,30 @@ class RspLink:
                 if end >= 0 and len(buf) >= end + 3:
                     body = bytes(buf[start + 1 : end])
                     del buf[: end + 3]
-                    if self.acks:
+                    if self.acks and ack:
                         self.sock.sendall(b"+")
                     return unescape(body).decode("latin-1")
             elif buf and not self.acks:
                 # stray '+' or notification bytes before a packet: drop them
                 del buf[:]
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:  # a Python-level timeout (see resume): the caller handles it
-                raise
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise ReplyTimeout(
-                        f"QEMU sent no reply within {self.reply_timeout:g} s (a step that never "
-                        "returns: QEMU is hung or stopped, or the vCPU never completes the instruction)"
-                    ) from None
-                raise GuestError(f"the gdbstub connection failed: {exc}") from None
-            if not chunk:
-                raise GuestError("QEMU closed the gdbstub connection (did QEMU die?)")
-            buf += chunk
+            self._receive()
+
+    def _receive(self) -> None:
+        """Append what the socket has (blocking until something arrives) to the buffer."""
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:  # a Python-level timeout (see resume): the caller handles it
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise ReplyTimeout(
+                    f"QEMU sent no reply within {self.reply_timeout:g} s (a step that never "
+                    "returns: QEMU is hung or stopped, or the vCPU never completes the instruction)"
+                ) from None
+            raise GuestError(f"the gdbstub connection failed: {exc}") from None
+        if not chunk:
+            raise GuestError("QEMU closed the gdbstub connection (did QEMU die?)")
+        self._buf += chunk
 
 
 def hex_le(value: str) -> int:
