@@ -29,14 +29,14 @@ import pytest
 from rig.errors import ConfigError
 from rig.guest import Guest
 from rig.observe.pluginwatch import PluginWatch, watch
-from rig.pytestplugin.plugin import GuestPool, RigSettings
+from rig.pytestplugin.plugin import RigSettings
 from rig.supply.qemuplugin import plugin_qemu
 from rig.transport.host import LocalHost
 from testcases.conftest import SIGNAL
 from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU
 
 #: CR3 transitions (side changes) to check across all vCPUs (CR3RIG_WATCH_TRANSITIONS overrides).
-PLUGIN_TRANSITIONS = 50_000
+PLUGIN_TRANSITIONS = 20_000
 #: Inject an NMI every this many site hits.
 NMI_EVERY = 200
 #: Seconds the watch may take before it fails as stuck.
@@ -44,9 +44,7 @@ MAX_SECONDS = 300.0
 
 
 @pytest.fixture
-def plugin_guest(
-    signal_guest: Guest, rig_settings: RigSettings, guest_pool: GuestPool
-) -> Iterator[tuple[Guest, PluginWatch]]:
+def plugin_guest(signal_guest: Guest, rig_settings: RigSettings) -> Iterator[tuple[Guest, PluginWatch]]:
     """A guest of the session's configuration booted with the watch plugin (closed after).
 
     The session's guest (``signal_guest``) says first whether this kernel has PTI and the
@@ -68,7 +66,8 @@ def plugin_guest(
         pw = PluginWatch.prepare(base.vmlinux, signal=SIGNAL, qemu=qemu, cache_dir=base.cache_dir)
     except ConfigError as exc:
         pytest.fail(f"cannot prepare plugin watch: {exc}")
-    guest_pool.close()  # one guest alive at a time on these 2 cores; the pool boots its own again
+    # the pool's guest stays up, idle (its workloads were killed after its last test), so
+    # the testcases after this one need no new boot
     g = Guest.boot(replace(base, plugin=pw.plugin, qemu=qemu), rig_settings.host)
     try:
         yield g, pw
