@@ -251,11 +251,6 @@ class ControllerHooks:
         absorb(self.config, str(node.gateway.id), payload)
 
 
-def fatal_lines(agg: Aggregate) -> list[str]:
-    """The lines the controller prints for a default configuration that did not boot."""
-    out = []
-    for worker, failure in agg.fatal[:1]:
-        out.append(f"cr3rig: [{worker}] {failure['reason']} (the default configuration cannot boot)")
-        if failure.get("console_tail"):
-            out.append(failure["console_tail"])
-    return out
+def fatal_console_tail(agg: Aggregate) -> str:
+    """The console tail of the first default-configuration boot that failed ("" if none)."""
+    return next((f.get("console_tail", "") for _, f in agg.fatal if f.get("console_tail")), "")

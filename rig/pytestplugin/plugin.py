@@ -450,10 +450,10 @@ def _finish_controller(session: pytest.Session, agg: distributed.Aggregate) -> i
     if tr is not None:
         for worker in agg.lost:
             tr.write_line(f"cr3rig: worker {worker} ended without reporting (its traces are not listed)")
-        if agg.fatal:
+        tail = distributed.fatal_console_tail(agg)
+        if tail:  # xdist's "Interrupted: cr3rig: ... cannot boot" line follows
             tr.write_sep("-", "cr3rig: console tail of the failed boot")
-            for line in distributed.fatal_lines(agg):
-                tr.write_line(line)
+            tr.write_line(tail)
     if agg.fatal:
         session.exitstatus = 3
     return int(session.exitstatus)
