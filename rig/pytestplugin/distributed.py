@@ -88,6 +88,7 @@ def coverage_to_wire(cov: SiteCoverage) -> dict[str, Any]:
 
 
 def coverage_from_wire(data: Mapping[str, Any]) -> SiteCoverage:
+    """The :class:`SiteCoverage` that :func:`coverage_to_wire` sent."""
     sites = [
         Site(int(a), kind, str(fn), str(where), str(insn), None if v is None else int(v))
         for a, kind, fn, where, insn, v in data["sites"]
@@ -125,6 +126,7 @@ WORKER_KEY = pytest.StashKey[WorkerState]()
 
 
 def worker_state(config: pytest.Config) -> WorkerState:
+    """This worker's state (created on first use)."""
     if WORKER_KEY not in config.stash:
         config.stash[WORKER_KEY] = WorkerState()
     return config.stash[WORKER_KEY]
