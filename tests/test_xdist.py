@@ -236,3 +236,24 @@ def test_site_coverage_travels_and_merges() -> None:
     merged = merge_coverage(back, coverage_from_wire(coverage_to_wire(b)))
     assert merged.executed_by == {0x1000: ["t1", "t2"], 0x2000: ["t2"]}
     assert merged.pti and merged.missing() == []
+
+
+def test_a_kernel_that_cannot_be_had_ends_the_run_with_status_4(tag: str, tmp_path: Path) -> None:
+    """What ends a run without xdist with pytest.exit (here: an unknown reference flavor,
+    found when the workers resolve the kernel) ends it the same way under xdist, with no
+    INTERNALERROR from xdist's controller."""
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2"),
+            *("testcases/test_pti_tables.py", "--kernel", "reference-9.9", f"--trace-dir={tmp_path}"),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 4, out[-2000:]
+    assert "INTERNALERROR" not in out, out[-2000:]
+    assert "Interrupted: cr3rig: unknown kernel flavor 'reference-9.9'; valid flavors:" in out, out[-2000:]

@@ -22,7 +22,9 @@ and QEMU private directory, made by ``mkdtemp``).
   saw it errors that test and stops (``session.shouldstop``); xdist then stops handing
   out tests, the other worker finishes the tests it already holds (each errors at once
   with the remembered line if it needs a new boot), and the controller ends the run
-  with status 3 and the console tail, as a run without xdist does.
+  with status 3 and the console tail, as a run without xdist does. Anything else that
+  ends a plain run with ``pytest.exit`` (status 4) goes the same way (:func:`end_run`):
+  ``pytest.exit`` inside a worker would crash xdist's controller.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Literal
 
 import pytest
 
+from rig.errors import RigError
 from rig.machine.sites import Site
 from rig.observe.coverage import SiteCoverage
 from rig.report.session import session_report
@@ -119,7 +122,7 @@ def merge_coverage(into: SiteCoverage | None, other: SiteCoverage) -> SiteCovera
 class WorkerState:
     """What a worker must tell the controller beyond the test reports."""
 
-    fatal: dict[str, str] | None = None  # the default configuration did not boot: reason, tail
+    fatal: dict[str, str] | None = None  # the run must end: line, returncode, console tail
 
 
 WORKER_KEY = pytest.StashKey[WorkerState]()
@@ -132,13 +135,23 @@ def worker_state(config: pytest.Config) -> WorkerState:
     return config.stash[WORKER_KEY]
 
 
-def stop_worker(session: pytest.Session, reason: str, console_tail: str, remembered: bool) -> None:
-    """The default configuration cannot boot: this worker stops after its current test
-    (xdist then stops the run) and tells the controller why (unless the failure is
-    another worker's, ``remembered``: that worker tells it)."""
-    if not remembered:
-        worker_state(session.config).fatal = {"reason": reason, "console_tail": console_tail}
-    session.shouldstop = f"cr3rig: {reason} (the default configuration cannot boot)"
+class RunEnded(RigError):
+    """Raised in a worker where a run without xdist would end with :func:`pytest.exit`
+    (bad input found late, a kernel that cannot be had): the test errors with it."""
+
+
+def end_run(session: pytest.Session, line: str, returncode: int, console_tail: str, *, tell: bool) -> None:
+    """End the run from a worker: it stops after its current test (xdist then hands out
+    no more tests and stops the others), and, if ``tell``, the controller learns the
+    line, status and console tail (``tell`` is False for a boot failure another worker
+    saw first: that worker tells it)."""
+    if tell:
+        worker_state(session.config).fatal = {
+            "line": line,
+            "returncode": str(returncode),
+            "console_tail": console_tail,
+        }
+    session.shouldstop = line
 
 
 def worker_payload(

@@ -21,10 +21,10 @@ the controller writes the report and the coverage table of the whole run
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -189,8 +189,31 @@ class RigSettings:
     site_coverage: str = "auto"
 
 
+#: Ends the run with one line and a status (and the boot failure behind it, if any).
+EndRun = Callable[[str, int, "BootFailed | None"], NoReturn]
+
+
+def _exit(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
+    pytest.exit(line, returncode=returncode)
+
+
+def _run_ender(request: pytest.FixtureRequest) -> EndRun:
+    """:func:`pytest.exit`, or in an xdist worker (where it would crash xdist's
+    controller) :func:`distributed.end_run` and an error for this test."""
+    if distributed.role(request.config) != "worker":
+        return _exit
+    session = request.session
+
+    def end_worker(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
+        tail = failed.console_tail if failed is not None else ""
+        distributed.end_run(session, line, returncode, tail, tell=not (failed and failed.remembered))
+        raise failed if failed is not None else distributed.RunEnded(line)
+
+    return end_worker
+
+
 @pytest.fixture(scope="session")
-def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
+def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> RigSettings:
     from rig.supply.initramfs import build_initramfs
     from rig.supply.kernel import resolve_kernel
 
@@ -204,15 +227,15 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
             kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
             initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
-        pytest.exit(f"cr3rig: {exc}", returncode=4)
+        _run_ender(request)(f"cr3rig: {exc}", 4, None)
     host = pytestconfig.stash[_HOST_KEY]
     if opt.accel == "kvm":
         from rig.transport.kvmprobe import kernel_probe
 
         why = kernel_probe(host, opt.qemu, "kvm", kernel.image, initrd)
         if why is not None:
-            pytest.exit(
-                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", returncode=4
+            _run_ender(request)(
+                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", 4, None
             )
     base = GuestConfig(
         kernel=kernel.image,
@@ -242,12 +265,17 @@ class GuestPool:
     """
 
     def __init__(
-        self, settings: RigSettings, on_fatal: Any = None, failures: BootFailures | None = None
+        self,
+        settings: RigSettings,
+        on_fatal: Any = None,
+        failures: BootFailures | None = None,
+        end_run: EndRun = _exit,
     ) -> None:
         self.settings = settings
         self.current: Guest | None = None
         self.failures = failures if failures is not None else BootFailures()
         self.on_fatal = on_fatal
+        self.end_run = end_run
         self._coverage: SiteCoverage | None = None
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
@@ -260,23 +288,26 @@ class GuestPool:
             cur.close()
             self.current = None
         if self.current is None:
+            default = extra_append == "" and isolate
             try:
                 self.failures.check(config)
             except BootFailed as remembered:  # the default one only if another worker failed it
-                if extra_append == "" and isolate and self.on_fatal is not None:
-                    self.on_fatal(remembered)
+                if default:
+                    self.end_run(
+                        f"cr3rig: {remembered.reason} (the default configuration cannot boot)", 3, remembered
+                    )
                 raise
             try:
                 self.current = Guest.boot(config, self.settings.host)
             except ConfigError as exc:
-                pytest.exit(f"cr3rig: {exc}", returncode=4)
+                self.end_run(f"cr3rig: {exc}", 4, None)
             except RigError as exc:
                 failed = self.failures.remember(config, exc)
-                if extra_append == "" and isolate:
+                if default:
                     if self.on_fatal is not None:
                         self.on_fatal(failed)
-                    pytest.exit(
-                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", returncode=3
+                    self.end_run(
+                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", 3, failed
                     )
                 raise failed from None
         return self.current
@@ -308,17 +339,10 @@ def guest_pool(
                 reporter.write_line(failed.console_tail)
 
     if distributed.role(pytestconfig) == "worker":
-        session = request.session
-
-        def stop_worker(failed: BootFailed) -> None:
-            """This test errors; the worker stops after it, the controller ends the run."""
-            distributed.stop_worker(session, failed.reason, failed.console_tail, failed.remembered)
-            raise failed
-
         failures = BootFailures(
             distributed.shared_failures_dir(pytestconfig), distributed.worker_id(pytestconfig)
         )
-        pool = GuestPool(rig_settings, stop_worker, failures)
+        pool = GuestPool(rig_settings, None, failures, _run_ender(request))
     else:
         pool = GuestPool(rig_settings, show_console)
     pytestconfig.stash[_POOL_KEY] = pool
@@ -455,7 +479,7 @@ def _finish_controller(session: pytest.Session, agg: distributed.Aggregate) -> i
             tr.write_sep("-", "cr3rig: console tail of the failed boot")
             tr.write_line(tail)
     if agg.fatal:
-        session.exitstatus = 3
+        session.exitstatus = int(agg.fatal[0][1]["returncode"])
     return int(session.exitstatus)
 
 
