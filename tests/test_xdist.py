@@ -1,9 +1,9 @@
 """``pytest -n 2`` (pytest-xdist) with real guests: one guest per worker, each in its own
 private directory, one report for the whole run, nothing left behind on Ctrl-C.
 
-About 55 s of CI time on 2 cores: one -n 2 run of five testcases (two reference-7.2
+CI time on 2 cores: one -n 2 run of five testcases (two reference-7.2
 boots at once, ~26 s), two runs interrupted once both guests are up (~7 s and ~13 s),
-and a run whose boots fail (~9 s).
+a run whose boots fail (~9 s) and one whose kernel cannot be had (~4 s): about 60 s.
 """
 
 from __future__ import annotations
