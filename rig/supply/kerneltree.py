@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rig.supply.buildrun import BuildRunner, KernelBuildError
+from rig.supply.cache import locked as locked  # re-exported: it lived here before cache.py
 
 #: Identity of the commits made in the work trees (never pushed anywhere).
 _GIT_ENV = {
