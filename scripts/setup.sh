@@ -55,7 +55,8 @@ if want venv; then
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+# xdist: `pytest -n 2` (the README's parallel run; tests/test_xdist.py runs it)
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,xdist]'
 fi
 
 want cache || exit 0

@@ -2,6 +2,7 @@
 
 * :class:`BootFailures`: a configuration that failed to boot once is not booted again
   in the session; every later test that needs it errors at once with the same line.
+  Under pytest-xdist the workers share what failed through a directory of the run.
 * :func:`one_line_report`: a :class:`~rig.errors.RigError` (a problem the user can act
   on) is reported as one line, not a traceback (``--tb=long`` keeps the traceback).
 * :func:`check_writable`: the static check of the trace and cache directories.
@@ -9,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,12 +26,14 @@ _TAIL_MARK = "; console tail:"
 
 
 class BootFailed(GuestError):
-    """The guest of one configuration did not boot; ``console_tail`` is what it printed."""
+    """The guest of one configuration did not boot; ``console_tail`` is what it printed;
+    ``remembered``: raised for a configuration that failed earlier (not booted again)."""
 
-    def __init__(self, reason: str, console_tail: str = "") -> None:
+    def __init__(self, reason: str, console_tail: str = "", *, remembered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.console_tail = console_tail
+        self.remembered = remembered
 
 
 def split_boot_error(exc: BaseException) -> tuple[str, str]:
@@ -47,17 +52,41 @@ class _Failure:
 
 
 class BootFailures:
-    """The configurations that failed to boot in this session, with their reason."""
+    """The configurations that failed to boot in this session, with their reason.
 
-    def __init__(self) -> None:
+    ``shared`` (pytest-xdist: a directory of the run, the same for every worker) also
+    keeps each failure as a file there, so a configuration that failed on one worker is
+    not booted by the others either.
+    """
+
+    def __init__(self, shared: Path | None = None, who: str = "") -> None:
         self._failed: dict[GuestConfig, _Failure] = {}
+        self.shared = shared
+        self.who = who
+
+    def _shared_file(self, config: GuestConfig) -> Path | None:
+        if self.shared is None:
+            return None
+        return self.shared / (hashlib.sha256(repr(config).encode()).hexdigest()[:32] + ".json")
 
     def check(self, config: GuestConfig) -> None:
-        """Raise :class:`BootFailed` (the first failure's line) if ``config`` failed before."""
+        """Raise :class:`BootFailed` (the first failure's line) if ``config`` failed before,
+        here or (``shared``) on another worker."""
         f = self._failed.get(config)
+        where = ""
+        path = self._shared_file(config)
+        if f is None and path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                f = _Failure(str(data["reason"]), str(data["console_tail"]))
+                where = f" on {data['who']}" if data.get("who") else ""
+            except (OSError, ValueError, KeyError):
+                f = None
         if f is not None:
             raise BootFailed(
-                f"{f.reason} [not booted again: this configuration failed earlier]", f.console_tail
+                f"{f.reason} [not booted again: this configuration failed earlier{where}]",
+                f.console_tail,
+                remembered=True,
             )
 
     def remember(self, config: GuestConfig, exc: RigError) -> BootFailed:
@@ -67,6 +96,14 @@ class BootFailures:
         if died is not None and died not in reason:
             reason += f": {died}"
         self._failed[config] = _Failure(reason, tail)
+        path = self._shared_file(config)
+        if path is not None:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps({"reason": reason, "console_tail": tail, "who": self.who}))
+                tmp.replace(path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # then only this worker remembers it
         return BootFailed(reason, tail)
 
 

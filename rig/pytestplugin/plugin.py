@@ -12,15 +12,19 @@ On failure the report gets sections with the step trace (also written as JSON li
 as a timeline page, rig.report.timeline), the console tail, every vCPU's registers and
 the exact kernel and QEMU. Every testcase carries the provenance as JUnit properties; a
 session that used the rig ends by writing ``<trace-dir>/index.html`` (rig.report.session).
+
+Under pytest-xdist (``-n N``) each worker has its own session fixtures (its own guest);
+the controller writes the report and the coverage table of the whole run
+(rig.pytestplugin.distributed).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -28,6 +32,7 @@ from rig.diagnosis import diagnose
 from rig.errors import ConfigError, RigError
 from rig.guest import Effort, Guest, GuestConfig, check_inputs
 from rig.observe.coverage import SiteCoverage, coverage_of
+from rig.pytestplugin import distributed
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
@@ -158,6 +163,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
+    if distributed.role(config) == "controller":
+        config.pluginmanager.register(distributed.ControllerHooks(config), "cr3rig-xdist-controller")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -182,8 +189,31 @@ class RigSettings:
     site_coverage: str = "auto"
 
 
+#: Ends the run with one line and a status (and the boot failure behind it, if any).
+EndRun = Callable[[str, int, "BootFailed | None"], NoReturn]
+
+
+def _exit(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
+    pytest.exit(line, returncode=returncode)
+
+
+def _run_ender(request: pytest.FixtureRequest) -> EndRun:
+    """:func:`pytest.exit`, or in an xdist worker (where it would crash xdist's
+    controller) :func:`distributed.end_run` and an error for this test."""
+    if distributed.role(request.config) != "worker":
+        return _exit
+    session = request.session
+
+    def end_worker(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
+        tail = failed.console_tail if failed is not None else ""
+        distributed.end_run(session, line, returncode, tail, tell=not (failed and failed.remembered))
+        raise failed if failed is not None else distributed.RunEnded(line)
+
+    return end_worker
+
+
 @pytest.fixture(scope="session")
-def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
+def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> RigSettings:
     from rig.supply.initramfs import build_initramfs
     from rig.supply.kernel import resolve_kernel
 
@@ -197,15 +227,15 @@ def rig_settings(pytestconfig: pytest.Config) -> RigSettings:
             kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
             initrd = opt.initrd or build_initramfs(cache)
     except RigError as exc:
-        pytest.exit(f"cr3rig: {exc}", returncode=4)
+        _run_ender(request)(f"cr3rig: {exc}", 4, None)
     host = pytestconfig.stash[_HOST_KEY]
     if opt.accel == "kvm":
         from rig.transport.kvmprobe import kernel_probe
 
         why = kernel_probe(host, opt.qemu, "kvm", kernel.image, initrd)
         if why is not None:
-            pytest.exit(
-                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", returncode=4
+            _run_ender(request)(
+                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", 4, None
             )
     base = GuestConfig(
         kernel=kernel.image,
@@ -234,11 +264,18 @@ class GuestPool:
     marker) cannot boot, the session ends, as it does for bad input.
     """
 
-    def __init__(self, settings: RigSettings, on_fatal: Any = None) -> None:
+    def __init__(
+        self,
+        settings: RigSettings,
+        on_fatal: Any = None,
+        failures: BootFailures | None = None,
+        end_run: EndRun = _exit,
+    ) -> None:
         self.settings = settings
         self.current: Guest | None = None
-        self.failures = BootFailures()
+        self.failures = failures if failures is not None else BootFailures()
         self.on_fatal = on_fatal
+        self.end_run = end_run
         self._coverage: SiteCoverage | None = None
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
@@ -251,18 +288,26 @@ class GuestPool:
             cur.close()
             self.current = None
         if self.current is None:
-            self.failures.check(config)
+            default = extra_append == "" and isolate
+            try:
+                self.failures.check(config)
+            except BootFailed as remembered:  # the default one only if another worker failed it
+                if default:
+                    self.end_run(
+                        f"cr3rig: {remembered.reason} (the default configuration cannot boot)", 3, remembered
+                    )
+                raise
             try:
                 self.current = Guest.boot(config, self.settings.host)
             except ConfigError as exc:
-                pytest.exit(f"cr3rig: {exc}", returncode=4)
+                self.end_run(f"cr3rig: {exc}", 4, None)
             except RigError as exc:
                 failed = self.failures.remember(config, exc)
-                if extra_append == "" and isolate:
+                if default:
                     if self.on_fatal is not None:
                         self.on_fatal(failed)
-                    pytest.exit(
-                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", returncode=3
+                    self.end_run(
+                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", 3, failed
                     )
                 raise failed from None
         return self.current
@@ -282,7 +327,9 @@ class GuestPool:
 
 
 @pytest.fixture(scope="session")
-def guest_pool(rig_settings: RigSettings, pytestconfig: pytest.Config) -> Iterator[GuestPool]:
+def guest_pool(
+    rig_settings: RigSettings, pytestconfig: pytest.Config, request: pytest.FixtureRequest
+) -> Iterator[GuestPool]:
     def show_console(failed: BootFailed) -> None:
         reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
         capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
@@ -291,7 +338,13 @@ def guest_pool(rig_settings: RigSettings, pytestconfig: pytest.Config) -> Iterat
                 reporter.write_sep("-", "cr3rig: console tail of the failed boot")
                 reporter.write_line(failed.console_tail)
 
-    pool = GuestPool(rig_settings, show_console)
+    if distributed.role(pytestconfig) == "worker":
+        failures = BootFailures(
+            distributed.shared_failures_dir(pytestconfig), distributed.worker_id(pytestconfig)
+        )
+        pool = GuestPool(rig_settings, None, failures, _run_ender(request))
+    else:
+        pool = GuestPool(rig_settings, show_console)
     pytestconfig.stash[_POOL_KEY] = pool
     try:
         yield pool
@@ -330,21 +383,43 @@ def _coverage_required(config: pytest.Config, coverage: SiteCoverage) -> bool:
         [testcases],
         [config.rootpath.resolve()],
     )
-    return coverage.has_signal and full and not config.stash.get(_DESELECTED_KEY, False)
+    return coverage.has_signal and full and not _deselected(config)
+
+
+def _deselected(config: pytest.Config) -> bool:
+    """Whether this run (under xdist: any worker) deselected a test."""
+    agg = distributed.aggregate(config)
+    return agg.deselected if agg is not None else config.stash.get(_DESELECTED_KEY, False)
+
+
+def _run_coverage(config: pytest.Config) -> SiteCoverage | None:
+    """The switch-site coverage of the run (under xdist: of all workers together)."""
+    agg = distributed.aggregate(config)
+    if agg is not None:
+        return agg.coverage
+    pool = config.stash.get(_POOL_KEY, None)
+    return pool._coverage if pool is not None else None
+
+
+def _host_summaries(config: pytest.Config) -> list[str]:
+    agg = distributed.aggregate(config)
+    if agg is not None:
+        return agg.host_summaries
+    host = config.stash.get(_HOST_KEY, None)
+    line = host.summary() if host is not None else None
+    return [line] if line else []
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    host = config.stash.get(_HOST_KEY, None)
-    line = host.summary() if host is not None else None
-    if line:
+    for line in _host_summaries(config):
         terminalreporter.write_line(f"cr3rig: {line}")
-    tables = config.stash.get(_EXPLORATIONS_KEY, [])
+    agg = distributed.aggregate(config)
+    tables = agg.explorations if agg is not None else config.stash.get(_EXPLORATIONS_KEY, [])
     if tables:
         terminalreporter.section("cr3rig: explorations (an NMI at each boundary of each window)")
         for table in tables:
             terminalreporter.write_line(table)
-    pool = config.stash.get(_POOL_KEY, None)
-    coverage = pool._coverage if pool is not None else None
+    coverage = _run_coverage(config)
     if coverage is None or config.option.site_coverage == "off":
         return
     terminalreporter.section("cr3rig: CR3 switch-site coverage")
@@ -358,13 +433,29 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    pool = session.config.stash.get(_POOL_KEY, None)
-    coverage = pool._coverage if pool is not None else None
-    if coverage is not None and pool is not None and session.config.option.site_coverage != "off":
+    config = session.config
+    role = distributed.role(config)
+    pool = config.stash.get(_POOL_KEY, None)
+    if role == "worker":  # the controller writes the run's files from what workers send
+        explorations: list[str] = config.stash.get(_EXPLORATIONS_KEY, [])
+        distributed.worker_payload(
+            config,
+            pool._coverage if pool is not None else None,
+            explorations,
+            config.stash.get(_DESELECTED_KEY, False),
+            next(iter(_host_summaries(config)), None),
+        )
+        return
+    agg = distributed.aggregate(config)
+    if agg is not None:
+        exitstatus = _finish_controller(session, agg)
+    coverage = _run_coverage(config)
+    directory = pool.settings.trace_dir if pool is not None else session_report(config).directory
+    if coverage is not None and directory is not None and config.option.site_coverage != "off":
         with contextlib.suppress(OSError):
-            pool.settings.trace_dir.mkdir(parents=True, exist_ok=True)
-            (pool.settings.trace_dir / "site-coverage.md").write_text(coverage.markdown())
-        add_coverage_table(session.config, "CR3 switch sites (who executed each)", coverage.rows())
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "site-coverage.md").write_text(coverage.markdown())
+        add_coverage_table(config, "CR3 switch sites (who executed each)", coverage.rows())
     if (
         coverage is not None
         and exitstatus == 0
@@ -373,6 +464,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     report_hooks.finish_session(session, exitstatus)
+
+
+def _finish_controller(session: pytest.Session, agg: distributed.Aggregate) -> int:
+    """Under xdist: a default configuration that did not boot on a worker ends the run
+    with status 3 and its console tail, as without xdist; a worker that went down
+    without reporting is named. Returns the exit status."""
+    tr = session.config.pluginmanager.getplugin("terminalreporter")
+    if tr is not None:
+        for worker in agg.lost:
+            tr.write_line(f"cr3rig: worker {worker} ended without reporting (its traces are not listed)")
+        tail = distributed.fatal_console_tail(agg)
+        if tail:  # xdist's "Interrupted: cr3rig: ... cannot boot" line follows
+            tr.write_sep("-", "cr3rig: console tail of the failed boot")
+            tr.write_line(tail)
+    if agg.fatal:
+        session.exitstatus = int(agg.fatal[0][1]["returncode"])
+    return int(session.exitstatus)
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ class TestRecord:
     message: str = ""
     traces: list[TraceFiles] = field(default_factory=list)
     provenance: int | None = None  # index into SessionReport.provenances
+    worker: str = ""  # the pytest-xdist worker that ran it ("" without xdist)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,42 @@ class SessionReport:
         if prov not in self.provenances:
             self.provenances.append(prov)
         self.record(nodeid).provenance = self.provenances.index(prov)
+
+    def to_wire(self) -> list[dict[str, object]]:
+        """The records as plain data (what a pytest-xdist worker sends to the controller):
+        one dict per testcase, its provenance inlined."""
+        return [
+            {
+                "nodeid": r.nodeid,
+                "outcome": r.outcome,
+                "duration": r.duration,
+                "message": r.message,
+                "traces": [[str(t.jsonl), str(t.html), t.steps] for t in r.traces],
+                "provenance": None if r.provenance is None else dict(self.provenances[r.provenance]),
+            }
+            for r in self.records.values()
+        ]
+
+    def absorb(self, wire: Sequence[Mapping[str, object]], worker: str) -> None:
+        """Fold in the records of :meth:`to_wire` from ``worker``. A testcase the controller
+        already recorded from its reports keeps its outcome and duration; the worker adds
+        what only it knew: the message of the failure, the traces, the guest."""
+        for data in wire:
+            nodeid = str(data["nodeid"])
+            known = nodeid in self.records
+            rec = self.record(nodeid)
+            if not known:
+                rec.outcome = str(data["outcome"])
+                rec.duration = float(data["duration"])  # type: ignore[arg-type]
+            if data["message"]:
+                rec.message = str(data["message"])
+            rec.worker = worker
+            traces = data["traces"]
+            assert isinstance(traces, list)
+            rec.traces = [TraceFiles(Path(j), Path(h), int(n)) for j, h, n in traces]
+            prov = data["provenance"]
+            if isinstance(prov, dict):
+                self.add_provenance(nodeid, {str(k): str(v) for k, v in prov.items()})
 
 
 def write_traces(
@@ -211,9 +248,11 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
             )
         p.append("</table><br>")
     p.append('<h2 id="testcases">Testcases</h2>')
+    workers = any(r.worker for r in recs)  # run with pytest-xdist: say which worker ran each
     p.append(
         '<table id="tests"><tr><th>testcase</th><th>outcome</th><th>duration</th><th>guest</th>'
-        "<th>traces</th><th>message</th></tr>"
+        + ("<th>worker</th>" if workers else "")
+        + "<th>traces</th><th>message</th></tr>"
     )
     for r in recs:
         links = " ".join(
@@ -225,7 +264,8 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
         p.append(
             f'<tr data-nodeid="{_e(r.nodeid)}"><td class="mono">{_e(r.nodeid)}</td>'
             f'<td class="{_e(r.outcome)}">{_e(r.outcome)}</td><td>{r.duration:.1f} s</td><td>{guest}</td>'
-            f'<td>{links}</td><td class="msg">{_e(r.message)}</td></tr>'
+            + (f'<td class="worker">{_e(r.worker)}</td>' if workers else "")
+            + f'<td>{links}</td><td class="msg">{_e(r.message)}</td></tr>'
         )
     p.append("</table>")
     for t in report.coverage:

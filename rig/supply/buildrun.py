@@ -8,6 +8,7 @@ carries the last lines of the failed command's output.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import subprocess
@@ -225,7 +226,11 @@ class BuildRunner:
 def log_path(logs: Path, name: str, keep: int = 10) -> Path:
     """A fresh log file name ``<logs>/<name>-<time>-<pid>.log``; older ones beyond ``keep`` go."""
     logs.mkdir(parents=True, exist_ok=True)
-    old = sorted(logs.glob(f"{name}-*.log"), key=lambda p: p.stat().st_mtime)
+    dated = []
+    for p in logs.glob(f"{name}-*.log"):
+        with contextlib.suppress(FileNotFoundError):  # another session (or xdist worker) pruned it
+            dated.append((p.stat().st_mtime, p))
+    old = [p for _, p in sorted(dated)]
     for p in old[: max(0, len(old) - keep + 1)]:
         p.unlink(missing_ok=True)
     return logs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"

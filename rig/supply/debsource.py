@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rig.supply.buildrun import BuildRunner
-from rig.supply.kerneltree import locked
+from rig.supply.cache import locked
 
 #: Used when the system's APT sources name no Debian mirror.
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"

@@ -13,14 +13,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rig.errors import ConfigError
+from rig.supply.cache import locked
 
 DEBIAN = "debian"
 #: What ``--kernel`` means when it is not given.
@@ -86,21 +84,12 @@ def debian_stock_kernel(cache_dir: Path) -> Kernel:
     root = cache_dir / "debian" / pkg
     image = stock_image_path(root, release)
     if image is None:
-        with _locked(cache_dir / "debian" / ".lock"):  # another session may be fetching it too
+        with locked(cache_dir / "debian" / ".lock"):  # another session may be fetching it too
             if stock_image_path(root, release) is None:
                 _fetch_stock(pkg, release, root, cache_dir / "debian" / "download")
         image = stock_image_path(root, release)
         assert image is not None
     return Kernel(image, None, f"debian {release} (stock, unpatched)")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _fetch_stock(pkg: str, release: str, root: Path, dl: Path) -> None:

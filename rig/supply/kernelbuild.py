@@ -63,10 +63,10 @@ from rig.supply.buildrun import (
     UnknownFlavorError,
     log_path,
 )
-from rig.supply.cache import default_cache_dir
+from rig.supply.cache import default_cache_dir, locked
 from rig.supply.debsource import _sources_list, deb_version, fetch_package, system_mirrors
 from rig.supply.kconfig import check_config, configure, parse_fragment
-from rig.supply.kerneltree import TreeState, apply_series, locked, pristine_commit
+from rig.supply.kerneltree import TreeState, apply_series, pristine_commit
 
 __all__ = [
     "FLAVORS",

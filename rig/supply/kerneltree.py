@@ -9,17 +9,17 @@ survive and ``make`` rebuilds incrementally.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rig.supply.buildrun import BuildRunner, KernelBuildError
+from rig.supply.cache import locked as locked  # re-exported: it lived here before cache.py
 
 #: Identity of the commits made in the work trees (never pushed anywhere).
 _GIT_ENV = {
@@ -37,18 +37,6 @@ def _git(runner: BuildRunner, repo: Path, *args: str, env: Mapping[str, str] | N
     if env:
         full_env.update(env)
     return runner.run(["git", "-C", str(repo), *args], what=f"git {args[0]}", env=full_env)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -13,6 +13,7 @@ its first user-space program (``rdinit=/bin/true``), also under ``timeout -s KIL
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -51,7 +52,7 @@ def probe_boot(
     digest = hashlib.sha256(firmware).hexdigest()[:16]
     local = Path(tempfile.gettempdir()) / f"cr3rig-kvmprobe-{digest}.bin"
     if not local.exists():
-        tmp = local.with_suffix(f".{digest}.tmp")
+        tmp = local.with_suffix(f".{os.getpid()}.tmp")  # one per writer: xdist workers probe at once
         tmp.write_bytes(firmware)
         tmp.replace(local)
     bios = host.stage(local)
