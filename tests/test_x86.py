@@ -48,3 +48,17 @@ def test_walk_not_present_and_huge_page() -> None:
     t = walk(pgd, va, lambda a: mem.get(a, 0), five_level=False)
     assert t.page_size == 2 << 20 and t.physical == 0x40000000 | (va & 0x1FFFFF)
     assert t.user and not t.writable
+
+
+def test_may_write_cr3_decodes_mov_to_cr3_and_nothing_else() -> None:
+    from rig.machine.x86 import may_write_cr3
+
+    assert may_write_cr3(bytes.fromhex("0f22dc"))  # mov %rsp,%cr3
+    assert may_write_cr3(bytes.fromhex("410f22de"))  # mov %r14,%cr3
+    assert may_write_cr3(bytes.fromhex("0f22d8"))  # mov %rax,%cr3
+    assert may_write_cr3(b"") and may_write_cr3(b"\x0f") and may_write_cr3(b"\x66\x41")  # cannot tell
+    assert not may_write_cr3(bytes.fromhex("0f20d8"))  # mov %cr3,%rax (a read)
+    assert not may_write_cr3(bytes.fromhex("65c70425000000000100"))  # movl $0x1,%gs:0x0
+    assert not may_write_cr3(bytes.fromhex("4889e7"))  # mov %rsp,%rdi
+    assert not may_write_cr3(bytes.fromhex("0f01f8"))  # swapgs
+    assert not may_write_cr3(bytes.fromhex("48cf"))  # iretq

@@ -127,6 +127,30 @@ _LEVELS5 = ("pgd", "p4d", "pud", "pmd", "pte")
 _SHIFTS5 = (48, 39, 30, 21, 12)
 
 
+#: Legacy prefixes that may precede an opcode (operand/address size, REP, segment, LOCK).
+_LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0})
+
+
+def may_write_cr3(code: bytes) -> bool:
+    """Whether the instruction starting at ``code[0]`` may write CR3 (conservative).
+
+    In 64-bit mode only ``MOV CR3, reg`` (``0F 22 /3``, after optional legacy prefixes and
+    a REX prefix) writes CR3: interrupts and exceptions do not, and task switches do not
+    exist. False only when ``code`` decodes as another instruction; True for any
+    ``0F 22`` (a write to any control register) and for bytes too short to tell.
+    """
+    i = 0
+    while i < len(code) and code[i] in _LEGACY_PREFIXES:
+        i += 1
+    if i < len(code) and 0x40 <= code[i] <= 0x4F:
+        i += 1
+    if i >= len(code):
+        return True  # nothing left to decode: cannot tell
+    if code[i] != 0x0F:
+        return False
+    return i + 1 >= len(code) or code[i + 1] == 0x22
+
+
 def walk(pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: bool) -> Translation:
     """Walk ``virtual`` through the tables rooted at ``pgd_phys`` (4- or 5-level paging)."""
     levels = _LEVELS5 if five_level else ("pgd", "pud", "pmd", "pte")

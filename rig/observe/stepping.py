@@ -19,6 +19,15 @@ re-reading, so :meth:`Trace.frozen_violations` still reports a vCPU that moved
 memory is what the stepping vCPU changes, and reading the signal through each vCPU is
 the check itself.
 
+**Why the stepping vCPU's CR3 is read only after an instruction that may write it.** In
+64-bit mode only ``MOV CR3, reg`` writes CR3 (interrupts and exceptions do not; there are
+no task switches). The Stepper reads the code at each new rip anyway (for the trace's
+disassembly, through the stepping vCPU: the live, patched text); once the instruction a
+step executes is known and :func:`rig.machine.x86.may_write_cr3` says it is not a CR3
+write, the snapshot after it carries the CR3 before it; after a CR3 write, or an
+instruction whose code is not known yet, CR3 is read. The last boundary reads CR3 again,
+and a difference from the carried value is reported by :meth:`Trace.frozen_violations`.
+
 **Pipelining.** The reads of a snapshot go in one write with their acknowledgements
 (:meth:`RspLink.pipeline`); a step always ends its write (QEMU stops the VM at any byte
 that arrives while a vCPU runs, so nothing may follow it), and its stop reply's ``+``
@@ -37,7 +46,7 @@ from pathlib import Path
 
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, thread_id
-from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.machine.x86 import PTI_USER_PGTABLE_BIT, may_write_cr3
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
 #: Longest x86 instruction (bytes); what is read at each new rip to disassemble later.
@@ -108,6 +117,9 @@ class Trace:
     code: dict[int, bytes] = field(default_factory=dict)
     stopped_because: str = ""
     marks: list[Mark] = field(default_factory=list)
+    #: the stepping vCPU's CR3 at the last boundary differed from the value carried
+    #: from its last read (an instruction not decoded as a CR3 write changed it)
+    untracked_cr3: str = ""
 
     def mark(self, step: int, kind: str, text: str) -> None:
         """Attach a marker (an event delivered, a store seen…) to boundary ``step``."""
@@ -120,8 +132,9 @@ class Trace:
                 f.write(s.to_json() + "\n")
 
     def frozen_violations(self) -> list[str]:
-        """Every change of a non-stepping vCPU's rip or CR3 during the run (must be empty)."""
-        out: list[str] = []
+        """Every change of a non-stepping vCPU's rip or CR3 during the run, and a change of
+        the stepping vCPU's CR3 the run did not read (must be empty)."""
+        out: list[str] = [self.untracked_cr3] if self.untracked_cr3 else []
         if not self.snapshots:
             return out
         first = self.snapshots[0]
@@ -181,6 +194,8 @@ class Stepper:
         for n in range(ncpus):
             if n != cpu and reads:
                 self._step_batch += [f"Hg{thread_id(n)}", *reads]
+        # the same without the stepping vCPU's CR3, after an instruction that cannot write it
+        self._step_batch_same_cr3 = [p for i, p in enumerate(self._step_batch) if i != 1]
         self._select = f"Hg{thread_id(cpu)}"
         self._stop_names_cpu = re.compile(rf"thread:p0*1\.0*{cpu + 1:x};")
         self._per_cpu = 3 + len(self.watches)
@@ -204,14 +219,28 @@ class Stepper:
                 words[w.name].append(None if is_error(val) else hex_le(val))
         return Snapshot(step, self.cpu, rips, cr3s, words)
 
-    def _parse_step(self, replies: list[str], step: int, frozen: Snapshot) -> Snapshot:
-        """A snapshot from a step batch: the frozen vCPUs' rip and CR3 from ``frozen``."""
-        if is_error(replies[0]) or is_error(replies[1]):
-            raise GuestError(f"cannot read registers of vCPU {self.cpu}: {replies[0]} {replies[1]}")
+    def _batch_after(self, trace: Trace, pc: int) -> list[str]:
+        """The step batch for the boundary after executing the instruction at ``pc``."""
+        code = trace.code.get(pc)
+        return self._step_batch if code is None or may_write_cr3(code) else self._step_batch_same_cr3
+
+    def _parse_step(self, replies: list[str], step: int, frozen: Snapshot, before: Snapshot) -> Snapshot:
+        """A snapshot from a step batch (with or without CR3: ``len(replies)`` says): the
+        frozen vCPUs' rip and CR3 from ``frozen``, the stepping vCPU's CR3 from ``before``
+        when not read."""
+        if len(replies) == len(self._step_batch_same_cr3):
+            replies = [replies[0], "", *replies[1:]]
+            cr3 = before.cr3[self.cpu]
+        else:
+            if is_error(replies[1]):
+                raise GuestError(f"cannot read CR3 of vCPU {self.cpu}: {replies[1]}")
+            cr3 = hex_le(replies[1])
+        if is_error(replies[0]):
+            raise GuestError(f"cannot read registers of vCPU {self.cpu}: {replies[0]}")
         rips = list(frozen.rip)
         cr3s = list(frozen.cr3)
         rips[self.cpu] = hex_le(replies[0])
-        cr3s[self.cpu] = hex_le(replies[1])
+        cr3s[self.cpu] = cr3
         nw = len(self.watches)
         words: dict[str, list[int | None]] = {w.name: [] for w in self.watches}
         at = 2 + nw  # the frozen vCPUs' groups follow the stepping vCPU's (Hg + watches each)
@@ -259,6 +288,11 @@ class Stepper:
             snap = self._run_checked(link, trace, first, max_steps, stop, on_step)
         # the last boundary: every vCPU read again (a frozen vCPU that moved shows here)
         last = self._parse_full(link.exchange(full, len(self._batch)), snap.step)
+        if last.cr3[self.cpu] != snap.cr3[self.cpu]:
+            trace.untracked_cr3 = (
+                f"step {snap.step}: vCPU {self.cpu}'s CR3 is {last.cr3[self.cpu]:#x}, not the "
+                f"{snap.cr3[self.cpu]:#x} carried since its last read (a CR3 write not decoded as one)"
+            )
         last.words = snap.words
         trace.snapshots[-1] = last
         self._remember_code(link, trace, last)
@@ -286,9 +320,8 @@ class Stepper:
         on_step: Callable[[Snapshot], None] | None,
     ) -> Snapshot:
         step = frame(self._step_packet)
-        reads = link.pipeline(self._step_batch)
-        selected_reads = link.pipeline([self._select]) + reads
-        n = len(self._step_batch)
+        select = link.pipeline([self._select])
+        batches = {id(b): (link.pipeline(b), len(b)) for b in (self._step_batch, self._step_batch_same_cr3)}
         snap = first
         for i in range(1, max_steps + 1):
             # the code at a new rip, read through the stepping vCPU, then the step
@@ -297,10 +330,11 @@ class Stepper:
             replies = link.exchange(code + step, k + 1, owe_last=True)
             if k:
                 trace.code[pc] = _code_bytes(replies[1])
+            reads, n = batches[id(self._batch_after(trace, pc))]
             if self._check_step(replies[-1]):
-                snap = self._parse_step(link.exchange(reads, n), i, first)
+                snap = self._parse_step(link.exchange(reads, n), i, first, snap)
             else:
-                snap = self._parse_step(link.exchange(selected_reads, n + 1)[1:], i, first)
+                snap = self._parse_step(link.exchange(select + reads, n + 1)[1:], i, first, snap)
             trace.snapshots.append(snap)
             if on_step is not None:
                 on_step(snap)
@@ -321,9 +355,8 @@ class Stepper:
         """Write j carries the reads of boundary j-1, the code at boundary j-2's rip if
         new, and step j (none after the last step)."""
         step = frame(self._step_packet)
-        reads = link.pipeline(self._step_batch)
-        selected_reads = link.pipeline([self._select]) + reads
-        n = len(self._step_batch)
+        select = link.pipeline([self._select])
+        batches = {id(b): (link.pipeline(b), len(b)) for b in (self._step_batch, self._step_batch_same_cr3)}
         code, k = self._code_read(link, trace, first.pc)
         replies = link.exchange(code + step, k + 1, owe_last=True)
         if k:
@@ -332,12 +365,14 @@ class Stepper:
         snap = first
         for j in range(2, max_steps + 2):
             last = j == max_steps + 1
-            head, nh = (reads, n) if named else (selected_reads, n + 1)
             pc = snap.pc  # boundary j-2's rip: the instruction step j-1 executed
+            # CR3 is read unless that instruction's code is already known not to write it
+            reads, n = batches[id(self._batch_after(trace, pc))]
+            head, nh = (reads, n) if named else (select + reads, n + 1)
             code, k = self._code_read(link, trace, pc)
             data = head + code + (b"" if last else step)
             replies = link.exchange(data, nh + k + (0 if last else 1), owe_last=not last)
-            snap = self._parse_step(replies[nh - n : nh], j - 1, first)
+            snap = self._parse_step(replies[nh - n : nh], j - 1, first, snap)
             if k:
                 trace.code[pc] = _code_bytes(replies[nh + 1])
             trace.snapshots.append(snap)
