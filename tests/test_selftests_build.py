@@ -117,3 +117,19 @@ def test_without_the_tree_the_initramfs_says_why(tmp_path: Path) -> None:
     raw = gzip.decompress(path.read_bytes())
     assert b"selftests/MISSING\0" in raw
     assert b"python -m rig.supply.kernelbuild reference-7.2" in raw
+
+
+def test_a_verdict_reads_back_from_its_record() -> None:
+    from rig.observe.selftestwatch import TIMED_OUT, SelftestVerdict
+
+    v = SelftestVerdict(
+        "mov_ss_trap_64", 139, {"OK": 0, "FAIL": 0, "SKIP": 0}, ["last: [RUN]\tMOV SS; SYSCALL"]
+    )
+    back = SelftestVerdict.from_json(v.name, v.to_json())
+    assert back == v
+    assert not v.passed and "killed by signal 11" in v.describe()
+    assert not SelftestVerdict("x", 0, {"OK": 3, "FAIL": 1}).passed  # a [FAIL] line fails it
+    assert SelftestVerdict("x", 0, {"OK": 3}).passed
+    assert (
+        SelftestVerdict("x", TIMED_OUT, {}, ["did not finish within 60 s"]).describe().startswith("TIMEOUT")
+    )

@@ -148,18 +148,20 @@ def _done(guest: Guest, name: str, timeout: float) -> int | None:
 
 
 def _verdict(guest: Guest, name: str, status: int) -> SelftestVerdict:
-    """Count the result lines of ``/tmp/<name>.out``."""
+    """Count the result lines of ``/tmp/<name>.out`` (one shell command)."""
     out = f"/tmp/{name}.out"
-    counts: dict[str, int] = {}
-    for word in VERDICT_WORDS:
-        text, _ = guest.shell(f"grep -c '^\\[{word}\\]' {out}")
-        counts[word] = int(text.split()[-1]) if text.split() and text.split()[-1].isdigit() else 0
-    notes_text, _ = guest.shell(f"grep '^\\[FAIL\\]' {out} | head -5")
-    notes = [ln for ln in notes_text.splitlines() if ln.strip()]
-    if status != 0:
-        tail, _ = guest.shell(f"tail -3 {out}")
-        notes += [f"last: {ln}" for ln in tail.splitlines() if ln.strip()]
-    return SelftestVerdict(name, status, counts, notes)
+    counts = "; ".join(f"echo {w}=$(grep -c '^\\[{w}\\]' {out})" for w in VERDICT_WORDS)
+    tail = f"; tail -3 {out} | sed 's/^/last: /'" if status != 0 else ""
+    text, _ = guest.shell(f"{counts}; grep '^\\[FAIL\\]' {out} | head -5{tail}")
+    found: dict[str, int] = {}
+    notes: list[str] = []
+    for line in text.splitlines():
+        m = re.fullmatch(r"(OK|FAIL|SKIP)=(\d+)", line.strip())
+        if m:
+            found[m.group(1)] = int(m.group(2))
+        elif line.strip():
+            notes.append(line.strip())
+    return SelftestVerdict(name, status, found, notes)
 
 
 def _kill(guest: Guest, name: str, pid: int, why: str) -> SelftestVerdict:
