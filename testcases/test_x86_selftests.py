@@ -113,6 +113,10 @@ def test_x86_selftest_under_watch(
             f"{name} is not in this initramfs ({g.config.initrd.name}); pass the full one: "
             "--initrd $(python -m rig.supply.initramfs --selftests all)"
         )
+    # user processes left by earlier tests make transitions that count here too: name them
+    mine = " && ".join(f'$3 != "{c}"' for c in ("sh", "ps", "awk"))
+    ps, _ = g.shell(f"ps -o pid,vsz,comm | awk 'NR > 1 && $1 != 1 && $2 != 0 && {mine}'")
+    others = ", ".join(" ".join(ln.split()[::2]) for ln in ps.splitlines() if ln.strip())
     run = run_watched(g, site_coverage.sites, name, signal=SIGNAL, max_seconds=MAX_SECONDS)
     assert run.watch is not None
     w = run.watch
@@ -120,6 +124,7 @@ def test_x86_selftest_under_watch(
     line = (
         f"x86 selftest {name} on {g.release}: {verdict.describe()}; "
         f"{w.transitions} CR3 transitions checked ({w.hits} site hits) in {run.seconds:.1f} s"
+        + (f" (other user processes running: {others})" if others else "")
     )
     try:
         stock, label = stock_verdicts(rig_settings, _chosen())
