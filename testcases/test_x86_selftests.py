@@ -33,6 +33,7 @@ from rig.errors import RigError
 from rig.guest import Guest
 from rig.observe.coverage import SiteCoverage
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
+from rig.pytestplugin.plugin import RigSettings
 from rig.supply.kernel import DEBIAN, resolve_kernel
 from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
 from testcases.conftest import SIGNAL
@@ -61,13 +62,13 @@ def _stock_record(cache: Path, stock_image: Path, initrd: Path) -> Path:
     return cache / "selftests" / "verdicts" / f"{h.hexdigest()[:32]}.json"
 
 
-def stock_verdicts(rig_settings: object, names: list[str]) -> tuple[dict[str, SelftestVerdict], str]:
+def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[str, SelftestVerdict], str]:
     """The verdicts of ``names`` on Debian's stock kernel, with the same initramfs.
 
     Read from the record of this stock kernel and initramfs; the missing ones are run
     (one stock boot, unwatched) and added to it. Returns the verdicts and a label.
     """
-    base = rig_settings.base  # type: ignore[attr-defined]
+    base = rig_settings.base
     cache = Path(base.cache_dir)
     stock = resolve_kernel(DEBIAN, None, cache)
     record = _stock_record(cache, stock.image, base.initrd)
@@ -98,7 +99,7 @@ def test_x86_selftest_under_watch(
     signal_guest: Guest,
     site_coverage: SiteCoverage | None,
     exploration_report: list[str],
-    rig_settings: object,
+    rig_settings: RigSettings,
 ) -> None:
     g = signal_guest
     if not g.config.vmlinux or site_coverage is None:
