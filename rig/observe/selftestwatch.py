@@ -166,8 +166,12 @@ def _verdict(guest: Guest, name: str, status: int) -> SelftestVerdict:
 
 def _kill(guest: Guest, name: str, pid: int, why: str) -> SelftestVerdict:
     """Kill a selftest that ran out of time; its verdict says so."""
-    guest.shell(f"kill -9 {pid}")
-    _done(guest, name, 30.0)  # its wrapper's done line (status 137)
+    assert guest.console is not None
+    guest.resume()
+    # typed without waiting for the shell: its wrapper's done line (status 137) may come
+    # before the shell's own end marker and must not be consumed by waiting for that
+    guest.console.send(f"kill -9 {pid}")
+    _done(guest, name, 30.0)
     return SelftestVerdict(name, TIMED_OUT, {}, [why])
 
 
