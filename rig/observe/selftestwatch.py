@@ -102,15 +102,17 @@ class SelftestRun:
 
 
 def installed_selftests(guest: Guest) -> tuple[list[str], str]:
-    """The selftests in the guest's initramfs, and the reason when there are none."""
+    """The selftests in the guest's initramfs, and why some or all are missing (its
+    ``MISSING`` file: no kernel tree, or a selftest that did not build)."""
     out, status = guest.shell(f"ls /{SELFTESTS_DIR} 2>&1")
     names = out.split()
     if status != 0:
         return [], f"the initramfs has no /{SELFTESTS_DIR} ({out.strip()[:120]})"
-    if names == ["MISSING"]:
-        why, _ = guest.shell(f"cat /{SELFTESTS_DIR}/MISSING")
-        return [], why.strip()
-    return sorted(names), ""
+    why = ""
+    if "MISSING" in names:
+        text, _ = guest.shell(f"cat /{SELFTESTS_DIR}/MISSING")
+        why = "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    return sorted(n for n in names if n != "MISSING"), why
 
 
 def _start(guest: Guest, name: str) -> int:

@@ -426,7 +426,8 @@ def _entries(
 def _selftest_files(cache_dir: Path, choice: str) -> tuple[str, dict[str, bytes]]:
     """The selftest members (name -> content) for ``choice`` and their cache-key text.
 
-    Without the kernel tree there are none: ``MISSING`` then holds the reason.
+    Without the kernel tree there are none: ``MISSING`` then holds the reason; it also
+    names each chosen selftest that did not build, with the compiler's error.
     """
     if choice not in SELFTEST_CHOICES:
         raise InitramfsError(f"selftests={choice!r}: choose one of {', '.join(SELFTEST_CHOICES)}")
@@ -443,9 +444,14 @@ def _selftest_files(cache_dir: Path, choice: str) -> tuple[str, dict[str, bytes]
         return f"missing\0{why}", {"MISSING": f"{why}\n".encode()}
     if choice == "default":
         names = [n for n in DEFAULT_SELFTESTS if n in build.binaries]
+        unbuilt = [n for n in DEFAULT_SELFTESTS if n in build.failed]
     else:
         names = [n for n in build.binaries if n not in NOT_RUN]
-    return f"{choice}\0{build.key}\0{' '.join(names)}", {n: build.binaries[n].read_bytes() for n in names}
+        unbuilt = [n for n in build.failed if n not in NOT_RUN]
+    files = {n: build.binaries[n].read_bytes() for n in names}
+    if unbuilt:  # the testcase skips these with the compiler's words
+        files["MISSING"] = "".join(f"{n} did not build: {build.failed[n]}\n" for n in unbuilt).encode()
+    return f"{choice}\0{build.key}\0{' '.join(names)}\0{' '.join(unbuilt)}", files
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:
