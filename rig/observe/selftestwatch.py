@@ -28,15 +28,8 @@ from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import thread_id
 from rig.observe.exploration import quiet_console
-from rig.observe.watching import (
-    _STOP_THREAD,
-    Hit,
-    SiteTally,
-    TransitionChecker,
-    Watcher,
-    WatchResult,
-    agreed_signal,
-)
+from rig.observe.transitions import Hit, TransitionChecker, agreed_signal
+from rig.observe.watching import _STOP_THREAD, SiteTally, Watcher, WatchResult
 from rig.supply.initramfs import SELFTESTS_DIR
 from rig.transport.rsp import RspLink, hex_le
 
