@@ -20,6 +20,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 if want packages; then
 pkgs="qemu-system-x86 gdb busybox-static gcc libc6-dev binutils cpio python3 python3-venv ca-certificates"
+# gcc -m32 with a 32-bit libc: the 32-bit x86 selftests of the kernel tree (rig/supply/selftests.py)
+pkgs="$pkgs gcc-multilib"
 # the rig's own tests open the HTML reports in headless chromium (tests/test_report_browser.py)
 pkgs="$pkgs chromium chromium-driver"
 # the SSH tests start a private sshd on 127.0.0.1 (tests/test_ssh.py); note that Debian's

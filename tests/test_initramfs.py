@@ -279,11 +279,11 @@ def test_build_is_reproducible(built: Built, tmp_path: Path) -> None:
 def test_cache_key_follows_sources(built: Built, tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(initramfs.SOURCE_DIR, src)
-    key = initramfs.initramfs_cache_key(source_dir=src)
+    key = initramfs.initramfs_cache_key(source_dir=src, cache_dir=built.cache_dir)
     assert built.path.name == f"{key}.cpio.gz"
     with (src / "workloads" / "user-spin.c").open("a") as f:
         f.write("/* changed */\n")
-    assert initramfs.initramfs_cache_key(source_dir=src) != key
+    assert initramfs.initramfs_cache_key(source_dir=src, cache_dir=built.cache_dir) != key
 
 
 def test_interrupted_build_leaves_nothing(

@@ -34,6 +34,13 @@ from typing import BinaryIO
 
 from rig.errors import ConfigError, RigError
 from rig.supply.cache import default_cache_dir
+from rig.supply.selftests import (
+    DEFAULT_FLAVOR,
+    DEFAULT_SELFTESTS,
+    NOT_RUN,
+    SelftestSourceMissing,
+    build_selftests,
+)
 
 __all__ = [
     "BUSYBOX_PATH",
@@ -42,6 +49,8 @@ __all__ = [
     "COMPAT_WORKLOADS",
     "PROMPT",
     "READY_MARKER",
+    "SELFTESTS_DIR",
+    "SELFTEST_CHOICES",
     "SOURCE_DIR",
     "WORKLOADS",
     "WORKLOAD_MARKER",
@@ -83,6 +92,12 @@ COMPAT_WORKLOADS: tuple[str, ...] = (
     "compat-syscall-loop",
     "compat-int80-loop",
 )
+
+#: Where the x86 selftests go in the guest (``/selftests/<name>``).
+SELFTESTS_DIR = "selftests"
+#: ``selftests=`` choices of :func:`build_initramfs`: the default subset
+#: (:data:`rig.supply.selftests.DEFAULT_SELFTESTS`), every one that runs here, or none.
+SELFTEST_CHOICES = ("default", "all", "none")
 
 # ANSI CSI/OSC escape sequences.  busybox's line editor writes ESC[6n (a
 # cursor-position query) after every prompt.
@@ -242,8 +257,10 @@ def _hash_file(h: hashlib._Hash, label: str, path: Path) -> None:
     h.update(data)
 
 
-def _cache_key(source_dir: Path, busybox: Path, gcc_version: str, libc: Path) -> str:
+def _cache_key(source_dir: Path, busybox: Path, gcc_version: str, libc: Path, selftests: str = "") -> str:
     h = hashlib.sha256()
+    if selftests:  # keeps the key of an archive without selftests as it was
+        h.update(f"selftests\0{selftests}\0".encode())
     h.update(f"{_FORMAT_VERSION}\0{' '.join(CFLAGS)}\0{' '.join(COMPAT_CFLAGS)}\0".encode())
     h.update(f"workloads\0{' '.join(WORKLOADS)}\0".encode())
     for f in _source_files(source_dir):
@@ -259,17 +276,21 @@ def initramfs_cache_key(
     source_dir: Path | None = None,
     busybox: Path | None = None,
     cc: str = "gcc",
+    cache_dir: Path | None = None,
+    selftests: str = "default",
 ) -> str:
     """Return the sha256 cache key of the initramfs for the current inputs.
 
     The key covers the guest sources, the busybox binary, the gcc version, the
-    static libc and this module's archive format version.
+    static libc, the selftests chosen (their build's key) and this module's archive
+    format version.
     """
     source_dir = SOURCE_DIR if source_dir is None else source_dir
     busybox = BUSYBOX_PATH if busybox is None else busybox
     _check_busybox(busybox)
     gcc_version, libc = _gcc_identity(_find_cc(cc))
-    return _cache_key(source_dir, busybox, gcc_version, libc)
+    selftest_key, _ = _selftest_files(default_cache_dir() if cache_dir is None else cache_dir, selftests)
+    return _cache_key(source_dir, busybox, gcc_version, libc, selftest_key)
 
 
 # --------------------------------------------------------------------------
@@ -372,7 +393,11 @@ def _compile_workloads(cc_path: str, source_dir: Path, outdir: Path) -> dict[str
 
 
 def _entries(
-    init: bytes, busybox: bytes, applets: Sequence[str], workloads: dict[str, bytes]
+    init: bytes,
+    busybox: bytes,
+    applets: Sequence[str],
+    workloads: dict[str, bytes],
+    selftests: dict[str, bytes] | None = None,
 ) -> list[_Entry]:
     """Lay out the archive members, parents before children."""
     entries = [
@@ -392,7 +417,41 @@ def _entries(
     entries += [_file(f"bin/{name}", workloads[name]) for name in WORKLOADS]
     taken = {"busybox", *WORKLOADS}
     entries += [_symlink(f"bin/{a}", "busybox") for a in applets if a not in taken]
+    if selftests is not None:
+        entries.append(_dir(SELFTESTS_DIR))
+        entries += [_file(f"{SELFTESTS_DIR}/{n}", data) for n, data in sorted(selftests.items())]
     return entries
+
+
+def _selftest_files(cache_dir: Path, choice: str) -> tuple[str, dict[str, bytes]]:
+    """The selftest members (name -> content) for ``choice`` and their cache-key text.
+
+    Without the kernel tree there are none: ``MISSING`` then holds the reason; it also
+    names each chosen selftest that did not build, with the compiler's error.
+    """
+    if choice not in SELFTEST_CHOICES:
+        raise InitramfsError(f"selftests={choice!r}: choose one of {', '.join(SELFTEST_CHOICES)}")
+    if choice == "none":
+        return "", {}
+    try:
+        build = build_selftests(cache_dir)
+    except SelftestSourceMissing:
+        # no path in it: the archive stays the same whatever the cache directory
+        why = (
+            f"the cache holds no kernel tree of {DEFAULT_FLAVOR} (the selftests' sources); "
+            f"build the kernel once: python -m rig.supply.kernelbuild {DEFAULT_FLAVOR}"
+        )
+        return f"missing\0{why}", {"MISSING": f"{why}\n".encode()}
+    if choice == "default":
+        names = [n for n in DEFAULT_SELFTESTS if n in build.binaries]
+        unbuilt = [n for n in DEFAULT_SELFTESTS if n in build.failed]
+    else:
+        names = [n for n in build.binaries if n not in NOT_RUN]
+        unbuilt = [n for n in build.failed if n not in NOT_RUN]
+    files = {n: build.binaries[n].read_bytes() for n in names}
+    if unbuilt:  # the testcase skips these with the compiler's words
+        files["MISSING"] = "".join(f"{n} did not build: {build.failed[n]}\n" for n in unbuilt).encode()
+    return f"{choice}\0{build.key}\0{' '.join(names)}\0{' '.join(unbuilt)}", files
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:
@@ -412,6 +471,7 @@ def build_initramfs(
     source_dir: Path | None = None,
     busybox: Path | None = None,
     cc: str = "gcc",
+    selftests: str = "default",
 ) -> Path:
     """Build (or reuse) the guest initramfs and return its path.
 
@@ -426,6 +486,7 @@ def build_initramfs(
         source_dir: guest sources; default ``guests/initramfs`` of this repo.
         busybox: static busybox binary; default ``/bin/busybox``.
         cc: C compiler to use.
+        selftests: which x86 selftests go in (:data:`SELFTEST_CHOICES`).
 
     Raises:
         BusyboxMissingError: no static busybox (``apt-get install busybox-static``).
@@ -441,7 +502,8 @@ def build_initramfs(
     _check_busybox(busybox)
     cc_path = _find_cc(cc)
     gcc_version, libc = _gcc_identity(cc_path)
-    key = _cache_key(source_dir, busybox, gcc_version, libc)
+    selftest_key, selftest_files = _selftest_files(cache_dir, selftests)
+    key = _cache_key(source_dir, busybox, gcc_version, libc, selftest_key)
 
     out_dir = cache_dir / "initramfs"
     final = out_dir / f"{key}.cpio.gz"
@@ -457,7 +519,13 @@ def build_initramfs(
     applets = _busybox_applets(busybox)
     with tempfile.TemporaryDirectory(prefix="cr3rig-initramfs-") as tmp:
         workloads = _compile_workloads(cc_path, source_dir, Path(tmp))
-    entries = _entries((source_dir / "init").read_bytes(), busybox.read_bytes(), applets, workloads)
+    entries = _entries(
+        (source_dir / "init").read_bytes(),
+        busybox.read_bytes(),
+        applets,
+        workloads,
+        selftest_files if selftests != "none" else None,
+    )
 
     raw = io.BytesIO()
     _write_newc(raw, entries)
@@ -477,3 +545,31 @@ def build_initramfs(
         tmp_path.unlink(missing_ok=True)
         raise
     return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rig.supply.initramfs [--selftests all]``: build it, print its path."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rig.supply.initramfs", description="Build the guest initramfs."
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache root (default $CR3RIG_CACHE or ~/.cache/cr3rig)"
+    )
+    parser.add_argument(
+        "--selftests", choices=SELFTEST_CHOICES, default="default",
+        help="which x86 selftests go in (all: every one that runs here; pass the result with --initrd)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        print(build_initramfs(args.cache_dir, selftests=args.selftests))
+    except RigError as exc:
+        print(f"initramfs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

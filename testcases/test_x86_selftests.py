@@ -1,0 +1,148 @@
+"""Linux's own x86 selftests as workloads, each run under watch mode.
+
+The selftests (``tools/testing/selftests/x86`` of the reference kernel's source package,
+built statically by :mod:`rig.supply.selftests`) drive the strangest entry paths there
+are. Each runs in the guest while every CR3 write and signal store of the entry code
+is a breakpoint on every vCPU (:mod:`rig.observe.selftestwatch`). A selftest fails
+here on any signal violation, and when it passes on Debian's stock kernel but not on
+the one under test; one that fails on both is reported, not failed.
+
+Which selftests: the ones in the guest's initramfs. The default initramfs holds
+:data:`rig.supply.selftests.DEFAULT_SELFTESTS`; ``CR3RIG_SELFTESTS=all`` parametrizes
+every one that runs here (pass the full initramfs: ``--initrd $(python -m
+rig.supply.initramfs --selftests all)``; a selftest the initramfs lacks skips saying
+so). ``CR3RIG_SELFTESTS=a_64,b_32`` picks some.
+
+The stock verdicts come from :func:`stock_verdicts`: the same binaries run once on
+Debian's stock kernel (one boot beside the session's guest, unwatched, all chosen
+selftests), recorded by the stock kernel image and the initramfs in
+``<cache>/selftests/verdicts/``; later runs read the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from rig.errors import RigError
+from rig.guest import Guest
+from rig.observe.coverage import SiteCoverage
+from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
+from rig.pytestplugin.plugin import RigSettings
+from rig.supply.kernel import DEBIAN, resolve_kernel
+from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
+from testcases.conftest import SIGNAL
+
+#: Seconds one selftest may take under watch mode (then it is killed: verdict TIMEOUT);
+#: ``CR3RIG_SELFTEST_SECONDS`` (environment) overrides it.
+MAX_SECONDS = float(os.environ.get("CR3RIG_SELFTEST_SECONDS", "120"))
+
+
+def _chosen() -> list[str]:
+    """The selftests to parametrize (``CR3RIG_SELFTESTS``; default: the default subset)."""
+    spec = os.environ.get("CR3RIG_SELFTESTS", "").strip()
+    if not spec:
+        return list(DEFAULT_SELFTESTS)
+    if spec == "all":
+        try:
+            return [n for n in build_selftests().binaries if n not in NOT_RUN]
+        except SelftestError as exc:
+            raise pytest.UsageError(f"CR3RIG_SELFTESTS=all: {exc}") from None
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def _stock_record(cache: Path, stock_image: Path, initrd: Path) -> Path:
+    h = hashlib.sha256()
+    for p in (stock_image, initrd):
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return cache / "selftests" / "verdicts" / f"{h.hexdigest()[:32]}.json"
+
+
+def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[str, SelftestVerdict], str]:
+    """The verdicts of ``names`` on Debian's stock kernel, with the same initramfs.
+
+    Read from the record of this stock kernel and initramfs; the missing ones are run
+    (one stock boot, unwatched) and added to it. Returns the verdicts and a label.
+    """
+    base = rig_settings.base
+    cache = Path(base.cache_dir)
+    stock = resolve_kernel(DEBIAN, None, cache)
+    record = _stock_record(cache, stock.image, base.initrd)
+    data: dict[str, dict[str, object]] = {}
+    if record.is_file():
+        data = json.loads(record.read_text())
+    label = str(data.get("_kernel", {}).get("release", stock.label))
+    missing = [n for n in names if n not in data]
+    if missing:
+        config = dataclasses.replace(base, kernel=stock.image, vmlinux=None, label=stock.label)
+        with Guest.boot(config) as g:
+            installed, _ = installed_selftests(g)
+            for n in missing:
+                if n in installed:
+                    data[n] = run_unwatched(g, n).verdict.to_json()
+            data["_kernel"] = {"release": g.release, "build_id": g.build_id}
+            label = g.release
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(record)
+    return {n: SelftestVerdict.from_json(n, data[n]) for n in names if n in data}, label
+
+
+@pytest.mark.parametrize("name", _chosen())
+def test_x86_selftest_under_watch(
+    name: str,
+    signal_guest: Guest,
+    site_coverage: SiteCoverage | None,
+    exploration_report: list[str],
+    rig_settings: RigSettings,
+) -> None:
+    g = signal_guest
+    if not g.config.vmlinux or site_coverage is None:
+        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+    if g.config.smp < 2:
+        pytest.skip(f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={g.config.smp}")
+    installed, why = installed_selftests(g)
+    if not installed:
+        pytest.skip(f"no x86 selftests in the guest: {why or 'its /selftests is empty'}")
+    unbuilt = [part for part in why.split("; ") if part.startswith(f"{name} did not build")]
+    if name not in installed and unbuilt:
+        pytest.skip(unbuilt[0])
+    if name not in installed:
+        pytest.skip(
+            f"{name} is not in this initramfs ({g.config.initrd.name}); pass the full one: "
+            "--initrd $(python -m rig.supply.initramfs --selftests all)"
+        )
+    # user processes left by earlier tests make transitions that count here too: name them
+    mine = " && ".join(f'$3 != "{c}"' for c in ("sh", "ps", "awk"))
+    ps, _ = g.shell(f"ps -o pid,vsz,comm | awk 'NR > 1 && $1 != 1 && $2 != 0 && {mine}'")
+    others = ", ".join(" ".join(ln.split()[::2]) for ln in ps.splitlines() if ln.strip())
+    run = run_watched(g, site_coverage.sites, name, signal=SIGNAL, max_seconds=MAX_SECONDS)
+    assert run.watch is not None
+    w = run.watch
+    verdict = run.verdict
+    line = (
+        f"x86 selftest {name} on {g.release}: {verdict.describe()}; "
+        f"{w.transitions} CR3 transitions checked ({w.hits} site hits) in {run.seconds:.1f} s"
+        + (f" (other user processes running: {others})" if others else "")
+    )
+    try:
+        stock, label = stock_verdicts(rig_settings, _chosen())
+    except RigError as exc:
+        pytest.fail(f"{line}\nthe stock verdicts could not be had: {exc}")
+    s = stock.get(name)
+    stock_line = f"stock {label}: {s.describe() if s else 'not run (not in the initramfs)'}"
+    line += f"; {stock_line}"
+    exploration_report.append(f"{line}\n{w.table()}")
+    assert not w.problems, "\n".join(w.problems[:12]) + "\n" + w.table()
+    assert w.transitions > 0, f"{name} ran with no CR3 transition checked:\n{w.table()}"
+    if not verdict.passed:
+        assert s is not None and not s.passed, (
+            f"{name} passes on the stock kernel but fails here: {verdict.describe()}; "
+            f"{stock_line}\n" + "\n".join(verdict.notes)
+        )
