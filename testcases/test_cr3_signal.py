@@ -48,6 +48,10 @@ def check(guest: Guest, trace: Trace, *, round_trip: bool) -> None:
     assert not problems and not moved, "\n".join((problems + moved)[:20])
 
 
+#: Where the kernel leaves for user mode (IRET and SYSRET exits).
+EXITS_TO_USER = ("swapgs_restore_regs_and_return_to_usermode", "syscall_return_via_sysret")
+
+
 def from_user(
     guest: Guest,
     cpu: int,
@@ -64,10 +68,17 @@ def from_user(
     addresses = [guest.symbols.address(n) for n in names if n in guest.symbols]
     for _ in range(tries):
         guest.break_on(addresses, cpu, trigger=trigger)
-        # a hit taken in kernel mode (an interrupt in a syscall, in softirqs) is not stepped
+        # a hit taken in kernel mode (an interrupt in a syscall, in softirqs) is not stepped:
+        # the vCPU runs back to user mode with only its exits to user mode armed (stopping
+        # at each kernel-mode interrupt can keep it in softirqs: the guest's clock runs on
+        # while it is stopped), then the entry is armed again
         at = guest.step(cpu, max_steps=0)
         guest.traces.pop()
         if not at.snapshots[0].user_tables(cpu):
+            exits = [guest.symbols.address(n) for n in EXITS_TO_USER if n in guest.symbols]
+            guest.break_on(exits, cpu)
+            guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
+            guest.traces.pop()
             continue
         trace = step_watching(guest, cpu, steps, stop)
         if trace.snapshots[0].user_tables(cpu) and accept(trace):
