@@ -446,7 +446,7 @@ class Explorer:
         # the rules of each transition; the paranoid entries the stepped part took are its
         # stack, and every later one is a stop, so a restore without an entry is checked
         # as an ordinary user CR3 write
-        checker = TransitionChecker(self.guest.config.smp, strict_restores=True)
+        checker = TransitionChecker(self.guest.config.smp, list(self.sites.values()), strict_restores=True)
         checker.paranoid[self.cpu] = self._seed
         checker.last_signal[self.cpu] = run.signal
         for _ in range(MAX_STOPS):

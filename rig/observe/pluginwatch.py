@@ -268,7 +268,7 @@ class PluginWatcher:
             self.ncpus,
             {s.address: SiteTally(s) for s in self.watch.sites},
         )
-        checker = TransitionChecker(self.ncpus)
+        checker = TransitionChecker(self.ncpus, self.watch.sites)
         size = RECORD.size
         pending = b""
         next_nmi = nmi_every

@@ -26,12 +26,11 @@ import pexpect
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
-from rig.machine.vcpu import thread_id
 from rig.observe.exploration import quiet_console
-from rig.observe.transitions import Hit, TransitionChecker, agreed_signal
-from rig.observe.watching import _STOP_THREAD, SiteTally, Watcher, WatchResult
+from rig.observe.transitions import TransitionChecker
+from rig.observe.watching import _STOP_THREAD, Watcher, WatchResult
 from rig.supply.initramfs import SELFTESTS_DIR
-from rig.transport.rsp import RspLink, hex_le
+from rig.transport.rsp import RspLink
 
 #: Printed by the wrapper once the selftest has exited: ``… <name> <status>``.
 DONE_MARKER = "CR3RIG-SELFTEST-DONE"
@@ -196,12 +195,8 @@ class SelftestWatcher(Watcher):
         """Watch until ``name`` is done (or ``max_seconds`` passed: :data:`TIMED_OUT`);
         return what was seen and its exit status."""
         g = self.guest
-        result = WatchResult(
-            f"{g.release} ({g.config.label})" if g.config.label else g.release,
-            self.ncpus,
-            {a: SiteTally(s) for a, s in self.sites.items()},
-        )
-        checker = TransitionChecker(self.ncpus)
+        result = self.new_result()
+        checker = TransitionChecker(self.ncpus, list(self.sites.values()))
         t0 = time.monotonic()
         status: int | None = None
         try:
@@ -225,7 +220,7 @@ class SelftestWatcher(Watcher):
                     continue
                 if not reply.startswith("T05") or m is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
-                self._check_hit(link, int(m.group(1), 16) - 1, result, checker)
+                self.check_hit(link, int(m.group(1), 16) - 1, result, checker)
                 if result.hits % POLL_EVERY_HITS == 0:
                     status = _done(g, name, 0)
         finally:
@@ -234,29 +229,6 @@ class SelftestWatcher(Watcher):
             result.unverified_restores = checker.unverified_restores
             result.repeated_steps = self.repeated_steps
         return result, status
-
-    def _check_hit(self, link: RspLink, cpu: int, result: WatchResult, checker: TransitionChecker) -> None:
-        """Check the site vCPU ``cpu`` stopped at (as :meth:`Watcher.run` does)."""
-        g = self.guest
-        r = link.transact([f"Hg{thread_id(cpu)}", self._rip, self._cr3, *self._observe[cpu]])
-        pc, cr3 = hex_le(r[1]), hex_le(r[2])
-        before, disagree = agreed_signal(self._signal_reads(r[3:]))
-        if disagree:
-            result.problems.append(f"vCPU {cpu} at {g.symbols.describe(pc)}: {disagree}")
-        r = self._step_over(link, cpu, pc)
-        site = self.sites.get(pc)
-        if site is None:
-            if pc == self.paranoid:
-                result.paranoid_entries += 1
-                result.problems += checker.paranoid_entry(cpu, before)
-                return
-            raise GuestError(f"vCPU {cpu} stopped at {g.symbols.describe(pc)}, which is not watched")
-        after, disagree = agreed_signal(self._signal_reads(r[3:]))
-        if disagree:
-            result.problems.append(f"vCPU {cpu} after {site.where}: {disagree}")
-        hit = Hit(cpu, site, cr3, hex_le(r[2]), before, after)
-        result.record(hit)
-        result.problems += checker.check(hit)
 
 
 def run_watched(

@@ -14,6 +14,7 @@ vCPU it fast-forwards. The rules:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,16 +71,24 @@ class TransitionChecker:
     read; it keeps, per vCPU, the paranoid entries not yet returned (each: the signal it
     found, and whether its exit stored it back) and the last signal value seen.
 
+    ``sites`` are the kernel's switch sites: a paranoid exit's store that the CR3 write
+    of the interrupted user CR3 immediately follows (the next site of its function is
+    that write) leaves its entry on the stack until the write; any other paranoid exit's
+    store ends its entry at once (the exception found the kernel CR3 and leaves CR3
+    alone). An exception nested between that store and that write (an NMI inside a #DB's
+    exit), or several exits in a row, each find their own entry on top.
+
     A paranoid restore with no paranoid entry on its vCPU's stack (its entry ran before
     the stream began) is counted in :attr:`unverified_restores`; with ``strict_restores``
     it is checked as an ordinary user CR3 write instead (a stream that saw every entry).
     """
 
-    def __init__(self, ncpus: int, *, strict_restores: bool = False) -> None:
+    def __init__(self, ncpus: int, sites: Sequence[Site], *, strict_restores: bool = False) -> None:
         self.paranoid: list[list[list[int | bool | None]]] = [[] for _ in range(ncpus)]
         self.last_signal: list[int | None] = [None] * ncpus
         self.unverified_restores = 0
         self.strict_restores = strict_restores
+        self.store_then_write = stores_before_their_cr3_write(sites)
 
     def paranoid_entry(self, cpu: int, signal: int | None) -> list[str]:
         problems = self._unchanged(cpu, signal, "paranoid_entry")
@@ -113,8 +122,6 @@ class TransitionChecker:
         self.last_signal[cpu] = hit.signal_after
         stack = self.paranoid[cpu]
         restore = site.function in PARANOID_RESTORE_FUNCTIONS
-        if stack and stack[-1][1] and not (restore and site.kind == "cr3-write"):
-            stack.pop()  # its exit put the signal back and left CR3 alone
         if site.kind == "signal-store":
             if restore and stack:
                 if hit.signal_after != stack[-1][0]:
@@ -122,7 +129,10 @@ class TransitionChecker:
                         f"{where}: the paranoid exit stored {hit.signal_after}; "
                         f"its entry found {stack[-1][0]}"
                     )
-                stack[-1][1] = True
+                if site.address in self.store_then_write:
+                    stack[-1][1] = True  # its CR3 write follows and ends it
+                else:
+                    stack.pop()  # the exception found the kernel CR3: its exit is done
             return problems
         if not user_side(hit.cr3_after):
             if hit.signal_before != 1:
@@ -130,6 +140,8 @@ class TransitionChecker:
                     f"{where}: the CR3 write loaded the kernel CR3 ({side(hit.cr3_before)}->kernel) "
                     f"with the signal {hit.signal_before}"
                 )
+            if restore and stack and stack[-1][1]:
+                stack.pop()
             return problems
         if restore and (stack or not self.strict_restores):
             if not stack:
@@ -148,3 +160,19 @@ class TransitionChecker:
                 f"with the signal {hit.signal_before}"
             )
         return problems
+
+
+def stores_before_their_cr3_write(sites: Sequence[Site]) -> frozenset[int]:
+    """Addresses of the paranoid exits' signal stores whose next site in their function is
+    a CR3 write (PARANOID_RESTORE_CR3's store before ``mov ..., %cr3``; not the store of
+    its path that leaves CR3 alone)."""
+    by_function: dict[str, list[Site]] = {}
+    for s in sorted(sites, key=lambda s: s.address):
+        if s.function in PARANOID_RESTORE_FUNCTIONS:
+            by_function.setdefault(s.function, []).append(s)
+    out = set()
+    for group in by_function.values():
+        for a, b in itertools.pairwise(group):
+            if a.kind == "signal-store" and b.kind == "cr3-write":
+                out.add(a.address)
+    return frozenset(out)

@@ -201,6 +201,38 @@ class Watcher:
         # replies alternate Hg (OK) and m (value or Exx)
         return [None if is_error(r) else hex_le(r) for r in replies[1::2]]
 
+    def new_result(self) -> WatchResult:
+        """An empty result with a tally for every site."""
+        g = self.guest
+        return WatchResult(
+            f"{g.release} ({g.config.label})" if g.config.label else g.release,
+            self.ncpus,
+            {a: SiteTally(s) for a, s in self.sites.items()},
+        )
+
+    def check_hit(self, link: RspLink, cpu: int, result: WatchResult, checker: TransitionChecker) -> None:
+        """Check the site vCPU ``cpu`` stopped at: read, step over it, read, feed ``checker``."""
+        g = self.guest
+        r = link.transact([f"Hg{thread_id(cpu)}", self._rip, self._cr3, *self._observe[cpu]])
+        pc, cr3 = hex_le(r[1]), hex_le(r[2])
+        before, disagree = agreed_signal(self._signal_reads(r[3:]))
+        if disagree:
+            result.problems.append(f"vCPU {cpu} at {g.symbols.describe(pc)}: {disagree}")
+        r = self._step_over(link, cpu, pc)
+        site = self.sites.get(pc)
+        if site is None:
+            if pc == self.paranoid:
+                result.paranoid_entries += 1
+                result.problems += checker.paranoid_entry(cpu, before)
+                return
+            raise GuestError(f"vCPU {cpu} stopped at {g.symbols.describe(pc)}, which is not watched")
+        after, disagree = agreed_signal(self._signal_reads(r[3:]))
+        if disagree:
+            result.problems.append(f"vCPU {cpu} after {site.where}: {disagree}")
+        hit = Hit(cpu, site, cr3, hex_le(r[2]), before, after)
+        result.record(hit)
+        result.problems += checker.check(hit)
+
     def run(
         self,
         link: RspLink,
@@ -217,12 +249,8 @@ class Watcher:
         at once, i.e. at the switch site vCPU 0 may be stopped at.
         """
         g = self.guest
-        result = WatchResult(
-            f"{g.release} ({g.config.label})" if g.config.label else g.release,
-            self.ncpus,
-            {a: SiteTally(s) for a, s in self.sites.items()},
-        )
-        checker = TransitionChecker(self.ncpus)
+        result = self.new_result()
+        checker = TransitionChecker(self.ncpus, list(self.sites.values()))
         t0 = time.monotonic()
         continues = nmi_due = 0
         last_cpu = NMI_CPU
@@ -254,26 +282,7 @@ class Watcher:
                 if not reply.startswith("T05") or m is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
                 cpu = last_cpu = int(m.group(1), 16) - 1
-                thread = thread_id(cpu)
-                r = link.transact([f"Hg{thread}", self._rip, self._cr3, *self._observe[cpu]])
-                pc, cr3 = hex_le(r[1]), hex_le(r[2])
-                before, disagree = agreed_signal(self._signal_reads(r[3:]))
-                if disagree:
-                    result.problems.append(f"vCPU {cpu} at {g.symbols.describe(pc)}: {disagree}")
-                r = self._step_over(link, cpu, pc)
-                site = self.sites.get(pc)
-                if site is None:
-                    if pc == self.paranoid:
-                        result.paranoid_entries += 1
-                        result.problems += checker.paranoid_entry(cpu, before)
-                        continue
-                    raise GuestError(f"vCPU {cpu} stopped at {g.symbols.describe(pc)}, which is not watched")
-                after, disagree = agreed_signal(self._signal_reads(r[3:]))
-                if disagree:
-                    result.problems.append(f"vCPU {cpu} after {site.where}: {disagree}")
-                hit = Hit(cpu, site, cr3, hex_le(r[2]), before, after)
-                result.record(hit)
-                result.problems += checker.check(hit)
+                self.check_hit(link, cpu, result, checker)
         finally:
             self.disarm(link)
             result.seconds = time.monotonic() - t0
