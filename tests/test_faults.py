@@ -64,7 +64,10 @@ def test_qemu_killed_mid_test(base_config: GuestConfig, tagged_env: str) -> None
     assert not processes_tagged(tagged_env)
 
 
-def test_ctrl_c_leaves_nothing(tag: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_nothing(tag: str, signum: int) -> None:
+    """Ctrl-C (SIGINT), and SIGTERM (``kill``, ``timeout``, a cancelled CI job), end the
+    run through the fixtures' cleanup: no QEMU or GDB of it survives."""
     env = dict(os.environ, CR3RIG_TEST_TAG=tag)
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "testcases/"],
@@ -84,7 +87,7 @@ def test_ctrl_c_leaves_nothing(tag: str) -> None:
             time.sleep(0.2)
         else:
             pytest.fail("the child never started QEMU and GDB")
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signum)
         out, _ = child.communicate(timeout=30)
     finally:
         if child.poll() is None:

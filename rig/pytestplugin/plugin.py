@@ -21,6 +21,8 @@ the controller writes the report and the coverage table of the whole run
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,8 +165,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
+    _terminate_like_ctrl_c()
     if distributed.role(config) == "controller":
         config.pluginmanager.register(distributed.ControllerHooks(config), "cr3rig-xdist-controller")
+
+
+def _terminate_like_ctrl_c() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, a CI runner cancelling the job) end the run as
+    Ctrl-C does, so the fixtures close QEMU and GDB; by default it would kill the Python
+    process at once and leave its guests running."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # someone else decides
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
