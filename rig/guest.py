@@ -265,7 +265,7 @@ class Guest:
         self.pti_enabled = bool(re.search(r"isolation: (enabled|force enabled)", dmesg))
         self.symbols = self._load_kallsyms()
         with self.stopped(), self.link() as link:
-            reader = self._kernel_reader(link)
+            reader = self._kernel_reader(link, self.symbols.get("linux_banner"))
             self._read_per_cpu_offsets(reader, link)
             banner = reader.read(link, self.symbols.address("linux_banner"), 64) or b""
         if not banner.startswith(b"Linux version " + self.release.encode()):
@@ -288,7 +288,7 @@ class Guest:
             )
         start, stop = symbols.address("__start_notes"), symbols.address("__stop_notes")
         with self.stopped(), self.link() as link:
-            reader = self._kernel_reader(link)
+            reader = self._kernel_reader(link, symbols.address("linux_banner"))
             notes = reader.read(link, start, stop - start) if 0 < stop - start <= 4096 else None
             banner = reader.read(link, symbols.address("linux_banner"), 256) or b""
             self.build_id = notes_build_id(notes or b"") or ""
@@ -360,12 +360,22 @@ class Guest:
         tmp.replace(path)
         return table
 
-    def _kernel_reader(self, link: RspLink) -> Vcpu:
-        """A vCPU with the kernel page tables loaded (to read kernel data)."""
-        for cpu in range(self.config.smp):
+    def _kernel_reader(self, link: RspLink, banner: int | None) -> Vcpu:
+        """A vCPU through whose page tables kernel data reads (to learn the kernel).
+
+        Under PTI that is a vCPU whose CR3 has bit 12 clear (the kernel half of the PGD
+        pair). Without PTI (``nopti``) every CR3 maps the kernel, but a PGD is only 4 KiB
+        aligned, so bit 12 says nothing: then the first vCPU through which
+        ``linux_banner`` (at ``banner``) reads as a banner serves."""
+        cpus = range(self.config.smp)
+        for cpu in cpus:
             regs = self.vcpu(cpu).registers(link, ("cr3",))
             if not regs.get("cr3", 0) & (1 << 12):
                 return self.vcpu(cpu)
+        if banner is not None:
+            for cpu in cpus:
+                if (self.vcpu(cpu).read(link, banner, 14) or b"").startswith(b"Linux version "):
+                    return self.vcpu(cpu)
         raise GuestError("no vCPU has the kernel page tables loaded right now")
 
     def close(self) -> None:

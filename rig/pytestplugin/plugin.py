@@ -536,8 +536,13 @@ def pti_guest(guest: Guest) -> Guest:
     """The guest, or a skip saying exactly why PTI testcases cannot run on it."""
     if not guest.pti_enabled:
         pytest.skip(
-            f"kernel {guest.release} runs without PTI (dmesg has no 'page tables isolation: "
-            f"enabled'; cmdline: {guest.config.cmdline()})"
+            f"kernel {guest.release} runs without PTI ("
+            + (
+                "its entry code is not mapped in the user half of the PGD pair"
+                if guest.config.vmlinux
+                else "dmesg has no 'page tables isolation: enabled'"
+            )
+            + f"; cmdline: {guest.config.cmdline()})"
         )
     return guest
 
