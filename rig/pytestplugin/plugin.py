@@ -165,7 +165,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
-    _terminate_like_ctrl_c()
+    if distributed.role(config) == "single":
+        # not under xdist: its controller ends the workers with signals of its own, and a
+        # KeyboardInterrupt raised there in the middle left their guests running
+        _terminate_like_ctrl_c()
     if distributed.role(config) == "controller":
         config.pluginmanager.register(distributed.ControllerHooks(config), "cr3rig-xdist-controller")
 
