@@ -29,6 +29,7 @@ and QEMU private directory, made by ``mkdtemp``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,20 @@ def shared_failures_dir(config: pytest.Config) -> Path | None:
         path = winput[WIRE_KEY].get("boot_failures")
         return Path(path) if path else None
     return None
+
+
+def use_run_temp_dir(config: pytest.Config) -> None:
+    """Inside a worker: make its temporary directories (QEMU's private directories among
+    them) inside the run's directory, which the controller removes at its end. A worker
+    that xdist kills in the middle of its cleanup (the controller's teardown does, after
+    a timeout) then leaves no directory behind; its QEMU dies with it (``setpriv
+    --pdeathsig``, rig.transport.host)."""
+    shared = shared_failures_dir(config)
+    if shared is None:
+        return
+    mine = shared / f"tmp-{worker_id(config) or os.getpid()}"
+    mine.mkdir(mode=0o700, exist_ok=True)
+    tempfile.tempdir = str(mine)
 
 
 # --- site coverage as plain data -------------------------------------------------------

@@ -165,6 +165,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
+    distributed.use_run_temp_dir(config)
     if distributed.role(config) == "single":
         # not under xdist: its controller ends the workers with signals of its own, and a
         # KeyboardInterrupt raised there in the middle left their guests running

@@ -129,10 +129,16 @@ class LocalHost(Host):
         return Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp makes it 0700
 
     def spawn(self, argv: Sequence[str], *, log: Path) -> HostProcess:
+        """Start ``argv`` in a session of its own (a terminal's Ctrl-C does not reach it;
+        the rig closes it), killed by the kernel if this process dies first (util-linux
+        ``setpriv --pdeathsig KILL``, which then executes ``argv`` in its place: a worker
+        that pytest-xdist kills in the middle of its cleanup leaves no QEMU behind)."""
+        setpriv = shutil.which("setpriv")
+        launch = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         with open(log, "wb") as out:
             return LocalProcess(
                 subprocess.Popen(
-                    list(argv),
+                    [*launch, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
