@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import Site
+from rig.observe.coverage import SiteCoverage
 
 #: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
 SIGNAL = "kernel_cr3_loaded"
@@ -28,3 +30,15 @@ def signal_guest(pti_guest: Guest) -> Guest:
             f"symbols from {pti_guest.symbols.source}"
         )
     return pti_guest
+
+
+@pytest.fixture
+def watch_sites(signal_guest: Guest, site_coverage: SiteCoverage | None) -> tuple[Site, ...]:
+    """The CR3 switch sites watch mode arms, or a skip saying why it cannot run."""
+    if not signal_guest.config.vmlinux or site_coverage is None:
+        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+    if signal_guest.config.smp < 2:
+        pytest.skip(
+            f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={signal_guest.config.smp}"
+        )
+    return tuple(site_coverage.sites)

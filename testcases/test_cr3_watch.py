@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from rig.guest import Guest
-from rig.observe.coverage import SiteCoverage
+from rig.machine.sites import Site
 from rig.observe.watching import watch
 from testcases.conftest import SIGNAL
 
@@ -49,21 +47,17 @@ MAX_SECONDS = 900.0
 
 def test_every_cr3_transition_on_every_vcpu(
     signal_guest: Guest,
-    site_coverage: SiteCoverage | None,
+    watch_sites: tuple[Site, ...],
     exploration_report: list[str],
 ) -> None:
     g = signal_guest
-    if not g.config.vmlinux or site_coverage is None:
-        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
-    if g.config.smp < 2:
-        pytest.skip(f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={g.config.smp}")
     transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", WATCH_TRANSITIONS))
     for cpu in range(g.config.smp):
         for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
             g.start_workload(name, cpu)
     result = watch(
         g,
-        site_coverage.sites,
+        watch_sites,
         signal=SIGNAL,
         transitions=transitions,
         nmi_every=NMI_EVERY,

@@ -31,7 +31,7 @@ import pytest
 
 from rig.errors import RigError
 from rig.guest import Guest
-from rig.observe.coverage import SiteCoverage
+from rig.machine.sites import Site
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.kernel import DEBIAN, resolve_kernel
@@ -98,15 +98,11 @@ def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[st
 def test_x86_selftest_under_watch(
     name: str,
     signal_guest: Guest,
-    site_coverage: SiteCoverage | None,
+    watch_sites: tuple[Site, ...],
     exploration_report: list[str],
     rig_settings: RigSettings,
 ) -> None:
     g = signal_guest
-    if not g.config.vmlinux or site_coverage is None:
-        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
-    if g.config.smp < 2:
-        pytest.skip(f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={g.config.smp}")
     installed, why = installed_selftests(g)
     if not installed:
         pytest.skip(f"no x86 selftests in the guest: {why or 'its /selftests is empty'}")
@@ -122,7 +118,7 @@ def test_x86_selftest_under_watch(
     mine = " && ".join(f'$3 != "{c}"' for c in ("sh", "ps", "awk"))
     ps, _ = g.shell(f"ps -o pid,vsz,comm | awk 'NR > 1 && $1 != 1 && $2 != 0 && {mine}'")
     others = ", ".join(" ".join(ln.split()[::2]) for ln in ps.splitlines() if ln.strip())
-    run = run_watched(g, site_coverage.sites, name, signal=SIGNAL, max_seconds=MAX_SECONDS)
+    run = run_watched(g, watch_sites, name, signal=SIGNAL, max_seconds=MAX_SECONDS)
     assert run.watch is not None
     w = run.watch
     verdict = run.verdict

@@ -15,6 +15,7 @@ from rig.guest import Guest, GuestConfig
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import Kernel, resolve_kernel
+from rig.transport.host import processes_with_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,18 +48,7 @@ def booted(base_config: GuestConfig) -> Iterator[Guest]:
 
 def processes_tagged(tag: str) -> list[str]:
     """Command lines of live processes whose environment carries CR3RIG_TEST_TAG=tag."""
-    found = []
-    needle = f"CR3RIG_TEST_TAG={tag}".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            if needle in env.split(b"\0"):
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
-        except OSError:
-            continue
-    return found
+    return [cmd[:120] for _, cmd in processes_with_env("CR3RIG_TEST_TAG", tag)]
 
 
 def run_pytest(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from rig.transport.host import processes_with_env
 from tests.conftest import REPO, junit_outcomes, processes_tagged
 
 pytest.importorskip("xdist", reason="pytest-xdist is not installed (scripts/setup.sh installs .[xdist])")
@@ -40,20 +41,25 @@ def _qemus(tag: str) -> dict[str, int]:
     return out
 
 
+def _run_n2(tag: str, trace_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``pytest -n 2 testcases/test_pti_tables.py ARGS`` to completion, and its output."""
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2"),
+            *("testcases/test_pti_tables.py", *args, f"--trace-dir={trace_dir}"),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return res, res.stdout + res.stderr
+
+
 def processes_tagged_full(tag: str) -> list[tuple[int, str]]:
     """(pid, whole command line) of the live processes carrying ``tag``."""
-    found = []
-    needle = f"CR3RIG_TEST_TAG={tag}".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                found.append((int(pid), cmd))
-        except OSError:
-            continue
-    return found
+    return processes_with_env("CR3RIG_TEST_TAG", tag)
 
 
 def _start(tag: str, args: list[str]) -> subprocess.Popen[str]:
@@ -175,18 +181,7 @@ def test_interrupt_under_xdist_leaves_nothing(tag: str, how: str) -> None:
 def test_default_configuration_that_cannot_boot_ends_the_run(tag: str, tmp_path: Path) -> None:
     """Both workers fail their first boot (1 s is too short); each errors that test and
     stops, the controller ends the run with status 3 and the one line, as without xdist."""
-    res = subprocess.run(
-        [
-            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2"),
-            *("testcases/test_pti_tables.py", "--boot-timeout", "1", f"--trace-dir={tmp_path}"),
-        ],
-        cwd=REPO,
-        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = res.stdout + res.stderr
+    res, out = _run_n2(tag, tmp_path, "--boot-timeout", "1")
     assert res.returncode == 3, out[-2000:]
     assert re.search(
         r"Interrupted: cr3rig: .* did not boot: no boot within 1 s \(the default configuration cannot boot\)",
@@ -242,18 +237,7 @@ def test_a_kernel_that_cannot_be_had_ends_the_run_with_status_4(tag: str, tmp_pa
     """What ends a run without xdist with pytest.exit (here: an unknown reference flavor,
     found when the workers resolve the kernel) ends it the same way under xdist, with no
     INTERNALERROR from xdist's controller."""
-    res = subprocess.run(
-        [
-            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2"),
-            *("testcases/test_pti_tables.py", "--kernel", "reference-9.9", f"--trace-dir={tmp_path}"),
-        ],
-        cwd=REPO,
-        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = res.stdout + res.stderr
+    res, out = _run_n2(tag, tmp_path, "--kernel", "reference-9.9")
     assert res.returncode == 4, out[-2000:]
     assert "INTERNALERROR" not in out, out[-2000:]
     assert "Interrupted: cr3rig: unknown kernel flavor 'reference-9.9'; valid flavors:" in out, out[-2000:]

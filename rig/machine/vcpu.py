@@ -8,6 +8,7 @@ here hard-codes QEMU's layout. Virtual memory is read *through this vCPU's page 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,15 @@ REPORT_REGISTERS = (
 def thread_id(cpu: int) -> str:
     """The RSP thread id of vCPU ``cpu`` (vCPU 0 is thread 1)."""
     return f"p1.{cpu + 1:x}"
+
+
+_STOP_THREAD = re.compile(r"thread:p[0-9a-f]+\.([0-9a-f]+)")
+
+
+def stopped_cpu(reply: str) -> int | None:
+    """The vCPU a stop reply names (``T05thread:p1.2;`` -> 1), None if it names none."""
+    m = _STOP_THREAD.search(reply)
+    return int(m.group(1), 16) - 1 if m else None
 
 
 @dataclass(frozen=True)

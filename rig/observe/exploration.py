@@ -32,7 +32,6 @@ loaded the user CR3 again (or, for an exit window, when it returns to the user C
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import Any, Literal
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
-from rig.machine.vcpu import thread_id
+from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.checks import signal_problems
 from rig.observe.runcontrol import step_over
@@ -58,9 +57,6 @@ MAX_STOPS = 400
 CONTINUE_TIMEOUT = 10.0
 #: Most boundaries allowed between the store of 0 and the write of the user CR3.
 MAX_STORE_TO_CR3_WINDOW = 8
-
-
-_STOP_THREAD = re.compile(r"thread:p[0-9a-f]+\.([0-9a-f]+)")
 
 
 def _user(cr3: int) -> bool:
@@ -416,10 +412,9 @@ class Explorer:
                     f"{window.name} {k}: vCPU {self.cpu} hit no switch site after {last} "
                     f"({exc}); it is at {sym.describe(pc)} on the {_side(cr3)} CR3, signal {signal}"
                 ) from None
-            m = _STOP_THREAD.search(reply)
-            if not reply.startswith("T05") or m is None:
+            cpu = stopped_cpu(reply)
+            if not reply.startswith("T05") or cpu is None:
                 raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
-            cpu = int(m.group(1), 16) - 1
             pc = hex_le(link.transact([f"Hg{thread_id(cpu)}", self.guest.regmap.packet("rip")])[1])
             if cpu == self.cpu:
                 return pc

@@ -26,9 +26,10 @@ import pexpect
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.machine.vcpu import stopped_cpu
 from rig.observe.exploration import quiet_console
 from rig.observe.transitions import TransitionChecker
-from rig.observe.watching import _STOP_THREAD, Watcher, WatchResult
+from rig.observe.watching import Watcher, WatchResult
 from rig.supply.initramfs import SELFTESTS_DIR
 from rig.transport.rsp import RspLink
 
@@ -214,13 +215,13 @@ class SelftestWatcher(Watcher):
                     status = _done(g, name, 0.05)  # stopped by the link's interrupt: idle
                     continue
                 result.running_seconds += time.monotonic() - tr
-                m = _STOP_THREAD.search(reply)
+                stopped = stopped_cpu(reply)
                 if reply.startswith("T02"):
                     result.paused += 1
                     continue
-                if not reply.startswith("T05") or m is None:
+                if not reply.startswith("T05") or stopped is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
-                self.check_hit(link, int(m.group(1), 16) - 1, result, checker)
+                self.check_hit(link, stopped, result, checker)
                 if result.hits % POLL_EVERY_HITS == 0:
                     status = _done(g, name, 0)
         finally:

@@ -39,13 +39,12 @@ of boundary k, the code at a new rip and step k+1 share one write: one round tri
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rig.errors import GuestError
-from rig.machine.vcpu import RegisterMap, thread_id
+from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT, may_write_cr3
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
@@ -197,7 +196,6 @@ class Stepper:
         # the same without the stepping vCPU's CR3, after an instruction that cannot write it
         self._step_batch_same_cr3 = [p for i, p in enumerate(self._step_batch) if i != 1]
         self._select = f"Hg{thread_id(cpu)}"
-        self._stop_names_cpu = re.compile(rf"thread:p0*1\.0*{cpu + 1:x};")
         self._per_cpu = 3 + len(self.watches)
 
     def snapshot(self, link: RspLink, step: int) -> Snapshot:
@@ -308,7 +306,7 @@ class Stepper:
         """Raise unless ``reply`` is a stop reply; True if it names the stepping vCPU."""
         if not reply or reply[0] not in "ST":
             raise GuestError(f"single step of vCPU {self.cpu} answered {reply!r}")
-        return self._stop_names_cpu.search(reply) is not None
+        return stopped_cpu(reply) == self.cpu
 
     def _run_checked(
         self,

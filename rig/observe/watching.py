@@ -32,7 +32,6 @@ the stops cover every boundary of the run without stepping it.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
-from rig.machine.vcpu import thread_id
+from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.observe.exploration import NMI_CPU, quiet_console
 from rig.observe.runcontrol import step_over
 from rig.observe.transitions import Hit, TransitionChecker, agreed_signal, user_side
@@ -50,8 +49,6 @@ from rig.transport.rsp import RspLink, hex_le, is_error
 CONTINUE_TIMEOUT = 10.0
 #: The run stops collecting after this many problems (the first ones say it all).
 MAX_PROBLEMS = 50
-
-_STOP_THREAD = re.compile(r"thread:p[0-9a-f]+\.([0-9a-f]+)")
 
 
 @dataclass
@@ -275,13 +272,13 @@ class Watcher:
                 tr = time.monotonic()
                 reply = link.resume("vCont;c", CONTINUE_TIMEOUT)
                 result.running_seconds += time.monotonic() - tr
-                m = _STOP_THREAD.search(reply)
+                stopped = stopped_cpu(reply)
                 if reply.startswith("T02"):
                     result.paused += 1  # a pause nobody asked for (see _step_over): no site ran
                     continue
-                if not reply.startswith("T05") or m is None:
+                if not reply.startswith("T05") or stopped is None:
                     raise GuestError(f"the guest stopped with {reply!r} (not a breakpoint)")
-                cpu = last_cpu = int(m.group(1), 16) - 1
+                cpu = last_cpu = stopped
                 self.check_hit(link, cpu, result, checker)
         finally:
             self.disarm(link)

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from rig.errors import ConfigError
+from rig.transport.host import processes_with_env
 
 SSHD = "/usr/sbin/sshd"
 
@@ -123,18 +124,7 @@ class PrivateSshd:
 
     def session_processes(self) -> list[str]:
         """Command lines of live processes started by this server's sessions (tagged)."""
-        found = []
-        needle = f"CR3RIG_SSHD_TAG={self.tag}".encode()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    found.append(f"{pid} {cmd[:160]}")
-            except OSError:
-                continue
-        return found
+        return [f"{pid} {cmd[:160]}" for pid, cmd in processes_with_env("CR3RIG_SSHD_TAG", self.tag)]
 
     def connection_pids(self) -> list[int]:
         """PIDs of sshd's per-connection processes (children of the listener)."""

@@ -190,3 +190,20 @@ def describe_status(returncode: int) -> str:
             name = "?"
         return f"signal {-returncode} ({name})"
     return f"status {returncode}"
+
+
+def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
+    """(pid, whole command line) of this machine's live processes whose environment has
+    ``name=value`` (how tests and the private sshd find what they started, and only that)."""
+    found = []
+    needle = f"{name}={value}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append((int(pid), cmd))
+        except OSError:
+            continue
+    return found
