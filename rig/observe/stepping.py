@@ -22,7 +22,8 @@ the check itself.
 **Why the stepping vCPU's CR3 is read only after an instruction that may write it.** In
 64-bit mode only ``MOV CR3, reg`` writes CR3 (interrupts and exceptions do not; there are
 no task switches). The Stepper reads the code at each new rip anyway (for the trace's
-disassembly, through the stepping vCPU: the live, patched text); once the instruction a
+disassembly, through the stepping vCPU: the live, patched text; in lines of 64 bytes, so
+one read serves the instructions that follow, see :class:`CodeLines`); once the instruction a
 step executes is known and :func:`rig.machine.x86.may_write_cr3` says it is not a CR3
 write, the snapshot after it carries the CR3 before it; after a CR3 write, or an
 instruction whose code is not known yet, CR3 is read. The last boundary reads CR3 again,
@@ -33,7 +34,11 @@ and a difference from the carried value is reported by :meth:`Trace.frozen_viola
 that arrives while a vCPU runs, so nothing may follow it), and its stop reply's ``+``
 leads the next write. With a stop condition a step is two round trips (step; reads that
 decide). Without one (``max_steps`` only, e.g. the exploration's boundary runs) the reads
-of boundary k, the code at a new rip and step k+1 share one write: one round trip a step.
+of boundary k, the code at a new rip and step k+1 share one write: one round trip a step,
+and boundary k is parsed while QEMU answers that write (only its rip and the stop reply
+are needed to build it). Each group of reads is ordered so that no ``Hg`` is needed
+beyond one per frozen vCPU: the stepping vCPU's reads (and a code read) come first,
+while the stop has it selected.
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT, may_write_cr3
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
-#: Longest x86 instruction (bytes); what is read at each new rip to disassemble later.
+#: Longest x86 instruction (bytes); what is kept of each new rip to disassemble later.
 MAX_INSN = 15
+
+#: Bytes of code per cached line (a power of two): see :class:`CodeLines`.
+CODE_LINE = 64
 
 
 @dataclass(frozen=True)
@@ -189,14 +197,26 @@ class Stepper:
         # No Hg for the stepping vCPU when the stop reply names it: QEMU selects the vCPU
         # that stopped for register and memory access (gdb_set_stop_cpu) and names that
         # vCPU in the stop reply (gdb_vm_state_change).
-        self._step_batch = [rip, cr3, *reads]
+        self._mine = [rip, cr3, *reads]
+        # the same without the stepping vCPU's CR3, after an instruction that cannot write it
+        self._mine_same_cr3 = [rip, *reads]
+        self._frozen_reads: list[str] = []
         for n in range(ncpus):
             if n != cpu and reads:
-                self._step_batch += [f"Hg{thread_id(n)}", *reads]
-        # the same without the stepping vCPU's CR3, after an instruction that cannot write it
-        self._step_batch_same_cr3 = [p for i, p in enumerate(self._step_batch) if i != 1]
+                self._frozen_reads += [f"Hg{thread_id(n)}", *reads]
+        self._step_batch = self._mine + self._frozen_reads
+        self._step_batch_same_cr3 = self._mine_same_cr3 + self._frozen_reads
         self._select = f"Hg{thread_id(cpu)}"
         self._per_cpu = 3 + len(self.watches)
+        # where each watch's reply for each vCPU sits in a step batch, counted from the
+        # stepping vCPU's first watch: its own watches, then per frozen vCPU Hg + watches
+        nw = len(self.watches)
+        frozen = [n for n in range(ncpus) if n != cpu]
+        self._word_offsets = [
+            (w.name, [i if n == cpu else nw + frozen.index(n) * (1 + nw) + 1 + i for n in range(ncpus)])
+            for i, w in enumerate(self.watches)
+        ]
+        self._named_stop = ""  # the last stop reply seen naming the stepping vCPU
 
     def snapshot(self, link: RspLink, step: int) -> Snapshot:
         """Read every vCPU's rip and CR3 and every watch through every vCPU (one round trip)."""
@@ -217,40 +237,30 @@ class Stepper:
                 words[w.name].append(None if is_error(val) else hex_le(val))
         return Snapshot(step, self.cpu, rips, cr3s, words)
 
-    def _batch_after(self, trace: Trace, pc: int) -> list[str]:
-        """The step batch for the boundary after executing the instruction at ``pc``."""
-        code = trace.code.get(pc)
-        return self._step_batch if code is None or may_write_cr3(code) else self._step_batch_same_cr3
-
     def _parse_step(self, replies: list[str], step: int, frozen: Snapshot, before: Snapshot) -> Snapshot:
         """A snapshot from a step batch (with or without CR3: ``len(replies)`` says): the
         frozen vCPUs' rip and CR3 from ``frozen``, the stepping vCPU's CR3 from ``before``
         when not read."""
+        cpu = self.cpu
         if len(replies) == len(self._step_batch_same_cr3):
-            replies = [replies[0], "", *replies[1:]]
-            cr3 = before.cr3[self.cpu]
+            cr3 = before.cr3[cpu]
+            base = 1
         else:
             if is_error(replies[1]):
-                raise GuestError(f"cannot read CR3 of vCPU {self.cpu}: {replies[1]}")
+                raise GuestError(f"cannot read CR3 of vCPU {cpu}: {replies[1]}")
             cr3 = hex_le(replies[1])
+            base = 2
         if is_error(replies[0]):
-            raise GuestError(f"cannot read registers of vCPU {self.cpu}: {replies[0]}")
-        rips = list(frozen.rip)
-        cr3s = list(frozen.cr3)
-        rips[self.cpu] = hex_le(replies[0])
-        cr3s[self.cpu] = cr3
-        nw = len(self.watches)
-        words: dict[str, list[int | None]] = {w.name: [] for w in self.watches}
-        at = 2 + nw  # the frozen vCPUs' groups follow the stepping vCPU's (Hg + watches each)
-        for n in range(self.ncpus):
-            if n == self.cpu:
-                vals = replies[2 : 2 + nw]
-            else:
-                vals = replies[at + 1 : at + 1 + nw]
-                at += 1 + nw
-            for w, val in zip(self.watches, vals, strict=True):
-                words[w.name].append(None if is_error(val) else hex_le(val))
-        return Snapshot(step, self.cpu, rips, cr3s, words)
+            raise GuestError(f"cannot read registers of vCPU {cpu}: {replies[0]}")
+        rips = frozen.rip.copy()
+        cr3s = frozen.cr3.copy()
+        rips[cpu] = hex_le(replies[0])
+        cr3s[cpu] = cr3
+        words = {
+            name: [None if is_error(v) else hex_le(v) for v in (replies[base + o] for o in offsets)]
+            for name, offsets in self._word_offsets
+        }
+        return Snapshot(step, cpu, rips, cr3s, words)
 
     def run(
         self,
@@ -273,6 +283,7 @@ class Stepper:
         a new rip is read in the write after the one that stepped over it.
         """
         trace = Trace(self.cpu, self.ncpus)
+        lines = CodeLines()
         full = link.pipeline(self._batch)
         first = self._parse_full(link.exchange(full, len(self._batch)), 0)
         trace.snapshots.append(first)
@@ -280,10 +291,10 @@ class Stepper:
             snap = first
             trace.stopped_because = f"max_steps={max_steps}"
         elif stop is None:
-            snap = self._run_pipelined(link, trace, first, max_steps, on_step)
+            snap = self._run_pipelined(link, trace, lines, first, max_steps, on_step)
             trace.stopped_because = f"max_steps={max_steps}"
         else:
-            snap = self._run_checked(link, trace, first, max_steps, stop, on_step)
+            snap = self._run_checked(link, trace, lines, first, max_steps, stop, on_step)
         # the last boundary: every vCPU read again (a frozen vCPU that moved shows here)
         last = self._parse_full(link.exchange(full, len(self._batch)), snap.step)
         if last.cr3[self.cpu] != snap.cr3[self.cpu]:
@@ -293,46 +304,96 @@ class Stepper:
             )
         last.words = snap.words
         trace.snapshots[-1] = last
-        self._remember_code(link, trace, last)
+        self._remember_code(link, trace, lines, last)
         return trace
 
-    def _code_read(self, link: RspLink, trace: Trace, pc: int) -> tuple[bytes, int]:
-        """The pipelined read of the code at ``pc`` (and how many replies), or nothing if known."""
-        if pc in trace.code:
-            return b"", 0
-        return link.pipeline([self._select, f"m{pc:x},{MAX_INSN:x}"]), 2
+    def _framed(self, link: RspLink) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        """The step and the parts of a boundary's reads, framed for ``link``."""
+        return (
+            frame(self._step_packet),
+            link.pipeline([self._select]),
+            link.pipeline(self._mine),
+            link.pipeline(self._mine_same_cr3),
+            link.pipeline(self._frozen_reads),
+        )
+
+    def _reads_after(
+        self,
+        link: RspLink,
+        trace: Trace,
+        lines: CodeLines,
+        pc: int,
+        named: bool,
+        framed: tuple[bytes, bytes, bytes, bytes, bytes],
+    ) -> tuple[bytes, tuple[int, int, int]]:
+        """The write that reads the boundary after the instruction at ``pc``, and where its
+        replies sit: ``(first, mine, code)``.
+
+        In order: the stepping vCPU's ``Hg`` unless the stop reply ``named`` it; its rip,
+        its CR3 (unless ``pc``'s code is known not to write CR3) and watches; the code
+        around ``pc`` if neither ``trace`` nor ``lines`` has it (read while the stepping
+        vCPU is selected: no ``Hg`` of its own); then each frozen vCPU's ``Hg`` and watches.
+        """
+        _, select, mine_full, mine_same, frozen = framed
+        code_read = b""
+        code = trace.code.get(pc)
+        if code is None:
+            code = lines.at(pc)
+            if code is not None:
+                trace.code[pc] = code
+            else:
+                start, size = lines.span(pc)
+                code_read = link.pipeline([f"m{start:x},{size:x}"])
+        if code is None or may_write_cr3(code):
+            mine, nm = mine_full, len(self._mine)
+        else:
+            mine, nm = mine_same, len(self._mine_same_cr3)
+        head, first = (b"", 0) if named else (select, 1)
+        return head + mine + code_read + frozen, (first, nm, 1 if code_read else 0)
+
+    def _count(self, layout: tuple[int, int, int]) -> int:
+        first, nm, k = layout
+        return first + nm + k + len(self._frozen_reads)
+
+    def _split(self, replies: list[str], layout: tuple[int, int, int]) -> tuple[list[str], str | None]:
+        """The snapshot's replies (as :meth:`_parse_step` takes them) and the code read's."""
+        first, nm, k = layout
+        at = first + nm
+        rest = replies[at + k : at + k + len(self._frozen_reads)]
+        return replies[first:at] + rest, (replies[at] if k else None)
 
     def _check_step(self, reply: str) -> bool:
         """Raise unless ``reply`` is a stop reply; True if it names the stepping vCPU."""
+        if reply == self._named_stop:
+            return True
         if not reply or reply[0] not in "ST":
             raise GuestError(f"single step of vCPU {self.cpu} answered {reply!r}")
-        return stopped_cpu(reply) == self.cpu
+        if stopped_cpu(reply) == self.cpu:
+            self._named_stop = reply
+            return True
+        return False
 
     def _run_checked(
         self,
         link: RspLink,
         trace: Trace,
+        lines: CodeLines,
         first: Snapshot,
         max_steps: int,
         stop: StopCondition,
         on_step: Callable[[Snapshot], None] | None,
     ) -> Snapshot:
-        step = frame(self._step_packet)
-        select = link.pipeline([self._select])
-        batches = {id(b): (link.pipeline(b), len(b)) for b in (self._step_batch, self._step_batch_same_cr3)}
+        framed = self._framed(link)
+        step = framed[0]
         snap = first
         for i in range(1, max_steps + 1):
-            # the code at a new rip, read through the stepping vCPU, then the step
             pc = snap.pc
-            code, k = self._code_read(link, trace, pc)
-            replies = link.exchange(code + step, k + 1, owe_last=True)
-            if k:
-                trace.code[pc] = _code_bytes(replies[1])
-            reads, n = batches[id(self._batch_after(trace, pc))]
-            if self._check_step(replies[-1]):
-                snap = self._parse_step(link.exchange(reads, n), i, first, snap)
-            else:
-                snap = self._parse_step(link.exchange(select + reads, n + 1)[1:], i, first, snap)
+            named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
+            data, layout = self._reads_after(link, trace, lines, pc, named, framed)
+            reads, code = self._split(link.exchange(data, self._count(layout)), layout)
+            if code is not None:
+                trace.code[pc] = lines.store(pc, code)
+            snap = self._parse_step(reads, i, first, snap)
             trace.snapshots.append(snap)
             if on_step is not None:
                 on_step(snap)
@@ -346,50 +407,111 @@ class Stepper:
         self,
         link: RspLink,
         trace: Trace,
+        lines: CodeLines,
         first: Snapshot,
         max_steps: int,
         on_step: Callable[[Snapshot], None] | None,
     ) -> Snapshot:
-        """Write j carries the reads of boundary j-1, the code at boundary j-2's rip if
-        new, and step j (none after the last step)."""
-        step = frame(self._step_packet)
-        select = link.pipeline([self._select])
-        batches = {id(b): (link.pipeline(b), len(b)) for b in (self._step_batch, self._step_batch_same_cr3)}
-        code, k = self._code_read(link, trace, first.pc)
-        replies = link.exchange(code + step, k + 1, owe_last=True)
-        if k:
-            trace.code[first.pc] = _code_bytes(replies[1])
-        named = self._check_step(replies[-1])
+        """Write j carries the reads of boundary j-1 (with the code at boundary j-2's rip
+        if new) and step j (none after the last step).
+
+        Only what write j needs is taken from write j-1's replies before it is sent
+        (the stop reply, boundary j-2's rip); boundary j-2's snapshot is parsed while
+        QEMU answers write j, unless there is an ``on_step`` (it may use the link, so
+        it runs before write j, while the VM is stopped).
+        """
+        framed = self._framed(link)
+        step = framed[0]
+        named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
         snap = first
+        pc = first.pc
+        unparsed: list[str] = []  # boundary j-2's replies, parsed once write j is sent
         for j in range(2, max_steps + 2):
             last = j == max_steps + 1
-            pc = snap.pc  # boundary j-2's rip: the instruction step j-1 executed
-            # CR3 is read unless that instruction's code is already known not to write it
-            reads, n = batches[id(self._batch_after(trace, pc))]
-            head, nh = (reads, n) if named else (select + reads, n + 1)
-            code, k = self._code_read(link, trace, pc)
-            data = head + code + (b"" if last else step)
-            replies = link.exchange(data, nh + k + (0 if last else 1), owe_last=not last)
-            snap = self._parse_step(replies[nh - n : nh], j - 1, first, snap)
-            if k:
-                trace.code[pc] = _code_bytes(replies[nh + 1])
-            trace.snapshots.append(snap)
-            if on_step is not None:
+            if unparsed:
+                if is_error(unparsed[0]):
+                    raise GuestError(f"cannot read registers of vCPU {self.cpu}: {unparsed[0]}")
+                pc = hex_le(unparsed[0])  # boundary j-2's rip: the instruction step j-1 executed
+            if unparsed and on_step is not None:  # it may use the link: the VM must be stopped
+                snap = self._parse_step(unparsed, j - 2, first, snap)
+                trace.snapshots.append(snap)
                 on_step(snap)
+            data, layout = self._reads_after(link, trace, lines, pc, named, framed)
+            link.send(data + (b"" if last else step), owe_last=not last)
+            if unparsed and on_step is None:
+                snap = self._parse_step(unparsed, j - 2, first, snap)
+                trace.snapshots.append(snap)
+            replies = link.receive(self._count(layout) + (0 if last else 1))
+            unparsed, code = self._split(replies, layout)
+            if code is not None:
+                trace.code[pc] = lines.store(pc, code)
             if not last:
                 named = self._check_step(replies[-1])
+        snap = self._parse_step(unparsed, max_steps, first, snap)
+        trace.snapshots.append(snap)
+        if on_step is not None:
+            on_step(snap)
         return snap
 
-    def _remember_code(self, link: RspLink, trace: Trace, snap: Snapshot) -> None:
+    def _remember_code(self, link: RspLink, trace: Trace, lines: CodeLines, snap: Snapshot) -> None:
+        """The code at the last boundary's rip, for the trace's disassembly."""
         pc = snap.pc
         if pc in trace.code:
             return
-        replies = link.transact([f"Hg{thread_id(self.cpu)}", f"m{pc:x},{MAX_INSN:x}"])
+        known = lines.at(pc)
+        if known is not None:
+            trace.code[pc] = known
+            return
+        replies = link.transact([self._select, f"m{pc:x},{MAX_INSN:x}"])
         trace.code[pc] = b"" if is_error(replies[1]) else bytes.fromhex(replies[1])
 
 
-def _code_bytes(reply: str) -> bytes:
-    return b"" if is_error(reply) else bytes.fromhex(reply)
+class CodeLines:
+    """Code read through the stepping vCPU in aligned lines of :data:`CODE_LINE` bytes, for
+    one run: a read at a new rip fetches its line and the next (up to the page's end),
+    so the instructions that follow it need no read of their own.
+
+    Invariant: a line is stored only when read whole, and only lines of the page the read
+    started in (the next page may not be mapped through this vCPU's CR3). The bytes
+    are those of the moment of the read, as with a read per rip: code the stepping vCPU
+    patches later in the same run shows as read (the last boundary's CR3 re-check
+    still catches a CR3 write hidden that way, see the module's doc).
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, bytes] = {}
+
+    def at(self, pc: int) -> bytes | None:
+        """The :data:`MAX_INSN` bytes at ``pc`` if its line(s) were read, else None."""
+        line = pc & -CODE_LINE
+        first = self._lines.get(line)
+        if first is None:
+            return None
+        off = pc - line
+        if off + MAX_INSN <= CODE_LINE:
+            return first[off : off + MAX_INSN]
+        second = self._lines.get(line + CODE_LINE)
+        return None if second is None else (first + second)[off : off + MAX_INSN]
+
+    @staticmethod
+    def span(pc: int) -> tuple[int, int]:
+        """Where to read for ``pc``: (start, bytes): its line and the next, cut at the page
+        end unless the instruction at ``pc`` may cross it."""
+        start = pc & -CODE_LINE
+        end = min(start + 2 * CODE_LINE, (pc | 0xFFF) + 1)
+        return start, max(end, pc + MAX_INSN) - start
+
+    def store(self, pc: int, reply: str) -> bytes:
+        """Keep the lines of a reply to :meth:`span`'s read for ``pc``; the bytes at ``pc``
+        (empty if the read failed)."""
+        if is_error(reply):
+            return b""
+        data = bytes.fromhex(reply)
+        start = pc & -CODE_LINE
+        page_end = (pc | 0xFFF) + 1
+        for at in range(start, min(start + len(data), page_end) - CODE_LINE + 1, CODE_LINE):
+            self._lines[at] = data[at - start : at - start + CODE_LINE]
+        return data[pc - start : pc - start + MAX_INSN]
 
 
 def in_user_mode(cpu: int) -> StopCondition:

@@ -10,6 +10,7 @@ step itself while a vCPU runs, because a byte arriving while the VM runs stops i
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import struct
 from collections.abc import Sequence
@@ -54,6 +55,9 @@ def unescape(data: bytes) -> bytes:
             i += 1
     return bytes(out)
 
+
+#: A whole packet: ``$``, the payload (no unescaped ``#``), ``#`` and two checksum digits.
+_PACKET = re.compile(rb"\$([^#]*)#[0-9a-fA-F]{2}")
 
 #: Default bound (seconds) on waiting for any one reply: a step that never returns
 #: (a hung or stopped QEMU) ends in an error, not a wait forever.
@@ -120,30 +124,44 @@ class RspLink:
         resume packet, whose stop reply must not be acknowledged in the same write),
         the last reply's ``+`` is sent at the front of the link's next write instead.
         """
+        self.send(data, owe_last=owe_last)
+        return self.receive(count)
+
+    def send(self, data: bytes, *, owe_last: bool = False) -> None:
+        """The first half of :meth:`exchange`: send ``data``; :meth:`receive` reads the
+        replies. Work done in between overlaps with QEMU's (the stepping loop parses the
+        previous boundary while the next step runs)."""
         if owe_last and self.acks and data.endswith(b"+"):
             raise ValueError("a resume packet must end the write: pipeline it without its '+'")
         self._send(data)
-        out = self._read_packets(count)
         self._owed_ack = owe_last and self.acks
-        return out
+
+    def receive(self, count: int) -> list[str]:
+        """The second half of :meth:`exchange`: the next ``count`` replies."""
+        return self._read_packets(count)
 
     def _read_packets(self, count: int) -> list[str]:
-        """The next ``count`` packets, none acknowledged (see :meth:`exchange`)."""
+        """The next ``count`` packets, none acknowledged (see :meth:`exchange`).
+
+        A packet ends at ``#`` and two checksum digits, and ``#`` never occurs unescaped
+        inside one, so the buffer holds ``count`` packets once it holds ``count`` such
+        ends; they are then split in one pass (the stepping loop's hot path).
+        """
         buf = self._buf
-        out: list[str] = []
-        pos = 0
         while True:
-            start = buf.find(b"$", pos)
-            end = buf.find(b"#", start) if start >= 0 else -1
-            if end >= 0 and len(buf) >= end + 3:
-                out.append(unescape(bytes(buf[start + 1 : end])).decode("latin-1"))
-                pos = end + 3
+            if buf.count(b"#") >= count:
+                out: list[str] = []
+                end = 0
+                for m in _PACKET.finditer(buf):
+                    out.append(m.group(1).decode("latin-1"))
+                    end = m.end()
+                    if len(out) == count:
+                        break
                 if len(out) == count:
-                    del buf[:pos]
+                    if buf.find(b"}", 0, end) >= 0 or buf.find(b"*", 0, end) >= 0:
+                        out = [unescape(p.encode("latin-1")).decode("latin-1") for p in out]
+                    del buf[:end]
                     return out
-                continue
-            del buf[:pos]
-            pos = 0
             self._receive()
 
     def _send(self, data: bytes) -> None:

@@ -1,0 +1,44 @@
+"""rig.observe.stepping.CodeLines: the Stepper's per-run code cache (no guest needed)."""
+
+from __future__ import annotations
+
+from rig.observe.stepping import CODE_LINE, MAX_INSN, CodeLines
+
+
+def _reply(start: int, size: int) -> str:
+    """A read's reply whose byte at address a is a & 0xff (so slices are checkable)."""
+    return bytes((start + i) & 0xFF for i in range(size)).hex()
+
+
+def test_a_read_serves_the_instructions_that_follow() -> None:
+    lines = CodeLines()
+    pc = 0xFFFFFFFF81000010
+    assert lines.at(pc) is None
+    start, size = lines.span(pc)
+    assert (start, size) == (pc & -CODE_LINE, 2 * CODE_LINE)
+    assert lines.store(pc, _reply(start, size)) == bytes((pc + i) & 0xFF for i in range(MAX_INSN))
+    later = pc + 70  # in the second line, its instruction crossing into a third (not read)
+    assert lines.at(pc + 40) == bytes((pc + 40 + i) & 0xFF for i in range(MAX_INSN))
+    assert lines.at(start + 2 * CODE_LINE - MAX_INSN) is not None
+    assert lines.at(start + 2 * CODE_LINE - MAX_INSN + 1) is None, "its last bytes were not read"
+    assert lines.at(later) is not None
+
+
+def test_a_read_stops_at_the_page_end_unless_the_instruction_crosses_it() -> None:
+    lines = CodeLines()
+    pc = 0xFFFFFFFF81000FD0  # 48 bytes before the page end
+    start, size = lines.span(pc)
+    assert start + size == 0xFFFFFFFF81001000, "the next page may not be mapped"
+    pc = 0xFFFFFFFF81000FF8  # an instruction here may cross into the next page
+    start, size = lines.span(pc)
+    assert start + size == pc + MAX_INSN
+    lines.store(pc, _reply(start, size))
+    assert lines.at(0xFFFFFFFF81001000) is None, "no line of the next page is kept"
+    assert lines.at(0xFFFFFFFF81000FC0) is not None
+
+
+def test_a_failed_read_keeps_nothing() -> None:
+    lines = CodeLines()
+    pc = 0x401000
+    assert lines.store(pc, "E14") == b""
+    assert lines.at(pc) is None
