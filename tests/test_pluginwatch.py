@@ -4,7 +4,6 @@ passes, a mutant kernel from the cache is caught, and QEMU 7.2 refuses with one 
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from rig.observe.pluginwatch import (
 from rig.observe.transitions import Hit
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
-from rig.supply.kernelbuild import cache_key, get_flavor, series_patches
+from rig.supply.kernelbuild import build_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.supply.qemuplugin import build_plugin, plugin_support
 from rig.tools.mutants import DEFAULT_FLAVOR, MUTANTS_DIR
@@ -98,27 +97,11 @@ def test_the_plugin_argument_names_files_in_the_private_directory() -> None:
         m.close()
 
 
-def cached_mutant(name: str) -> tuple[Path, Path] | None:
-    """(bzImage, vmlinux) of mutant ``name`` of the default flavor if it is in the cache."""
-    fl = get_flavor(DEFAULT_FLAVOR)
-    kernels = default_cache_dir() / "kernels"
-    debs = sorted((kernels / "debian" / fl.suite / "debs").glob(f"{fl.package}_*.deb"))
-    if not debs:
-        return None
-    version = subprocess.run(
-        ["dpkg-deb", "-f", str(debs[-1]), "Version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    patches = [*series_patches(fl), MUTANTS_DIR / f"{name}.patch"]
-    key = cache_key(
-        fl.name,
-        f"{fl.package} {version}",
-        [(p.name, p.read_bytes()) for p in patches],
-        fl.fragment.read_bytes(),
-    )
-    out = kernels / "builds" / key
-    if not (out / "vmlinux").is_file() or not (out / "bzImage").is_file():
-        return None
-    return out / "bzImage", out / "vmlinux"
+def mutant_build(name: str) -> tuple[Path, Path]:
+    """(bzImage, vmlinux) of mutant ``name`` of the default flavor: a cache hit, or an
+    incremental build of the reference tree (the mutant runner's own build)."""
+    build = build_kernel(DEFAULT_FLAVOR, patches_extra=[(MUTANTS_DIR / f"{name}.patch").resolve()])
+    return build.bzimage, build.vmlinux
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +136,7 @@ def test_the_reference_kernel_passes(initrd: Path, qemu10: str) -> None:
 
 
 def test_a_mutant_kernel_is_caught(initrd: Path, qemu10: str) -> None:
-    build = cached_mutant(MUTANT)
-    if build is None:
-        pytest.skip(
-            f"mutant {MUTANT} is not built in the cache (a kernel build, ~5-10 min): "
-            f"python -m rig.tools.mutants --only {MUTANT}"
-        )
-    g, pw = boot_watched(*build, initrd, qemu10, f"mutant {MUTANT}")
+    g, pw = boot_watched(*mutant_build(MUTANT), initrd, qemu10, f"mutant {MUTANT}")
     try:
         g.start_workload("syscall-loop", g.config.isolated)
         result = watch(g, pw, transitions=200)
