@@ -153,9 +153,22 @@ class Exploration:
     #: single steps QEMU answered without executing (repeated; see runcontrol.step_over)
     repeated_steps: int = 0
 
+    def unexplored(self) -> list[int]:
+        """The boundaries from the signal store through its CR3 write (the race window)
+        that have no run: an exploration that skipped them proves nothing there."""
+        done = {r.k for r in self.runs}
+        return [k for k in range(self.store_index, self.cr3_index + 1) if k not in done]
+
     def problems(self) -> list[str]:
-        """Every violation, each naming the window, boundary, event and path."""
+        """Every violation, each naming the window, boundary, event and path; and any
+        boundary of the race window left unexplored."""
         out = []
+        missing = self.unexplored()
+        if missing:
+            out.append(
+                f"{self.window.name}: boundaries {missing} between the signal store ({self.store_index}) "
+                f"and its CR3 write ({self.cr3_index}) were not explored"
+            )
         for r in self.runs:
             for p in r.problems:
                 out.append(
