@@ -1,9 +1,22 @@
-"""rig.observe.exploration: what a window's result counts as explored (no guest needed)."""
+"""rig.observe.exploration: what a window's result counts as explored (no guest), and a
+QEMU-version difference the container matrix found (a real guest on QEMU 10)."""
 
 from __future__ import annotations
 
-from rig.observe.exploration import BoundaryRun, Exploration, Window
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rig.guest import Guest, GuestConfig
+from rig.machine.sites import find_sites
+from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, Window, explore
 from rig.observe.stepping import Trace
+from rig.supply.cache import default_cache_dir
+from rig.supply.kernel import resolve_kernel
+from rig.supply.qemu import fetch_qemu
+
+SIGNAL = "kernel_cr3_loaded"
 
 WINDOW = Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry")
 
@@ -30,3 +43,47 @@ def test_a_race_boundary_without_a_run_is_a_problem() -> None:
 
 def test_a_store_after_its_cr3_write_leaves_no_window_to_require() -> None:
     assert _result([0, 1, 2], store=9, cr3_write=4).unexplored() == []
+
+
+# --- a version difference the matrix found (QEMU 10), on a real guest ----------------------
+
+INTERRUPT_WINDOW = Window(
+    "interrupt-entry",
+    "user-spin",
+    (
+        "asm_sysvec_apic_timer_interrupt",
+        "asm_sysvec_reschedule_ipi",
+        "asm_sysvec_call_function_single",
+        "asm_sysvec_call_function",
+    ),
+    "entry",
+)
+
+
+@pytest.fixture(scope="module")
+def qemu10_guest(initrd: Path) -> Iterator[Guest]:
+    cache = default_cache_dir()
+    k = resolve_kernel(None, None, cache)
+    if k.vmlinux is None:
+        pytest.skip(f"the default kernel {k.label} has no vmlinux")
+    qemu = str(fetch_qemu("bookworm-backports", cache))
+    g = Guest.boot(GuestConfig(k.image, initrd, k.vmlinux, qemu=qemu, label=k.label, cache_dir=cache))
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_interrupt_entry_explores_under_qemu_10(qemu10_guest: Guest) -> None:
+    """Under QEMU 10 each debugger stop lets the guest clock run on, so stopping at every
+    kernel-mode timer interrupt kept the vCPU in softirqs ("200 hits ... in a row were not
+    on the user CR3": CI's trixie cell, and 3 of 6 local runs, before d5247ed). An arrival
+    taken in kernel mode now runs back to user mode with the entries disarmed: the window
+    explores in full, twice in a row."""
+    g = qemu10_guest
+    assert g.config.vmlinux is not None
+    sites = find_sites(g.config.vmlinux, g.symbols)
+    g.start_workload(INTERRUPT_WINDOW.workload, NMI_CPU)
+    for _ in range(2):
+        result = explore(g, sites, INTERRUPT_WINDOW, signal=SIGNAL)
+        assert result.runs and not result.problems(), "\n".join(result.problems()) + "\n" + result.table()
