@@ -151,6 +151,151 @@ def test_judge_cell(tmp_path: Path) -> None:
     assert r.status == "boot failed" and "guest did not boot: panic" in r.reason
 
 
+def _run_cell_pytest(cell_out: Path, source: str) -> int:
+    """Run a real pytest on ``source`` the way a cell does: JUnit and log into ``cell_out``; its status."""
+    d = cell_out / "testcases"
+    d.mkdir(parents=True)
+    (d / "test_cell.py").write_text(source)
+    with open(cell_out / "pytest.log", "w") as log:
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:cr3rig",
+             f"--junitxml={cell_out / 'junit.xml'}", str(d)],
+            cwd=cell_out, stdout=log, stderr=subprocess.STDOUT, check=False,
+        )  # fmt: skip
+    return res.returncode
+
+
+BOOT_EXIT_TESTS = """
+import pytest
+
+def test_first():
+    pass
+
+def test_second():
+    pytest.exit("cr3rig: the guest did not boot: kernel panic (the default configuration cannot boot)",
+                returncode=3)
+
+def test_third():
+    pass
+"""
+
+
+def test_a_pytest_exit_at_boot_is_not_ok(tmp_path: Path) -> None:
+    """Real pytest: the rig's pytest.exit(returncode=3) leaves a JUnit file with nothing failed."""
+    rc = _run_cell_pytest(tmp_path, BOOT_EXIT_TESTS)
+    assert rc == 3 and (tmp_path / "junit.xml").exists()
+    outcomes = matrix.parse_junit(tmp_path / "junit.xml")
+    # the JUnit file alone looks green: what ran passed, the stopped test is no failure
+    assert {o.status for o in outcomes.values()} == {"pass"}
+    assert "test_cell.py::test_first" in outcomes and "?" not in outcomes
+    r = matrix.judge_cell(Cell("trixie", "reference-7.2"), tmp_path, rc, 5.0)
+    assert not r.ok and r.status == "boot failed"
+    assert r.reason == (
+        "pytest exit 3: cr3rig: the guest did not boot: kernel panic (the default configuration cannot boot)"
+    )
+    md = matrix.render_markdown([r])
+    assert "| result | **1 pass** |" in md
+    assert "trixie:reference-7.2: boot failed: pytest exit 3: cr3rig: the guest did not boot" in md
+    assert matrix.main(["--merge", _write_json(tmp_path, [r]), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_a_config_error_at_boot_is_no_result(tmp_path: Path) -> None:
+    """Real pytest: bad input found at boot ends the run with status 4; the cell says why."""
+    source = "import pytest\n\ndef test_a():\n"
+    source += "    pytest.exit('cr3rig: --kernel /x: no such file', returncode=4)\n"
+    rc = _run_cell_pytest(tmp_path, source)
+    assert rc == 4 and (tmp_path / "junit.xml").exists()
+    r = matrix.judge_cell(Cell("sid", "debian"), tmp_path, rc, 1.0)
+    assert (r.status, r.reason) == ("no result", "pytest exit 4: cr3rig: --kernel /x: no such file")
+
+
+def test_stop_reason() -> None:
+    log = "=== 1 passed in 0.2s ===\n!!!!! _pytest.outcomes.Exit: cr3rig: x did not boot: panic !!!!!\n"
+    assert matrix.stop_reason(log) == "cr3rig: x did not boot: panic"
+    assert matrix.stop_reason("cr3rig: worker gw1 ended without reporting\n=== 2 passed ===\n") == (
+        "cr3rig: worker gw1 ended without reporting"
+    )
+    assert matrix.stop_reason("Traceback\nImportError: no module x\n") == "ImportError: no module x"
+    assert matrix.stop_reason("") == "(no output)"
+
+
+def _write_json(tmp_path: Path, results: list[CellResult]) -> str:
+    f = tmp_path / "m.json"
+    f.write_text(matrix.to_json(results))
+    return str(f)
+
+
+#: The skip texts as the testcases word them (kernel release and symbol source vary).
+PCID_SKIP = (
+    "NOT COVERED: PCID is off in this guest (CR4.PCIDE=0, accel=tcg; TCG has no PCID), so the PCID "
+    "CR3 sites are not tested by this run; run with --accel kvm on a VT-x/AMD-V host"
+)
+SIGNAL_SKIP = (
+    "kernel 6.12.118+deb13-amd64 lacks kernel_cr3_loaded (CONFIG_TRACK_CR3, the CR3-signal patch); "
+    "symbols from kallsyms"
+)
+OTHER_SKIP = "kernel 7.2.0 runs without PTI (dmesg has no 'page tables isolation: enabled')"
+
+
+def _skip_tests(*reasons: str) -> str:
+    src = "import pytest\n\ndef test_runs():\n    pass\n"
+    for i, why in enumerate(reasons):
+        src += f"\ndef test_skips_{i}():\n    pytest.skip({why!r})\n"
+    return src
+
+
+def test_skip_expected_per_kernel_kind() -> None:
+    for kernel in ("reference-7.2", "reference-6.1"):
+        assert matrix.skip_expected(kernel, PCID_SKIP)
+        assert not matrix.skip_expected(kernel, SIGNAL_SKIP)
+        assert not matrix.skip_expected(kernel, OTHER_SKIP)
+    assert matrix.skip_expected("debian", PCID_SKIP) and matrix.skip_expected("debian", SIGNAL_SKIP)
+    assert not matrix.skip_expected("debian", OTHER_SKIP)
+    assert not matrix.skip_expected("debian", "NOT COVERED: fault-loop exited (madvise failed)")
+    assert matrix.skip_expected("/some/bzImage", OTHER_SKIP)
+
+
+def test_the_expected_skip_texts_are_the_testcases_own() -> None:
+    """The rule's texts must match what the testcases say, or every stock cell would fail."""
+    testcases = Path(matrix.REPO_ROOT) / "testcases"
+    conftest = (testcases / "conftest.py").read_text()
+    assert 'SIGNAL = "kernel_cr3_loaded"' in conftest
+    assert matrix.NO_SIGNAL.replace("kernel_cr3_loaded", "{SIGNAL}") in conftest
+    assert f'f"{matrix.PCID_OFF}' in (testcases / "test_pcid.py").read_text()
+
+
+def test_an_unexpected_skip_fails_the_cell(tmp_path: Path) -> None:
+    """Real pytest runs: which skips each kernel kind may give, and how the table shows the rest."""
+    rc = _run_cell_pytest(tmp_path / "a", _skip_tests(PCID_SKIP, SIGNAL_SKIP))
+    assert rc == 0
+    debian = matrix.judge_cell(Cell("trixie", "debian"), tmp_path / "a", rc, 1.0)
+    assert debian.ok and not debian.unexpected_skips()
+    ref = matrix.judge_cell(Cell("trixie", "reference-7.2"), tmp_path / "a", rc, 1.0)
+    assert not ref.ok and ref.status == "failed"
+    assert list(ref.unexpected_skips()) == ["test_cell.py::test_skips_1"]
+    assert ref.reason == f"unexpected skip of test_cell.py::test_skips_1: {SIGNAL_SKIP}"
+    path = matrix.judge_cell(Cell("trixie", str(tmp_path / "bzImage")), tmp_path / "a", rc, 1.0)
+    assert path.ok
+
+    rc = _run_cell_pytest(tmp_path / "b", _skip_tests(OTHER_SKIP, SIGNAL_SKIP))
+    stock = matrix.judge_cell(Cell("sid", "debian"), tmp_path / "b", rc, 1.0)
+    assert stock.status == "failed" and list(stock.unexpected_skips()) == ["test_cell.py::test_skips_0"]
+
+    md = matrix.render_markdown([debian, ref, stock])  # without --reasons: unexpected skips still noted
+    assert "| `test_cell.py::test_skips_0` | skip | skip | skip! [1] |" in md
+    assert "| `test_cell.py::test_skips_1` | skip | skip! [2] | skip |" in md
+    assert f"[1] {OTHER_SKIP}" in md and f"[2] {SIGNAL_SKIP}" in md
+    assert "| result | 1 pass, 2 skip | **1 pass, 2 skip (1 unexpected)** |" in md
+    assert f"trixie:reference-7.2: failed: unexpected skip of test_cell.py::test_skips_1: {SIGNAL_SKIP}" in md
+    data = json.loads(matrix.to_json([ref]))[0]
+    assert data["status"] == "failed"
+    assert data["outcomes"]["test_cell.py::test_skips_1"]["unexpected"] is True
+    assert data["outcomes"]["test_cell.py::test_skips_0"]["unexpected"] is False
+    assert matrix.from_json(matrix.to_json([debian, ref, stock])) == [debian, ref, stock]
+    assert matrix.main(["--merge", _write_json(tmp_path, [debian]), "--out", str(tmp_path / "o")]) == 0
+    assert matrix.main(["--merge", _write_json(tmp_path, [debian, ref]), "--out", str(tmp_path / "o")]) == 1
+
+
 def test_image_reason_names_the_tool_error() -> None:
     log = "Get:1 ...\nE: Release file for http://x/dists/sid/InRelease is expired\nError: building at STEP\n"
     assert matrix._image_reason("sid", log).startswith("E: Release file")

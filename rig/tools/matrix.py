@@ -18,6 +18,12 @@ with ``--reasons`` each skip names its reason), writes it to ``OUT/matrix.md`` a
 ``OUT/matrix.json``, and exits 1 if any testcase failed or errored or any cell could not
 build or boot (such a cell shows its one-line reason and the other cells still run).
 
+A cell is only ``ok`` when pytest finished (exit 0 or 1: a ``pytest.exit`` at boot leaves
+a JUnit file in which nothing failed) and every skip is one its kernel kind may give
+(:func:`skip_expected`): a reference kernel only the PCID skips (TCG has no PCID), a
+stock kernel also the skips for lacking the CR3 signal. Any other skip shows as
+``skip!`` with its reason and fails the cell.
+
 Command line::
 
     python -m rig.tools.matrix                                   # the default cells
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +66,8 @@ __all__ = [
     "podman_engine",
     "render_markdown",
     "run_argv",
+    "skip_expected",
+    "stop_reason",
     "to_json",
 ]
 
@@ -268,19 +277,26 @@ def _sh_quote(s: str) -> str:
 
 @dataclass
 class Outcome:
-    """One testcase in one cell: ``pass``, ``FAIL``, ``error`` or ``skip``, and its message."""
+    """One testcase in one cell: ``pass``, ``FAIL``, ``error`` or ``skip``, and its message.
+
+    ``unexpected`` marks a skip its cell's kernel should not give (:func:`skip_expected`).
+    """
 
     status: str
     message: str = ""
+    unexpected: bool = False
 
 
 @dataclass
 class CellResult:
     """What one cell gave: ``ok``/``failed`` when pytest ran, else why it could not.
 
-    ``status`` is one of ``ok`` (nothing failed or errored), ``failed``, ``image failed``,
-    ``kernel failed``, ``boot failed`` (every testcase errored) or ``no result`` (pytest left
-    no JUnit XML); ``reason`` is one line for the last four.
+    ``status`` is one of ``ok`` (nothing failed or errored, no unexpected skip, pytest
+    finished), ``failed`` (a testcase failed or errored, or skipped unexpectedly),
+    ``image failed``, ``kernel failed``, ``boot failed`` (every testcase errored, or pytest
+    was ended because the guest did not boot) or ``no result`` (pytest left no JUnit XML,
+    or ended early for another reason); ``reason`` is one line for the last four and for
+    an unexpected skip.
     """
 
     cell: str
@@ -299,6 +315,10 @@ class CellResult:
         for o in self.outcomes.values():
             c[o.status] += 1
         return c
+
+    def unexpected_skips(self) -> dict[str, Outcome]:
+        """The skips this cell's kernel should not give (testcase id -> outcome)."""
+        return {t: o for t, o in self.outcomes.items() if o.status == "skip" and o.unexpected}
 
 
 def _last_line(text: str) -> str:
@@ -324,6 +344,8 @@ def parse_junit(source: str | Path) -> dict[str, Outcome]:
     rank = {"pass": 0, "skip": 1, "error": 2, "FAIL": 3}
     out: dict[str, Outcome] = {}
     for case in root.iter("testcase"):
+        if case.get("name") is None:
+            continue  # the test pytest.exit() ended: pytest writes a nameless, empty entry for it
         module = case.get("classname", "").rsplit(".", 1)[-1]
         tid = f"{module}.py::{case.get('name', '?')}" if module else case.get("name", "?")
         outcome = Outcome("pass")
@@ -348,6 +370,66 @@ def _qemu_version(cell_out: Path) -> str:
     return qemu.removeprefix("QEMU emulator version ")
 
 
+#: pytest's exit statuses for a run that went to its end: 0 all passed, 1 some failed.
+#: Anything else (2 interrupted, 3 ``pytest.exit`` for a guest that cannot boot, 4 bad
+#: input, 5 nothing collected) means the JUnit file holds only what ran before the stop.
+PYTEST_FINISHED = (0, 1)
+#: pytest's closing banner, ``!!! _pytest.outcomes.Exit: MESSAGE !!!`` or ``!!! Interrupted: ... !!!``.
+_BANNER = re.compile(r"^!+ (?:_pytest\.outcomes\.)?(?:Exit: )?(.+?) !+$")
+#: A stop reason that says the guest did not come up.
+_NOT_BOOTED = re.compile(r"did not boot|cannot boot")
+
+#: Skip reason (its start) of the PCID testcases where the guest has no PCID (TCG): testcases/test_pcid.py.
+PCID_OFF = "NOT COVERED: PCID is off"
+#: Skip reason (a part) of every signal testcase on a kernel without the CR3-signal patch:
+#: ``signal_guest`` in testcases/conftest.py (the watch, plugin-watch, exploration and
+#: selftest testcases all take it first, so a stock kernel skips them with this reason).
+NO_SIGNAL = "lacks kernel_cr3_loaded (CONFIG_TRACK_CR3"
+
+
+def skip_expected(kernel: str, reason: str) -> bool:
+    """Whether a cell with ``kernel`` may skip a testcase for ``reason``.
+
+    ``reference-*``: only :data:`PCID_OFF` (the cells run TCG, which has no PCID); the
+    reference kernels carry the signal patch, so every other skip is a misjudgement (e.g.
+    PTI or the signal not found) that would hide the testcases. ``debian`` (a stock
+    kernel): also :data:`NO_SIGNAL`. A path kernel: anything (the runner knows nothing of it).
+    """
+    if kernel.startswith("reference-"):
+        return reason.startswith(PCID_OFF)
+    if kernel == "debian":
+        return reason.startswith(PCID_OFF) or NO_SIGNAL in reason
+    return True
+
+
+def stop_reason(log_text: str) -> str:
+    """The one line of a pytest log that says why the run ended.
+
+    The message of pytest's last ``!!! ... !!!`` banner (``pytest.exit``'s, without
+    ``_pytest.outcomes.Exit:``), else the last ``cr3rig: ...`` line the rig printed,
+    else the last non-blank line.
+    """
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = _BANNER.match(ln)
+        if m:
+            return m.group(1)
+    for ln in reversed(lines):
+        if "cr3rig: " in ln:
+            return ln[ln.index("cr3rig: ") :]
+    return lines[-1] if lines else "(no output)"
+
+
+def _cell_log_reason(cell_out: Path) -> str:
+    """:func:`stop_reason` of the cell's pytest.log, else the engine's last line (pytest never ran)."""
+    for name in ("pytest.log", "engine.log"):
+        log = cell_out / name
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.strip():
+            return stop_reason(text) if name == "pytest.log" else _last_line(text)
+    return "(no output)"
+
+
 def judge_cell(cell: Cell, cell_out: Path, returncode: int, seconds: float) -> CellResult:
     """Turn a finished cell (its exit status and files in ``cell_out``) into a :class:`CellResult`."""
     res = CellResult(cell.name, "ok", qemu=_qemu_version(cell_out), seconds=seconds)
@@ -359,18 +441,29 @@ def judge_cell(cell: Cell, cell_out: Path, returncode: int, seconds: float) -> C
     try:
         res.outcomes = parse_junit(junit)
     except ValueError:
-        log = cell_out / "pytest.log"
-        text = log.read_text() if log.exists() else ""
-        res.status, res.reason = "no result", f"exit {returncode}: {_last_line(text)}"
+        res.status, res.reason = "no result", f"exit {returncode}: {_cell_log_reason(cell_out)}"
         return res
+    unexpected = []
+    for tid, o in res.outcomes.items():
+        if o.status == "skip" and not skip_expected(cell.kernel, o.message):
+            o.unexpected = True
+            unexpected.append(tid)
     statuses = [o.status for o in res.outcomes.values()]
-    if statuses and all(s == "error" for s in statuses):
+    if returncode not in PYTEST_FINISHED:
+        why = _cell_log_reason(cell_out)
+        res.status = "boot failed" if _NOT_BOOTED.search(why) else "no result"
+        res.reason = f"pytest exit {returncode}: {why}"
+    elif statuses and all(s == "error" for s in statuses):
         res.status = "boot failed"
         res.reason = next(iter(res.outcomes.values())).message
-    elif "FAIL" in statuses or "error" in statuses or not statuses:
+    elif "FAIL" in statuses or "error" in statuses or not statuses or unexpected:
         res.status = "failed"
         if not statuses:
             res.reason = f"no testcases ran (pytest exit {returncode})"
+        elif unexpected:
+            first = res.outcomes[unexpected[0]].message
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            res.reason = f"unexpected skip of {unexpected[0]}{more}: {_note(first)}"
     return res
 
 
@@ -381,8 +474,8 @@ def _fmt_seconds(s: float) -> str:
 def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> str:
     """The table: a column per cell, a row per testcase; header rows give QEMU, result and time.
 
-    Each ``FAIL`` and ``error`` carries a footnote number (its message), with ``reasons``
-    each ``skip`` too; the notes follow the table.
+    Each ``FAIL``, ``error`` and unexpected skip (``skip!``) carries a footnote number (its
+    message), with ``reasons`` each ``skip`` too; the notes follow the table.
     Cells that could not build or boot are listed below it with their reason.
     """
     tests = sorted({t for r in results for t in r.outcomes})
@@ -398,13 +491,16 @@ def render_markdown(results: Sequence[CellResult], *, reasons: bool = False) -> 
         row = []
         for r in results:
             o = r.outcomes.get(t)
+            entry = "" if o is None else o.status + ("!" if o.unexpected else "")
             if o is None:
                 row.append("")
-            elif (o.status == "skip" and reasons) or (o.status in ("FAIL", "error") and o.message):
+            elif (o.status == "skip" and (reasons or o.unexpected)) or (
+                o.status in ("FAIL", "error") and o.message
+            ):
                 n = notes.setdefault(_note(o.message), len(notes) + 1)
-                row.append(f"{o.status} [{n}]")
+                row.append(f"{entry} [{n}]")
             else:
-                row.append(o.status)
+                row.append(entry)
         lines.append(f"| `{t}` | " + " | ".join(row) + " |")
     for msg, n in notes.items():
         lines.append(f"\n[{n}] {msg}")
@@ -430,6 +526,8 @@ def _summary(r: CellResult) -> str:
     for k in ("FAIL", "error", "skip"):
         if c[k]:
             text += f", {c[k]} {k}"
+    if r.unexpected_skips():
+        text += f" ({len(r.unexpected_skips())} unexpected)"
     return text if r.ok else f"**{text}**"
 
 
@@ -531,8 +629,6 @@ def run_matrix(
             r = CellResult(cell.name, "ok", qemu=_qemu_version(cell_out), seconds=seconds)
         else:
             r = judge_cell(cell, cell_out, rc, seconds)
-            if r.status == "no result" and (cell_out / "engine.log").exists() and rc not in (0, 1):
-                r.reason = f"exit {rc}: {_last_line((cell_out / 'engine.log').read_text())}"
         log(f"matrix: {cell.name}: {r.status} in {seconds:.0f} s {r.reason}")
         results.append(r)
     return results
