@@ -1,6 +1,6 @@
 """Soak: run ``pytest testcases/`` N times; print pass/fail per run, retries and leftovers.
 
-    python -m rig.tools.soak N [--workdir DIR] [-- extra pytest args]
+    scripts/soak N [--workdir DIR] [-- extra pytest args]   (runs python -m rig.tools.soak)
 
 Each run is a child pytest with a JUnit XML report; the cr3rig plugin puts into it,
 per testcase, the breakpoint hits it took (``cr3rig.breaks``) and the steps of each
