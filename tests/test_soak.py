@@ -1,4 +1,5 @@
-"""The soak command: one real run of two testcases on the stock kernel."""
+"""The soak command: its report of a real JUnit file (no guest), and one real run of two
+testcases on the stock kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rig.tools.soak import RunResult, describe_run, parse_junit, summary
 from tests.conftest import REPO
+
+#: Tests that record what the cr3rig plugin records for a testcase (``cr3rig.breaks`` an
+#: int, ``cr3rig.steps`` the steps of every ``Guest.step`` call, joined by commas). The
+#: values are those of ``from_user`` in testcases/test_cr3_signal.py, which probes each
+#: breakpoint hit with a 0-step trace before it steps.
+RECORDING_TESTS = """
+import pytest
+
+CASES = [
+    ("clean-first-try", 1, "0,3127"),  # probe, then the stepped trace
+    ("kernel-mode-hit-first", 3, "0,57,0,3127"),  # probe, run back to user; probe, trace
+    ("accept-rejected-first", 2, "0,12000,0,3098"),  # ran out of steps; then returned
+    ("one-scout", 1, "812"),  # no probe (an exploration window)
+    ("no-stepping", 0, ""),  # a guest, but nothing stepped
+]
+
+@pytest.mark.parametrize(("breaks", "steps"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_effort(record_property, breaks, steps):
+    record_property("cr3rig.breaks", breaks)
+    record_property("cr3rig.steps", steps)
+"""
 
 
 def test_soak_prints_verdict_steps_and_leftovers(tag: str, tmp_path: Path) -> None:
@@ -28,3 +51,49 @@ def test_soak_prints_verdict_steps_and_leftovers(tag: str, tmp_path: Path) -> No
     fail, tries_max, _, max_steps, _ = row.split()[1:]
     assert (fail, tries_max) == ("0", "1") and int(max_steps) > 10, row
     assert (tmp_path / "run-1.xml").exists() and (tmp_path / "run-1.log").exists()
+
+
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+
+
+def test_soak_counts_tries_not_probes(tmp_path: Path) -> None:
+    """A 0-step probe trace is no try: a clean first try is 1 try and prints no "retried"
+    line; the JUnit file comes from a real pytest run that records the plugin's properties."""
+    (tmp_path / "test_effort.py").write_text(RECORDING_TESTS)
+    xml = tmp_path / "run-1.xml"
+    res = subprocess.run(
+        [*PYTEST, "-p", "no:cr3rig", f"--junitxml={xml}", "test_effort.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    cases = {c.name.split("[")[1].rstrip("]"): c for c in parse_junit(xml)}
+    assert {n: (c.breaks, c.steps) for n, c in cases.items()} == {
+        "clean-first-try": (1, [0, 3127]),
+        "kernel-mode-hit-first": (3, [0, 57, 0, 3127]),
+        "accept-rejected-first": (2, [0, 12000, 0, 3098]),
+        "one-scout": (1, [812]),
+        "no-stepping": (0, []),
+    }
+    assert {n: c.tries for n, c in cases.items()} == {
+        "clean-first-try": 1,
+        "kernel-mode-hit-first": 2,
+        "accept-rejected-first": 2,
+        "one-scout": 1,
+        "no-stepping": 0,
+    }
+    run = describe_run(RunResult(1, 0, 1.0, list(cases.values()), []), 1)
+    retried = [ln.split("[")[1].split("]")[0] for ln in run.splitlines() if "retried" in ln]
+    assert retried == ["kernel-mode-hit-first", "accept-rejected-first"], run
+    assert "steps per try [57, 3127]" in run and "steps per try [12000, 3098]" in run, run
+    rows = {
+        ln.split("[")[1].split("]")[0]: ln.split("]")[1].split()
+        for ln in summary([RunResult(1, 0, 1.0, list(cases.values()), [])]).splitlines()
+        if "test_effort[" in ln
+    }
+    # fail, tries max, tries mean, max steps/try, max s
+    assert rows["clean-first-try"][:4] == ["0", "1", "1.00", "3127"], rows
+    assert rows["kernel-mode-hit-first"][:4] == ["0", "2", "2.00", "3127"], rows
+    assert rows["no-stepping"][:4] == ["0", "0", "0.00", "0"], rows

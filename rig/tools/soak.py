@@ -1,10 +1,14 @@
 """Soak: run ``pytest testcases/`` N times; print pass/fail per run, retries and leftovers.
 
-    python -m rig.tools.soak N [--workdir DIR] [-- extra pytest args]
+    scripts/soak N [--workdir DIR] [-- extra pytest args]   (runs python -m rig.tools.soak)
 
 Each run is a child pytest with a JUnit XML report; the cr3rig plugin puts into it,
-per testcase, the breakpoint hits it took (``cr3rig.breaks``: a testcase that retries
-takes more than one) and the steps of each stepped trace (``cr3rig.steps``). Every
+per testcase, the breakpoint hits it took (``cr3rig.breaks``) and the steps of each
+``Guest.step`` call (``cr3rig.steps``, e.g. ``0,3127``). A try is a trace of at least
+one step: a 0-step trace is a probe that only reads where a breakpoint stopped
+(``guest.step(cpu, max_steps=0)``; ``Stepper.run`` takes a step whenever
+``max_steps > 0``), and a testcase that discards a probe (``guest.traces.pop()``) still
+has it in ``cr3rig.steps``. Every
 process a run starts carries ``CR3RIG_SOAK_TAG=<run tag>`` in its environment; any
 still alive after the run is printed (and then killed, so it cannot spoil the next
 run). Exit status: 0 only if every run passed and none left a process behind.
@@ -39,8 +43,18 @@ class CaseResult:
     outcome: str  # passed | failed | error | skipped
     seconds: float
     breaks: int = 0
-    steps: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # of every Guest.step call, probes included
     message: str = ""
+
+    @property
+    def try_steps(self) -> list[int]:
+        """Steps of each try: the stepped traces of at least one step (not the 0-step probes)."""
+        return [s for s in self.steps if s > 0]
+
+    @property
+    def tries(self) -> int:
+        """How many traces the testcase stepped; more than one means it retried."""
+        return len(self.try_steps)
 
 
 @dataclass
@@ -148,14 +162,14 @@ def describe_run(r: RunResult, total: int) -> str:
     for c in r.cases:
         if c.outcome in ("failed", "error"):
             lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
-        if len(c.steps) > 1:  # each try of a testcase steps one trace
-            lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.steps}")
+        if c.tries > 1:
+            lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.try_steps}")
     lines += [f"    LEFT BEHIND {p}" for p in r.leftovers]
     return "\n".join(lines)
 
 
 def summary(runs: Sequence[RunResult]) -> str:
-    """Totals, and for each testcase its tries (stepped traces) and steps over all runs."""
+    """Totals, and for each testcase its tries (traces of at least one step) and steps over all runs."""
     ok = sum(r.passed for r in runs)
     lines = [
         f"soak: {ok}/{len(runs)} runs passed, {len(runs) - ok} failed; "
@@ -168,8 +182,8 @@ def summary(runs: Sequence[RunResult]) -> str:
     )
     for name in names:
         cs = [c for r in runs for c in r.cases if c.name == name]
-        tries = [len(c.steps) for c in cs]
-        steps = [s for c in cs for s in c.steps]
+        tries = [c.tries for c in cs]
+        steps = [s for c in cs for s in c.try_steps]
         fails = sum(c.outcome in ("failed", "error") for c in cs)
         lines.append(
             f"{name[-70:]:<70} {fails:>4} {max(tries):>9} {sum(tries) / len(tries):>10.2f} "
