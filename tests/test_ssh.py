@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,6 +299,39 @@ def test_probe_boot_runs_and_is_bounded(host: SshHost) -> None:
     why = probe_boot(host, "qemu-system-x86_64", "tcg", probe_firmware(halts=False), seconds=2)
     assert why is not None and "did not finish within 2 s" in why
     assert time.monotonic() - t0 < 10
+
+
+def test_dropped_connection_ends_the_kvm_probe(sshd: PrivateSshd, remote_cache: str) -> None:
+    """The probe's QEMU runs under the supervisor: cutting the connection mid-probe kills
+    it on the box at once (not at the probe's 60 s bound), and the probe raises one error
+    naming the lost connection."""
+    h = SshHost.from_url(sshd.url, identity=sshd.client_key, known_hosts=sshd.known_hosts)
+    h.remote_cache = remote_cache
+    outcome: list[BaseException | str | None] = []
+
+    def probe() -> None:
+        try:
+            outcome.append(
+                probe_boot(h, "qemu-system-x86_64", "tcg", probe_firmware(halts=False), seconds=60)
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe)
+    try:
+        worker.start()
+        assert wait_until(lambda: any("qemu-system" in p for p in sshd.session_processes()), 10)
+        t0 = time.monotonic()
+        drop_connection(h)
+        assert wait_until(lambda: not sshd.session_processes(), 10), sshd.session_processes()
+        worker.join(15)
+        assert not worker.is_alive() and time.monotonic() - t0 < 20
+    finally:
+        h.close()
+        worker.join(15)
+    assert len(outcome) == 1 and isinstance(outcome[0], RigError), outcome
+    line = str(outcome[0])
+    assert "\n" not in line and f"the SSH connection to {sshd.url} was lost" in line, line
 
 
 def test_kernel_probe_over_ssh(host: SshHost, base_config: GuestConfig) -> None:
