@@ -313,10 +313,10 @@ def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
 
 
-#: The SSH measures: name -> (stop condition?, what it is).
+#: The SSH measures: name -> (stop condition?, round trips a step, what it is).
 SSH_VARIANTS = {
-    "no-stop": (False, "Guest.step without a stop condition (1 round trip a step)"),
-    "stop": (True, "Guest.step with a stop condition, as the testcases step (2 round trips a step)"),
+    "no-stop": (False, 1, "Guest.step without a stop condition (1 round trip a step)"),
+    "stop": (True, 2, "Guest.step with a stop condition, as the testcases step (2 round trips a step)"),
 }
 
 
@@ -355,7 +355,7 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
                         for i, variant in enumerate(order):
                             if i:
                                 rebreak(g)
-                            with_stop = SSH_VARIANTS[variant][0]
+                            with_stop = bool(SSH_VARIANTS[variant][0])
                             rates[variant][side].append(checked_step_rate(g, args.steps, with_stop=with_stop))
                     finally:
                         g.close()
@@ -368,11 +368,14 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
     results.data.update(ssh=host.label, steps=args.steps, rounds=args.rounds)
     print(f"kernel: {cfg.label}; steps per sample: {args.steps}; rounds: {args.rounds}; ssh: {host.label}")
     print(f"load average at start {results.data['load_average_at_start']}, now {list(os.getloadavg())}")
-    for variant, (_, what) in SSH_VARIANTS.items():
+    per_round_trip: dict[str, float] = {}  # ms that SSH adds per round trip, per variant
+    for variant, (_, trips, what) in SSH_VARIANTS.items():
         local, remote = med(rates[variant]["local"]), med(rates[variant]["ssh"])
+        added = 1e3 / remote - 1e3 / local
+        per_round_trip[variant] = added / trips
         print(
             f"ssh stepping, {what}: local {local:.0f}/s; over SSH {remote:.0f}/s; ratio ssh/local"
-            f" {remote / local:.2f}; per step SSH adds {1e3 / remote - 1e3 / local:.3f} ms"
+            f" {remote / local:.2f}; per step SSH adds {added:.3f} ms, {added / trips:.3f} ms per round trip"
         )
     print(f"SSH QEMU start to first hit {med(hits):.2f} s (median)")
     stop_local, stop_ssh = med(rates["stop"]["local"]), med(rates["stop"]["ssh"])
@@ -382,14 +385,16 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
         stop_ssh / stop_local,
         ">=",
         0.5,
-        baseline={"what": f"QEMU local: {SSH_VARIANTS['stop'][1]}", "steps_per_s": round(stop_local)},
+        baseline={"what": f"QEMU local: {SSH_VARIANTS['stop'][2]}", "steps_per_s": round(stop_local)},
         measure={"what": f"QEMU over SSH ({host.label}), the same", "steps_per_s": round(stop_ssh)},
         without_stop={
-            "what": SSH_VARIANTS["no-stop"][1],
+            "what": SSH_VARIANTS["no-stop"][2],
             "local_steps_per_s": round(free_local),
             "ssh_steps_per_s": round(free_ssh),
             "ratio": round(free_ssh / free_local, 4),
+            "ssh_ms_per_round_trip": round(per_round_trip["no-stop"], 4),
         },
+        ssh_ms_per_round_trip=round(per_round_trip["stop"], 4),
         ssh_first_hit_seconds=round(med(hits), 3),
         method="median over rounds of each side's rate; local and SSH guests alternate in each round",
     )
