@@ -12,8 +12,10 @@
    kernel to its readiness marker (QEMU started by QMP ``cont``, no GDB attached), with
    the rig's boot phases (``Guest.boot_phases``) as a breakdown.
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
-   ``--ssh ssh://[user@]box[:port]``: checked steps/s with QEMU over SSH against the
-   same measure with QEMU local, alternating local and SSH in each round (only this).
+   ``--ssh ssh://[user@]box[:port]``: checked steps/s (``Guest.step``) with QEMU over
+   SSH against the same measure with QEMU local, alternating local and SSH in each
+   round (only this): without a stop condition (one round trip a step) and with one (two
+   round trips a step, as the testcases step; the ``ssh-step`` goal is on this one).
 4. Watch mode, on one guest booted with QEMU >= 9.2 (default: bookworm-backports' 10.0)
    and the watch plugin: CR3 transitions checked per second by plugin watching
    (rig.observe.pluginwatch: a TCG plugin reads every CR3 write and signal store inside
@@ -125,14 +127,22 @@ def mi_step_rate(g: Guest, steps: int) -> float:
     return steps / (time.monotonic() - t0)
 
 
-def checked_step_rate(g: Guest, steps: int) -> float:
-    """``Guest.step`` as a test calls it (borrow, Stepper, disassembly), steps/s; the SSH ratio."""
+def checked_step_rate(g: Guest, steps: int, *, with_stop: bool = False) -> float:
+    """``Guest.step`` as a test calls it (borrow, Stepper, disassembly), steps/s; the SSH ratio.
+
+    Without a stop condition the Stepper needs one round trip a step (the reads of
+    boundary k ride with step k+1); ``with_stop`` passes a condition that never holds, as
+    the testcases' ``in_user_mode``/``at_any`` are evaluated at every boundary: two round
+    trips a step (the step, then the reads that decide). ``steps`` steps either way.
+    """
     cpu = g.config.isolated
     w = Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     t0 = time.monotonic()
-    g.step(cpu, watches=[w], max_steps=steps)
+    trace = g.step(cpu, watches=[w], max_steps=steps, stop=_never if with_stop else None)
     dt = time.monotonic() - t0
     g.traces.clear()
+    if len(trace.snapshots) != steps + 1:
+        raise RuntimeError(f"stepped {len(trace.snapshots) - 1} boundaries, not {steps}")
     return steps / dt
 
 
@@ -303,14 +313,30 @@ def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
 
 
-def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
-    """Checked steps/s with QEMU over SSH vs. local, alternating in each round."""
-    from pathlib import Path
+#: The SSH measures: name -> (stop condition?, round trips a step, what it is).
+SSH_VARIANTS = {
+    "no-stop": (False, 1, "Guest.step without a stop condition (1 round trip a step)"),
+    "stop": (True, 2, "Guest.step with a stop condition, as the testcases step (2 round trips a step)"),
+}
 
+
+def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
+    """Checked steps/s with QEMU over SSH vs. local, with and without a stop condition.
+
+    Each round boots a guest locally, then one over SSH (same kernel, same
+    ``syscall-loop`` from ``entry_SYSCALL_64`` on the isolated vCPU), and on each measures
+    both variants from the same breakpoint (the order of the variants alternates by
+    round). The goal (SSH >= 0.5x local, ``ratio ssh-step``) is on the variant with a
+    stop condition: it is how the testcases step, and with two round trips a step it is
+    the one the link's latency weighs on most. The other is printed and kept in the JSON.
+    """
     from rig.tools.private_sshd import PrivateSshd
     from rig.transport.ssh import SshHost
 
+    results = Results(cfg.label)
     sshd = PrivateSshd().start() if args.ssh == "loopback" else None
+    rates: dict[str, dict[str, list[float]]] = {v: {"local": [], "ssh": []} for v in SSH_VARIANTS}
+    hits: list[float] = []
     try:
         if sshd is not None:
             host = SshHost.from_url(sshd.url, identity=sshd.client_key, known_hosts=sshd.known_hosts)
@@ -318,30 +344,67 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
             ident = Path(args.ssh_identity) if args.ssh_identity else None
             known = Path(args.ssh_known_hosts) if args.ssh_known_hosts else None
             host = SshHost.from_url(args.ssh, identity=ident, known_hosts=known)
-        local: list[float] = []
-        remote: list[float] = []
-        hits: list[float] = []
-        for _ in range(args.rounds):
-            for h, out in ((LocalHost(), local), (host, remote)):
-                t, g = rig_first_hit_seconds(cfg, h)
-                try:
-                    out.append(checked_step_rate(g, args.steps))
-                    if h is host:
-                        hits.append(t)
-                finally:
-                    g.close()
-        host.close()
+        try:
+            for r in range(args.rounds):
+                order = list(SSH_VARIANTS) if r % 2 == 0 else list(reversed(SSH_VARIANTS))
+                for side, h in (("local", LocalHost()), ("ssh", host)):
+                    t, g = rig_first_hit_seconds(cfg, h)
+                    try:
+                        if side == "ssh":
+                            hits.append(t)
+                        for i, variant in enumerate(order):
+                            if i:
+                                rebreak(g)
+                            with_stop = bool(SSH_VARIANTS[variant][0])
+                            rates[variant][side].append(checked_step_rate(g, args.steps, with_stop=with_stop))
+                    finally:
+                        g.close()
+        finally:
+            host.close()
     finally:
         if sshd is not None:
             sshd.close()
     med = statistics.median
+    results.data.update(ssh=host.label, steps=args.steps, rounds=args.rounds)
     print(f"kernel: {cfg.label}; steps per sample: {args.steps}; rounds: {args.rounds}; ssh: {host.label}")
-    print(
-        f"ssh stepping: local checked steps {med(local):.0f}/s; over SSH {med(remote):.0f}/s;"
-        f" ratio ssh/local {med(remote) / med(local):.2f} (goal >= 0.5); SSH QEMU start to first hit"
-        f" {med(hits):.2f} s"
+    print(f"load average at start {results.data['load_average_at_start']}, now {list(os.getloadavg())}")
+    per_round_trip: dict[str, float] = {}  # ms that SSH adds per round trip, per variant
+    for variant, (_, trips, what) in SSH_VARIANTS.items():
+        local, remote = med(rates[variant]["local"]), med(rates[variant]["ssh"])
+        added = 1e3 / remote - 1e3 / local
+        per_round_trip[variant] = added / trips
+        print(
+            f"ssh stepping, {what}: local {local:.0f}/s; over SSH {remote:.0f}/s; ratio ssh/local"
+            f" {remote / local:.2f}; per step SSH adds {added:.3f} ms, {added / trips:.3f} ms per round trip"
+        )
+    print(f"SSH QEMU start to first hit {med(hits):.2f} s (median)")
+    stop_local, stop_ssh = med(rates["stop"]["local"]), med(rates["stop"]["ssh"])
+    free_local, free_ssh = med(rates["no-stop"]["local"]), med(rates["no-stop"]["ssh"])
+    results.ratio(
+        "ssh-step",
+        stop_ssh / stop_local,
+        ">=",
+        0.5,
+        baseline={"what": f"QEMU local: {SSH_VARIANTS['stop'][2]}", "steps_per_s": round(stop_local)},
+        measure={"what": f"QEMU over SSH ({host.label}), the same", "steps_per_s": round(stop_ssh)},
+        without_stop={
+            "what": SSH_VARIANTS["no-stop"][2],
+            "local_steps_per_s": round(free_local),
+            "ssh_steps_per_s": round(free_ssh),
+            "ratio": round(free_ssh / free_local, 4),
+            "ssh_ms_per_round_trip": round(per_round_trip["no-stop"], 4),
+        },
+        ssh_ms_per_round_trip=round(per_round_trip["stop"], 4),
+        ssh_first_hit_seconds=round(med(hits), 3),
+        method="median over rounds of each side's rate; local and SSH guests alternate in each round",
     )
-    print("samples: local", [f"{x:.0f}" for x in local], "ssh", [f"{x:.0f}" for x in remote])
+    samples = {
+        f"{side}-{variant}": rates[variant][side] for variant in SSH_VARIANTS for side in ("local", "ssh")
+    }
+    samples["ssh-first-hit"] = hits
+    results.data["samples"] = {name: [round(x, 3) for x in v] for name, v in samples.items()}
+    print("samples:", " ".join(f"{n} {[round(x, 2) for x in v]}" for n, v in samples.items()))
+    results.write(Path(args.json))
 
 
 class Results:

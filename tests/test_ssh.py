@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from rig.tools.private_sshd import PrivateSshd
 from rig.transport.kvmprobe import kernel_probe, probe_boot, probe_firmware
 from rig.transport.qemu import QemuConfig, QemuMachine
 from rig.transport.ssh import SshError, SshHost, parse_ssh_url
-from tests.conftest import processes_tagged, run_pytest
+from tests.conftest import junit_outcomes, processes_tagged, run_pytest
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,30 @@ def drop_connection(h: SshHost) -> None:
     sock.shutdown(socket.SHUT_RDWR)
 
 
+#: Summary words that are not outcomes of a selected test.
+QUIET_OUTCOMES = frozenset({"deselected", "warning", "warnings"})
+
+_SUMMARY = re.compile(r"^=*\s*((?:\d+ [a-z]+(?:, )?)+) in [0-9.]+s\b")
+
+
+def summary_counts(stdout: str) -> dict[str, int]:
+    """Outcome -> count from pytest's last summary line (``2 passed, 25 deselected in 31.5s``);
+    empty if there is none (pytest died before it)."""
+    for line in reversed(stdout.splitlines()):
+        m = _SUMMARY.match(line.strip())
+        if m:
+            return {word: int(n) for n, word in (part.split(" ") for part in m[1].split(", "))}
+    return {}
+
+
 # -- parsing and configuration ------------------------------------------------------------
+def test_parse_pytest_summary() -> None:
+    assert summary_counts("x\n2 passed, 25 deselected in 31.52s\n") == {"passed": 2, "deselected": 25}
+    line = "==== 1 failed, 1 passed, 1 error, 3 warnings in 62.10s (0:01:02) ===="
+    assert summary_counts(f"{line}\nexplorations\n") == {"failed": 1, "passed": 1, "error": 1, "warnings": 3}
+    assert summary_counts("2 passed here, not a summary\n") == {}
+
+
 def test_parse_ssh_url() -> None:
     t = parse_ssh_url("ssh://kdev@box.lan:2222")
     assert (t.user, t.box, t.port) == ("kdev", "box.lan", 2222)
@@ -276,6 +301,39 @@ def test_probe_boot_runs_and_is_bounded(host: SshHost) -> None:
     assert time.monotonic() - t0 < 10
 
 
+def test_dropped_connection_ends_the_kvm_probe(sshd: PrivateSshd, remote_cache: str) -> None:
+    """The probe's QEMU runs under the supervisor: cutting the connection mid-probe kills
+    it on the box at once (not at the probe's 60 s bound), and the probe raises one error
+    naming the lost connection."""
+    h = SshHost.from_url(sshd.url, identity=sshd.client_key, known_hosts=sshd.known_hosts)
+    h.remote_cache = remote_cache
+    outcome: list[BaseException | str | None] = []
+
+    def probe() -> None:
+        try:
+            outcome.append(
+                probe_boot(h, "qemu-system-x86_64", "tcg", probe_firmware(halts=False), seconds=60)
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe)
+    try:
+        worker.start()
+        assert wait_until(lambda: any("qemu-system" in p for p in sshd.session_processes()), 10)
+        t0 = time.monotonic()
+        drop_connection(h)
+        assert wait_until(lambda: not sshd.session_processes(), 10), sshd.session_processes()
+        worker.join(15)
+        assert not worker.is_alive() and time.monotonic() - t0 < 20
+    finally:
+        h.close()
+        worker.join(15)
+    assert len(outcome) == 1 and isinstance(outcome[0], RigError), outcome
+    line = str(outcome[0])
+    assert "\n" not in line and f"the SSH connection to {sshd.url} was lost" in line, line
+
+
 def test_kernel_probe_over_ssh(host: SshHost, base_config: GuestConfig) -> None:
     assert kernel_probe(host, "qemu-system-x86_64", "tcg", base_config.kernel, base_config.initrd) is None
 
@@ -320,12 +378,21 @@ def test_connection_dropped_mid_test(
 
 
 @pytest.mark.boots
-def test_testcases_pass_over_ssh(sshd: PrivateSshd, tag: str) -> None:
+def test_testcases_pass_over_ssh(sshd: PrivateSshd, tag: str, tmp_path: Path) -> None:
     """The cheap CI form of ``pytest testcases/ --host ssh://...``: two PTI testcases on
-    the stock kernel through the plugin, with nothing left on either side."""
-    picked = "test_syscall_entry_flips_cr3_at_mov_to_cr3 or test_user_tables_map_cpu_entry_area"
-    r = run_pytest(["--kernel", "debian", "-k", picked, *sshd.options()], tag)
-    assert "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    the stock kernel through the plugin, with nothing left on either side. The run must
+    exit 0 with exactly those two passed and no other outcome (no error, failure or skip
+    beside them)."""
+    names = ["test_syscall_entry_flips_cr3_at_mov_to_cr3", "test_user_tables_map_cpu_entry_area"]
+    xml = tmp_path / "junit.xml"
+    r = run_pytest(
+        ["--kernel", "debian", "-k", " or ".join(names), f"--junitxml={xml}", *sshd.options()], tag
+    )
+    shown = r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0, shown
+    counts = summary_counts(r.stdout)
+    assert {k: v for k, v in counts.items() if k not in QUIET_OUTCOMES} == {"passed": 2}, shown
+    assert {n: o[0] for n, o in junit_outcomes(xml).items()} == dict.fromkeys(names, "passed"), shown
     assert wait_until(lambda: not sshd.session_processes(), 10), sshd.session_processes()
 
 

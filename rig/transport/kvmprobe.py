@@ -3,11 +3,23 @@
 A /dev/kvm can exist and still not run guests usefully (a nested or emulated KVM that
 hangs at the first VM entry), so the check ends with a real KVM boot of a 64 KiB
 firmware whose reset vector writes one byte to QEMU's ``isa-debug-exit`` port: QEMU
-then exits with status ``(0x31 << 1) | 1`` = 99. The boot runs under ``timeout -s
-KILL``, so a hanging KVM costs at most :data:`PROBE_SECONDS`. It proves VM entry, guest
-execution and VM exit, but a nested KVM that hangs later (in a kernel's decompressor,
-say) passes it, so :func:`kernel_probe` then boots the rig's own kernel and initramfs to
-its first user-space program (``rdinit=/bin/true``), also under ``timeout -s KILL``.
+then exits with status ``(0x31 << 1) | 1`` = 99. A hanging KVM costs at most
+:data:`PROBE_SECONDS`. It proves VM entry, guest execution and VM exit, but a nested KVM
+that hangs later (in a kernel's decompressor, say) passes it, so :func:`kernel_probe`
+then boots the rig's own kernel and initramfs to its first user-space program
+(``rdinit=/bin/true``), within :data:`KERNEL_PROBE_SECONDS`.
+
+**Bounds.** Both boots run as every QEMU of the rig does, through :meth:`Host.spawn`
+(:func:`run_bounded`), and the rig itself enforces their time: it polls the exit status
+and, at the bound, kills the probe's process group (on an SSH host by closing the
+supervisor's stdin). Whatever ends the rig's side ends the probe with it: on an SSH
+host the supervisor kills it when the session ends (a dropped connection, the rig
+killed); here ``setpriv --pdeathsig KILL`` kills it when the rig dies. (They ran under
+``timeout -s KILL`` through ``Host.run`` before: a dropped connection or a dead rig left
+the probe running up to its bound. ``timeout`` is not kept under ``spawn``: the death
+signal would kill ``timeout`` and orphan its QEMU.) As with QEMU itself, a silent network
+partition reaches the box's supervisor only when its sshd notices
+(``ClientAliveInterval``/TCP keepalive).
 """
 
 from __future__ import annotations
@@ -16,14 +28,19 @@ import hashlib
 import os
 import shlex
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from rig.errors import GuestError
 from rig.transport.host import Host
 
 #: Upper bound (s) on the probe boot.
 PROBE_SECONDS = 10
 #: QEMU's exit status when the probe firmware ran (isa-debug-exit: (0x31 << 1) | 1).
 PROBE_EXIT = 99
+#: How much of a probe's output is kept (bytes; the console's end is what is read).
+PROBE_OUTPUT = 256 << 10
 
 # real mode at F000:FFF0: mov al,0x31; out 0xf4,al; hlt; jmp back to the hlt
 _RESET_VECTOR = bytes.fromhex("b031e6f4f4ebfd")
@@ -35,6 +52,34 @@ _STATIC_CHECKS = (
     '[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "/dev/kvm is not accessible to $(id -un) '
     '(add the user to the kvm group)"; exit 1; }'
 )
+
+
+def run_bounded(host: Host, argv: Sequence[str], seconds: float) -> tuple[int | None, str]:
+    """Run ``argv`` on ``host`` through :meth:`Host.spawn` in a private directory (stdin
+    /dev/null, output to a file there) for at most ``seconds``; (exit status, or None if
+    it was killed at the bound; the output's last :data:`PROBE_OUTPUT` bytes). A lost SSH
+    connection is a :class:`GuestError` naming it (the supervisor kills the probe)."""
+    d = host.private_dir("cr3rig-kvmprobe-")
+    out = d / "probe.out"
+    try:
+        command = " ".join(shlex.quote(a) for a in argv)
+        proc = host.spawn(
+            ["sh", "-c", f"exec {command} </dev/null >{shlex.quote(host.host_path(out))} 2>&1"],
+            log=d / "probe.log",
+        )
+        try:
+            deadline = time.monotonic() + seconds
+            while (status := proc.poll()) is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # polling a short probe's exit; not in any hot path
+            try:  # before the kill: on an SSH host the supervisor then removes the directory
+                text = host.read_tail(out, PROBE_OUTPUT).decode(errors="replace")
+            except OSError as exc:
+                raise GuestError(f"the KVM probe on {host.label} {proc.exit_text()} ({exc})") from None
+        finally:
+            proc.kill()  # at the bound, or after an error; a no-op once it has exited
+    finally:
+        host.remove_private_dir(d)
+    return status, text
 
 
 def probe_firmware(*, halts: bool = True) -> bytes:
@@ -58,14 +103,13 @@ def probe_boot(
     bios = host.stage(local)
     cpu = "host" if accel == "kvm" else "max"
     argv = [
-        "timeout", "-s", "KILL", str(seconds),
         qemu, "-accel", accel, "-cpu", cpu, "-m", "16", "-nodefaults", "-display", "none",
         "-no-reboot", "-bios", bios, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01",
     ]  # fmt: skip
-    status, out = host.run(["sh", "-c", " ".join(shlex.quote(a) for a in argv) + " 2>&1"], seconds + 20)
+    status, out = run_bounded(host, argv, seconds)
     if status == PROBE_EXIT:
         return None
-    if status in (124, 137, -9):
+    if status is None:
         return f"a {accel.upper()} test boot did not finish within {seconds} s (a nested KVM that hangs?)"
     last = out.strip().splitlines()[-1:] or ["no output"]
     return f"a {accel.upper()} test boot failed with status {status}: {last[0]}"
@@ -82,17 +126,15 @@ def kernel_probe(
     (``/bin/true``) has run and init exited; None if it did, else why not (one line)."""
     cpu = "host" if accel == "kvm" else "max"
     argv = [
-        "timeout", "-s", "KILL", str(seconds),
         qemu, "-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "256", "-nodefaults",
         "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", host.stage(kernel), "-initrd", host.stage(initrd),
         "-append", "console=ttyS0 la57=off panic=-1 rdinit=/bin/true",
     ]  # fmt: skip
-    cmd = " ".join(shlex.quote(a) for a in argv) + " </dev/null 2>&1"
-    status, out = host.run(["sh", "-c", cmd], seconds + 30)
+    status, out = run_bounded(host, argv, seconds)
     if status == 0 and "Attempted to kill init" in out:
         return None
-    if status in (124, 137, -9):
+    if status is None:
         tail = [ln for ln in out.replace("\r", "").splitlines() if ln.strip()][-1:] or ["no console output"]
         return (
             f"a {accel.upper()} boot of {kernel.name} did not reach user space within {seconds} s "
