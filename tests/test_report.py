@@ -163,7 +163,7 @@ def test_a_lane_changing_every_few_steps_stays_under_2mb(tmp_path: Path, period:
 
 
 def test_many_lanes_all_changing_still_fit() -> None:
-    """4 vCPUs and 3 watched words, every word changing every step (15 busy lanes): the
+    """4 vCPUs and 3 watched words, every word changing every step (12 busy lanes): the
     page is drawn again with fewer columns until it is under MAX_BYTES."""
     t = Trace(cpu=3, ncpus=4)
     for i in range(20001):

@@ -117,7 +117,7 @@ def planned_provenance(config: GuestConfig, version: str, *, resolved: bool) -> 
     :func:`qemu_version`). ``resolved``: the kernel files are known (else ``config.label``
     is the ``--kernel`` name, to be built or fetched)."""
     have = resolved and config.kernel.is_file()
-    why = "the kernel is not resolved yet (built or fetched on first use)"
+    why = "the kernel is not resolved yet: it is built or fetched on first use"
     return {
         "kernel_label": config.label or str(config.kernel),
         "kernel_release": "unknown (no guest booted yet)",

@@ -42,7 +42,7 @@ from rig.observe.stepping import Snapshot, Trace
 
 #: Boundaries kept at full resolution on each side of a change or marker (at most).
 WINDOW = 12
-#: Most full-resolution columns in one timeline (the window shrinks to fit).
+#: Most columns in one timeline, folded runs included (see :func:`columns`).
 MAX_COLUMNS = 3000
 #: Most bytes in one timeline page (the columns shrink until it fits: see :func:`render_timeline`).
 MAX_BYTES = 1_900_000
@@ -565,10 +565,9 @@ def render_svg(
             f'height="{height - top_marks}"><title>{_e(_column_title(trace, c))}</title></rect>'
         )
     out.append("</g>")
-    # Markers: a stem across the lanes and a glyph in the marker's own row (the violation
-    # and the first MAX_MARKERS others; the table below the timeline says if any were left out).
-    # One glyph per column and kind (a folded run may hold many), the most important
-    # kinds first, at most MAX_MARKERS besides the violation.
+    # Markers: a stem across the lanes and a glyph in the marker's own row. One glyph per
+    # column and kind (a folded run may hold many), the most important kinds first, at
+    # most MAX_MARKERS besides the violation (the table below lists them one by one).
     drawn: list[Marker] = []
     seen: set[tuple[int, str]] = set()
     for m in sorted(marks, key=lambda m: MARKER_KINDS.index(m.kind)):
