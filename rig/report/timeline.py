@@ -212,7 +212,8 @@ def markers(
     """CR3 writes, stores to watched words, vector entries, the trace's marks, the violation.
 
     A store is an instruction at an address of ``store_sites`` (address -> the word it
-    writes, e.g. the kernel's signal stores), one whose text stores to a watched word
+    writes, e.g. the kernel's signal stores; ignored where the trace's instruction text
+    is not a writing one, as with the sites of another build), one whose text stores to a watched word
     (:func:`stored_word`), or any instruction after which a word reads differently (the
     same vCPU's view before and after). The first two are marked even when they write
     the value already there. A marker sits on the column of the instruction that did it
@@ -244,7 +245,10 @@ def markers(
                     and views[n] != nxt.words[name][n]
                 }
                 stores += [f"{name} {a}->{b}" for a, b in sorted(seen)]
-        target = sites.get(s.pc) or stored_word(s.insn, names)
+        site = sites.get(s.pc)
+        if site is not None and s.insn not in ("", "?") and not _STORE_MNEMONIC.match(s.insn):
+            site = None  # the sites of another build: this instruction writes nothing
+        target = site or stored_word(s.insn, names)
         if target is not None and not any(x.startswith(_base_name(target)) for x in stores):
             now = "/".join(_word_text(v) for v in s.words.get(target, []))
             stores.append(f"store to {target}" + (f" (value unchanged: {now})" if now else ""))
