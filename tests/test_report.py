@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
+import subprocess
+import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from rig.observe.stepping import Snapshot, Trace
-from rig.report.session import SessionReport, TraceFiles, add_coverage_table, render_index, write_traces
+from rig.report.provenance import FIELDS
+from rig.report.session import (
+    SessionReport,
+    TraceFiles,
+    add_coverage_table,
+    render_index,
+    write_mutants_page,
+    write_traces,
+)
 from rig.report.timeline import (
+    MAX_BYTES,
     MAX_COLUMNS,
+    Column,
     columns,
     lanes,
     locate,
     markers,
+    render_timeline,
     violation_from_message,
     write_timeline,
 )
+from rig.supply.kernelbuild import KernelBuild
+from rig.tools import mutants
 
 USER = 0x1234000 | (1 << 12)
 KERNEL = 0x1234000
@@ -111,9 +131,100 @@ def test_a_trace_that_changes_everywhere_is_bounded(tmp_path: Path) -> None:
     for s in t.snapshots:  # the sibling's view flips every step: nothing can fold
         s.words[SIGNAL][0] = s.step % 2
     cols = columns(t, lanes(t), markers(t))
-    assert len(cols) <= MAX_COLUMNS + 2 * len([c for c in cols if c.folded]) + 2
+    assert len(cols) <= MAX_COLUMNS
     page = write_timeline(t, tmp_path / "busy.html")
     assert page.stat().st_size < 2_000_000, page.stat().st_size
+
+
+def _own_column(cols: list[Column], index: int) -> bool:
+    return any(c.first == c.last == index for c in cols)
+
+
+@pytest.mark.parametrize("period", [1, 2, 3, 5, 7, 10, 50])
+def test_a_lane_changing_every_few_steps_stays_under_2mb(tmp_path: Path, period: int) -> None:
+    """20,000 steps whose sibling view of the signal changes every ``period`` steps (one
+    store marker and two lane changes each time): under 2 MB, and the violation and each
+    CR3 switch (the write and the first boundary on the new tables) keep a column of their own."""
+    t = syscall_like(20000, late_clear=True)
+    for s in t.snapshots:
+        s.words[SIGNAL][0] = (s.step // period) % 2
+    v = violation_from_message("step 19901: kernel CR3 loaded, signal reads 1")
+    cols = columns(t, lanes(t), markers(t, v))
+    assert len(cols) <= MAX_COLUMNS
+    assert sum(c.last - c.first + 1 for c in cols) == len(t.snapshots)
+    switches = [i - 1 for i, _ in t.cr3_flips()] + [i for i, _ in t.cr3_flips()]
+    assert sorted(switches) == [99, 100, 19899, 19900]
+    for step in [19901, *switches]:
+        assert _own_column(cols, step), step
+    page = write_timeline(t, tmp_path / f"p{period}.html", violation=v)
+    size = page.stat().st_size
+    assert size < 2_000_000, (period, size)
+    assert 'class="marker marker-violation" data-step="19901"' in page.read_text()
+
+
+def test_many_lanes_all_changing_still_fit() -> None:
+    """4 vCPUs and 3 watched words, every word changing every step (12 busy lanes): the
+    page is drawn again with fewer columns until it is under MAX_BYTES."""
+    t = Trace(cpu=3, ncpus=4)
+    for i in range(20001):
+        words: dict[str, list[int | None]] = {w: [(i + k) % 2 for k in range(4)] for w in ("a", "bb", "ccc")}
+        t.snapshots.append(
+            Snapshot(i, 3, [0xFFFFFFFF81000000 + i] * 4, [KERNEL] * 4, words, "nop", f"f+{i:#x}")
+        )
+    page = render_timeline(t)
+    assert len(page.encode()) <= MAX_BYTES
+    m = re.search(r'data-columns="(\d+)"', page)
+    assert m is not None and int(m.group(1)) < MAX_COLUMNS  # it had to shrink
+
+
+def test_a_store_of_the_same_value_is_marked_from_the_instruction() -> None:
+    """A store is marked from the instruction (its text names the watched word, or its
+    address is a known store site) even when it writes the value already there; a load
+    naming the word is no store."""
+    t = syscall_like(400)
+    same = t.snapshots[150]  # in the kernel, the signal already 1
+    same.insn = "movl $0x1,%gs:0x0(%rip)        # 0x1234 <kernel_cr3_loaded>"
+    load = t.snapshots[160]
+    load.insn = "mov %gs:0x0(%rip),%eax        # 0x1234 <kernel_cr3_loaded>"
+    site = t.snapshots[170]
+    site.insn = "movl $0x1,(%rax)"
+    assert same.words[SIGNAL] == t.snapshots[151].words[SIGNAL]  # nothing changes
+    plain = {m.step for m in markers(t) if m.kind == "store"}
+    assert 150 in plain and 160 not in plain and 170 not in plain
+    text = next(m.text for m in markers(t) if m.kind == "store" and m.step == 150)
+    assert "store to kernel_cr3_loaded (value unchanged: 1/1)" in text
+    with_sites = {m.step for m in markers(t, store_sites={site.pc: SIGNAL}) if m.kind == "store"}
+    assert {150, 170} <= with_sites and 160 not in with_sites
+    site.insn = "jmp 0x79d3"  # a site list of another build: this address holds no store
+    assert 170 not in {m.step for m in markers(t, store_sites={site.pc: SIGNAL}) if m.kind == "store"}
+    # a store that changes the value is marked once, with the change
+    assert [m.text for m in markers(t, store_sites={t.snapshots[98].pc: SIGNAL}) if m.step == 98] == [
+        f"entry_SYSCALL_64+0x62 `movl $0x1,%gs:0x1234`: {SIGNAL} 0->1"
+    ]
+
+
+def test_a_violation_listing_steps_is_marked_at_the_first(tmp_path: Path) -> None:
+    msg = "2 kernel->user flips at steps [301, 340]"
+    v = violation_from_message(msg)
+    assert v is not None and v.step == 301
+    unreadable = violation_from_message(
+        "vCPU 1 cannot read kernel_cr3_loaded at steps [7, 8, 9] (not mapped?)"
+    )
+    assert unreadable is not None and unreadable.step == 7
+    files = write_traces([syscall_like(400)], tmp_path, "tc", title="tc", failure=msg)
+    text = files[0].html.read_text()
+    assert 'class="marker marker-violation" data-step="301"' in text
+    assert "first violation: step 301: 2 kernel-&gt;user flips at steps [301, 340]" in text
+
+
+def test_an_event_mark_draws_as_an_event_at_its_step(tmp_path: Path) -> None:
+    t = syscall_like(20000)
+    t.mark(12345, "event", "NMI injected on vCPU 1")
+    marks = markers(t)
+    assert Column(12345, 12345) in columns(t, lanes(t), marks)
+    assert any(m.kind == "event" and m.step == 12345 and m.text == "NMI injected on vCPU 1" for m in marks)
+    text = write_timeline(t, tmp_path / "nmi.html").read_text()
+    assert re.search(r'class="marker marker-event" data-step="12345">.*?NMI injected on vCPU 1</title>', text)
 
 
 def test_a_quoted_instruction_locates_a_violation_without_a_step() -> None:
@@ -146,8 +257,13 @@ def test_index_lists_tests_coverage_and_mutants(tmp_path: Path, pytestconfig: ob
     rec.traces.append(TraceFiles(tmp_path / "a.0.jsonl", tmp_path / "a.0.html", 40))
     report.add_provenance("testcases/test_x.py::test_a", {"kernel_label": "k", "kernel_release": "7.2.13"})
     report.record("testcases/test_x.py::test_b")
-    (tmp_path / "mutants.md").write_text(
-        "# Mutants (reference-7.2)\n\n| mutant | verdict |\n| --- | --- |\n| wrong-cpu | CAUGHT |\n"
+    markdown = "# Mutants (reference-7.2)\n\n| mutant | verdict |\n| --- | --- |\n| wrong-cpu | CAUGHT |\n"
+    (tmp_path / "mutants.md").write_text(markdown)  # another run's table: not embedded
+    (tmp_path / "mutants" / "wrong-cpu").mkdir(parents=True)
+    (tmp_path / "mutants" / "wrong-cpu" / "index.html").write_text("<html></html>")
+    page = write_mutants_page(tmp_path, markdown, tmp_path / "mutants")
+    assert '<td><a class="report" href="mutants/wrong-cpu/index.html">wrong-cpu</a></td><td>CAUGHT</td>' in (
+        page.read_text()
     )
     report.coverage.clear()
     from rig.report.session import CoverageTable
@@ -157,7 +273,7 @@ def test_index_lists_tests_coverage_and_mutants(tmp_path: Path, pytestconfig: ob
     assert 'href="a.0.html"' in html and 'href="a.0.jsonl"' in html
     assert '<td class="failed">failed</td>' in html and "12.5 s" in html
     assert '<td class="bad">no</td>' in html
-    assert "<td>wrong-cpu</td><td>CAUGHT</td>" in html
+    assert "wrong-cpu" not in html and 'href="mutants.html"' in html
     assert 'data-field="kernel_release">7.2.13<' in html
 
 
@@ -168,3 +284,59 @@ def test_add_coverage_table_reaches_the_session(pytestconfig) -> None:  # type: 
     add_coverage_table(pytestconfig, "sites", [{"site": "x"}])
     assert len(session_report(pytestconfig).coverage) == before + 1
     session_report(pytestconfig).coverage.pop()
+
+
+def test_every_junit_testcase_carries_provenance_without_a_guest(tmp_path: Path) -> None:
+    """A pytest run that boots nothing (one testcase skips, one passes) still gives each
+    testcase every provenance property: the kernel file's build-id (checked against
+    readelf) and config hash, the command line, ``qemu --version``, accelerator, CPU, host."""
+    kernel = tmp_path / "kernel" / "vmlinux"
+    kernel.parent.mkdir()
+    shutil.copy(sys.executable, kernel)  # an ELF with a GNU build-id, like a vmlinux
+    (kernel.parent / "config").write_text("CONFIG_PAGE_TABLE_ISOLATION=y\n")
+    (tmp_path / "test_tiny.py").write_text(
+        "import pytest\n\ndef test_skips_first():\n    pytest.skip('wants no guest')\n\n"
+        "def test_passes():\n    pass\n"
+    )
+    junit = tmp_path / "junit.xml"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tiny.py",
+         f"--junitxml={junit}", "--trace-dir", str(tmp_path / "results"), "--kernel", str(kernel),
+         "--accel", "tcg"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    readelf = subprocess.run(
+        ["readelf", "-n", str(kernel)], capture_output=True, text=True, check=True
+    ).stdout
+    build_id = re.search(r"Build ID: ([0-9a-f]+)", readelf)
+    assert build_id is not None
+    cases = ET.parse(junit).getroot().iter("testcase")
+    seen = 0
+    for case in cases:
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        assert set(FIELDS) <= set(props), (case.get("name"), props)
+        assert props["kernel_label"] == str(kernel)
+        assert props["kernel_build_id"] == build_id.group(1)
+        assert props["kernel_config_sha256"] == hashlib.sha256(b"CONFIG_PAGE_TABLE_ISOLATION=y\n").hexdigest()
+        assert "pti=on" in (props["kernel_cmdline"] or "")
+        assert props["accel"] == "tcg" and props["cpu_model"] == "max"
+        assert props["kernel_release"] == "unknown (no guest booted yet)"
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is not None:
+            said = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+            assert props["qemu_version"] == said.splitlines()[0]
+        seen += 1
+    assert seen == 2
+
+
+def test_each_mutant_run_has_its_own_trace_dir(tmp_path: Path) -> None:
+    """The mutant runner's pytest gets ``--trace-dir <logs>/<name>``, so each kernel keeps
+    its index.html and timelines (here pytest stops at once: the kernel file is missing)."""
+    missing = tmp_path / "no-such-bzImage"
+    build = KernelBuild(missing, missing, missing, "none", "0")
+    lines: list[str] = []
+    results, reason, _ = mutants._test("wrong-cpu", build, tmp_path, 120.0, lines.append)
+    assert results is None and "without a readable JUnit report" in reason
+    command = (tmp_path / "wrong-cpu.pytest.log").read_text().splitlines()[0]
+    assert re.findall(r"--trace-dir (\S+)", command) == [str(tmp_path / "wrong-cpu")], command

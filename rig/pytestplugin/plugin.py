@@ -165,6 +165,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
+    report_hooks.start_session(config, config.stash[_HOST_KEY])
     distributed.use_run_temp_dir(config)
     if distributed.role(config) == "single":
         # not under xdist: its controller ends the workers with signals of its own, and a
@@ -275,6 +276,7 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
     )
     settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", host, opt.site_coverage)
     session_report(pytestconfig).directory = settings.trace_dir
+    report_hooks.settings_resolved(pytestconfig, base)
     return settings
 
 

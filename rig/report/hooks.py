@@ -8,23 +8,105 @@ list of thin hooks.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rig.guest import Guest
-from rig.report.provenance import guest_provenance
+from rig.errors import RigError
+from rig.guest import Guest, GuestConfig
+from rig.machine.sites import find_sites
+from rig.report.provenance import guest_provenance, planned_provenance, qemu_version
 from rig.report.session import TraceFiles, session_report, write_index, write_traces
+from rig.supply.kernel import DEFAULT_KERNEL
+from rig.transport.host import Host
+
+#: The CR3 signal's name (the plugin's SIGNAL); its stores are marked from the kernel's sites.
+SIGNAL = "kernel_cr3_loaded"
+_STORE_SITES: dict[tuple[Path, int], dict[int, str]] = {}
+
+
+def store_sites(guest: Guest) -> dict[int, str]:
+    """Address -> ``kernel_cr3_loaded`` for each signal store of ``guest``'s kernel (found
+    in its vmlinux by :func:`rig.machine.sites.find_sites`, once per vmlinux); empty
+    without a vmlinux, without the signal, or if objdump fails."""
+    vmlinux = guest.config.vmlinux
+    if vmlinux is None or SIGNAL not in guest.symbols:
+        return {}
+    try:
+        key = (vmlinux, vmlinux.stat().st_mtime_ns)
+        if key not in _STORE_SITES:
+            found = find_sites(vmlinux, guest.symbols, SIGNAL)
+            _STORE_SITES[key] = {s.address: SIGNAL for s in found if s.kind == "signal-store"}
+        return _STORE_SITES[key]
+    except (OSError, RigError):
+        return {}
 
 
 def _safe_name(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
 
 
+@dataclass
+class _Plan:
+    """What the session's guests will boot, as far as known before a boot."""
+
+    config: GuestConfig
+    host: Host
+    resolved: bool
+    qemu_version: str = ""
+    provenance: dict[str, str] | None = None
+
+
+_PLAN_KEY = pytest.StashKey[_Plan]()
+
+
+def start_session(config: pytest.Config, host: Host) -> None:
+    """Note what the options say will boot (from ``pytest_configure``): the provenance of a
+    testcase that runs before any boot, or without a guest, comes from it."""
+    opt = config.option
+    spec = str(opt.kernel or "")
+    named = spec in ("", "debian") or spec.startswith("reference")
+    plan = GuestConfig(
+        kernel=Path() if named else Path(spec).expanduser(),
+        initrd=Path(),
+        vmlinux=opt.vmlinux,
+        smp=opt.smp,
+        isolated_cpu=opt.isolated_cpu,
+        append=opt.append,
+        accel=opt.accel,
+        qemu=opt.qemu,
+        label=(spec or DEFAULT_KERNEL) if named else spec,
+    )
+    config.stash[_PLAN_KEY] = _Plan(plan, host, resolved=not named)
+
+
+def settings_resolved(config: pytest.Config, base: GuestConfig) -> None:
+    """The options resolved (the kernel built or found): refine the planned provenance."""
+    plan = config.stash.get(_PLAN_KEY, None)
+    if plan is not None:
+        plan.config, plan.resolved, plan.provenance = base, True, None
+
+
+def session_provenance(config: pytest.Config) -> dict[str, str] | None:
+    """The provenance known before any boot (computed once, again once the options are
+    resolved; ``qemu --version`` runs once a session); None outside a cr3rig session."""
+    plan = config.stash.get(_PLAN_KEY, None)
+    if plan is None:
+        return None
+    if plan.provenance is None:
+        if not plan.qemu_version:
+            plan.qemu_version = qemu_version(plan.host, plan.config.qemu)
+        plan.provenance = planned_provenance(plan.config, plan.qemu_version, resolved=plan.resolved)
+        session_report(config).planned = dict(plan.provenance)
+    return plan.provenance
+
+
 def add_junit_properties(item: pytest.Item, guest: Guest | None) -> None:
-    """Give ``item`` the provenance of its guest (else of the session's last guest) as
-    ``user_properties``: ``pytest --junitxml`` writes them as ``<property>`` elements."""
+    """Give ``item`` the provenance of its guest, else of the session's last guest, else
+    what the options say will boot, as ``user_properties``: ``pytest --junitxml`` writes
+    them as ``<property>`` elements, for every testcase (skipped ones too)."""
     report = session_report(item.config)
     if guest is not None and guest.release:
         report.add_provenance(item.nodeid, guest_provenance(guest))
@@ -32,7 +114,10 @@ def add_junit_properties(item: pytest.Item, guest: Guest | None) -> None:
     elif report.provenances:
         prov = report.provenances[-1]
     else:
-        return
+        planned = session_provenance(item.config)
+        if planned is None:
+            return
+        prov = planned
     have = {name for name, _ in item.user_properties}
     item.user_properties.extend((k, v) for k, v in prov.items() if k not in have)
 
@@ -61,7 +146,12 @@ def record_phase(
     directory = session.directory or Path("results")
     try:
         files = write_traces(
-            guest.traces, directory, _safe_name(item.nodeid), title=item.nodeid, failure=failure
+            guest.traces,
+            directory,
+            _safe_name(item.nodeid),
+            title=item.nodeid,
+            failure=failure,
+            store_sites=store_sites(guest),
         )
     except OSError as exc:
         report.sections.append(("cr3rig traces not written", str(exc)))

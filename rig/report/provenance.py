@@ -1,7 +1,11 @@
 """What exactly ran: the kernel, QEMU and host of a guest, as ordered name/value pairs.
 
 The same pairs go into the session report's provenance block and, as testcase
-properties, into JUnit XML (``pytest --junitxml``).
+properties, into JUnit XML (``pytest --junitxml``). Before any guest boots, the pairs
+are what the options say will run (:func:`planned_provenance`): the kernel as named or
+resolved, its build-id and config hash when its files are at hand, the command line,
+``qemu --version``, the accelerator, the CPU model and the host; a booted guest adds
+the release (and the build-id it reports).
 """
 
 from __future__ import annotations
@@ -9,9 +13,13 @@ from __future__ import annotations
 import hashlib
 import platform
 import socket
+import subprocess
 from pathlib import Path
 
-from rig.guest import Guest
+from rig.errors import RigError
+from rig.guest import Guest, GuestConfig
+from rig.machine.symbols import elf_build_id
+from rig.transport.host import Host
 
 #: Property names, in report order.
 FIELDS = (
@@ -55,6 +63,11 @@ def host_description() -> str:
     return f"{socket.gethostname()} ({platform.system()} {platform.release()}, {platform.machine()})"
 
 
+def cpu_model(accel: str, cpu: str = "max") -> str:
+    """The ``-cpu`` QEMU runs with (KVM turns ``max`` into ``host``, as the rig's argv does)."""
+    return "host" if accel == "kvm" and cpu == "max" else cpu
+
+
 def guest_provenance(guest: Guest) -> dict[str, str]:
     """The :data:`FIELDS` of a booted guest (empty strings for what it never learned)."""
     c = guest.config
@@ -66,6 +79,53 @@ def guest_provenance(guest: Guest) -> dict[str, str]:
         "kernel_cmdline": c.cmdline(),
         "qemu_version": guest.machine.version,
         "accel": c.accel,
-        "cpu_model": guest.machine.config.cpu,
+        "cpu_model": cpu_model(c.accel, guest.machine.config.cpu),
+        "host": host_description(),
+    }
+
+
+def qemu_version(host: Host, qemu: str) -> str:
+    """The first line of ``qemu --version`` on ``host`` (as a booted guest reports it), or why not."""
+    try:
+        status, said = host.run([qemu, "--version"], timeout=20.0)
+    except (OSError, RigError, subprocess.SubprocessError) as exc:
+        return f"unknown ({qemu} --version: {exc})"
+    first = next((ln.strip() for ln in said.splitlines() if ln.strip()), "")
+    return first if status == 0 and first else f"unknown ({qemu} --version exited {status}: {first})"
+
+
+def file_build_id(kernel: Path, vmlinux: Path | None) -> str:
+    """The GNU build-id of the kernel's ELF file (``vmlinux``, else ``kernel`` if it is an
+    ELF), or why there is none."""
+    for f in (vmlinux, kernel):
+        if f is None or not f.is_file():
+            continue
+        try:
+            with open(f, "rb") as fh:
+                if fh.read(4) != b"\x7fELF":
+                    continue
+            found = elf_build_id(f)
+        except Exception as exc:  # pyelftools raises its own errors on a damaged ELF
+            return f"unknown ({f}: {exc})"
+        if found:
+            return found
+    return "unknown (no vmlinux with a build-id at hand before boot)"
+
+
+def planned_provenance(config: GuestConfig, version: str, *, resolved: bool) -> dict[str, str]:
+    """The :data:`FIELDS` known before a boot, for a guest of ``config`` (``version``: from
+    :func:`qemu_version`). ``resolved``: the kernel files are known (else ``config.label``
+    is the ``--kernel`` name, to be built or fetched)."""
+    have = resolved and config.kernel.is_file()
+    why = "the kernel is not resolved yet: it is built or fetched on first use"
+    return {
+        "kernel_label": config.label or str(config.kernel),
+        "kernel_release": "unknown (no guest booted yet)",
+        "kernel_build_id": file_build_id(config.kernel, config.vmlinux) if have else f"unknown ({why})",
+        "kernel_config_sha256": config_hash(config.kernel) if have else f"unknown ({why})",
+        "kernel_cmdline": config.cmdline(),
+        "qemu_version": version,
+        "accel": config.accel,
+        "cpu_model": cpu_model(config.accel),
         "host": host_description(),
     }

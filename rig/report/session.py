@@ -4,8 +4,10 @@ The pytest plugin feeds a :class:`SessionReport` (one per session, in ``config.s
 from its hooks and writes it when the session ends. Sections: provenance (one block per
 distinct guest), testcases (outcome, duration, first line of the failure, links to each
 trace's timeline and JSON Lines), CR3 switch-site coverage (whatever tables were handed
-to :func:`add_coverage_table`), and the mutant table if ``mutants.md`` (written by
-``python -m rig.tools.mutants``) lies in the same directory.
+to :func:`add_coverage_table`), and a dated link to ``mutants.html`` if the mutant runner
+wrote one in the same directory (:func:`write_mutants_page`; its table is not embedded:
+it comes from another run, with its own sessions, each mutant's report in
+``mutants/<name>/index.html``).
 
 Coverage tables, from any code holding the pytest ``config`` (a fixture, a hook)::
 
@@ -35,8 +37,10 @@ from rig.report.timeline import Violation, locate, write_timeline
 
 #: Name of the report in the results directory.
 INDEX_NAME = "index.html"
-#: Written by ``python -m rig.tools.mutants`` next to the traces.
+#: Written by ``python -m rig.tools.mutants`` in its results directory: the table as
+#: Markdown, and as a page linking each mutant's own session report.
 MUTANTS_MD = "mutants.md"
+MUTANTS_HTML = "mutants.html"
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class SessionReport:
     #: Where index.html and the traces go; None until the session resolved the rig settings
     #: (a session that never used the rig writes no report).
     directory: Path | None = None
+    #: what the options said would boot (shown when no guest booted)
+    planned: dict[str, str] | None = None
 
     def record(self, nodeid: str) -> TestRecord:
         return self.records.setdefault(nodeid, TestRecord(nodeid))
@@ -140,13 +146,20 @@ class SessionReport:
 
 
 def write_traces(
-    traces: Sequence[Trace], directory: Path, stem: str, *, title: str, failure: str = ""
+    traces: Sequence[Trace],
+    directory: Path,
+    stem: str,
+    *,
+    title: str,
+    failure: str = "",
+    store_sites: Mapping[int, str] | None = None,
 ) -> list[TraceFiles]:
     """Write each trace as ``<stem>.<n>.jsonl`` and its timeline ``<stem>.<n>.html``.
 
     The first ``step N`` named in ``failure`` (else the first ``symbol+0xoff `insn``` it
     quotes) is marked as the violation on the last trace (the one a testcase asserts on);
-    the other traces carry the message unmarked.
+    the other traces carry the message unmarked. ``store_sites`` (instruction address ->
+    the watched word it writes) marks those stores even when they write the same value.
     """
     directory.mkdir(parents=True, exist_ok=True)
     violation = violation_text = None
@@ -165,6 +178,7 @@ def write_traces(
             jsonl.with_suffix(".html"),
             title=f"{title} — trace {n}",
             violation=locate(violation, trace) if last and violation else violation_text,
+            store_sites=store_sites,
         )
         out.append(TraceFiles(jsonl, page, len(trace.snapshots)))
     return out
@@ -239,6 +253,17 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
     p.append('<h2 id="provenance">Provenance</h2>')
     if not report.provenances:
         p.append("<p>No guest was booted in this session.</p>")
+        if report.planned:
+            p.append(
+                '<table class="provenance" id="planned">'
+                '<tr><th colspan="2">planned (from the options)</th></tr>'
+            )
+            for name, value in report.planned.items():
+                p.append(
+                    f'<tr><th>{_e(_LABELS.get(name, name))}</th><td class="mono" data-field="{_e(name)}">'
+                    f"{_e(value)}</td></tr>"
+                )
+            p.append("</table><br>")
     for k, prov in enumerate(report.provenances):
         p.append(f'<table class="provenance" id="guest-{k}"><tr><th colspan="2">guest {k}</th></tr>')
         for name, value in prov.items():
@@ -283,18 +308,14 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
                 cells.append(f"<td{bad}>{_e(v)}</td>")
             p.append("<tr>" + "".join(cells) + "</tr>")
         p.append("</table>")
-    mutants = directory / MUTANTS_MD
-    if mutants.is_file():
-        text = mutants.read_text(errors="replace")
-        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(mutants.stat().st_mtime))
-        heading = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "Mutants")
-        p.append(f'<h2 id="mutants">{_e(heading)}</h2>')
-        p.append(f'<p>From <a href="{MUTANTS_MD}">{MUTANTS_MD}</a> (written {_e(stamp)}).</p>')
-        for header, rows in _markdown_tables(text):
-            p.append('<table class="mutants"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
-            for md_row in rows:
-                p.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in md_row) + "</tr>")
-            p.append("</table>")
+    page = directory / MUTANTS_HTML
+    if page.is_file():  # written by another run (the mutant runner): linked, dated, not embedded
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(page.stat().st_mtime))
+        p.append('<h2 id="mutants">Mutants</h2>')
+        p.append(
+            f"<p>The last run of <code>python -m rig.tools.mutants</code> (written {_e(stamp)}, "
+            f'not this session): <a href="{MUTANTS_HTML}">{MUTANTS_HTML}</a>.</p>'
+        )
     p.append("</body></html>\n")
     return "\n".join(p)
 
@@ -306,6 +327,36 @@ def write_index(report: SessionReport, directory: Path, *, exit_status: int | No
     tmp = path.with_suffix(".tmp")
     tmp.write_text(render_index(report, directory, exit_status=exit_status), encoding="utf-8")
     tmp.replace(path)
+    return path
+
+
+def write_mutants_page(directory: Path, markdown: str, reports: Path) -> Path:
+    """Write ``<directory>/mutants.html``: the mutant runner's tables (``markdown``, as in
+    ``mutants.md``), each row's first cell (the kernel: ``reference`` or a mutant) linked to
+    the session report its pytest run left in ``<reports>/<name>/index.html``."""
+    heading = next((ln.lstrip("# ").strip() for ln in markdown.splitlines() if ln.startswith("#")), "Mutants")
+    p = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{_e(heading)}</title>',
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{_e(heading)}</h1>",
+        f"<p>Each kernel's pytest run has its own session report (timelines of its failures) "
+        f'under <a href="{_e(_rel(reports, directory))}/">{_e(_rel(reports, directory))}/</a>.</p>',
+    ]
+    for header, rows in _markdown_tables(markdown):
+        p.append('<table class="mutants"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
+        for md_row in rows:
+            cells = [f"<td>{_e(c)}</td>" for c in md_row]
+            index = reports / (md_row[0] if md_row else "") / INDEX_NAME
+            if md_row and index.is_file():
+                link = _e(_rel(index, directory))
+                cells[0] = f'<td><a class="report" href="{link}">{_e(md_row[0])}</a></td>'
+            p.append("<tr>" + "".join(cells) + "</tr>")
+        p.append("</table>")
+    p.append("</body></html>\n")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MUTANTS_HTML
+    path.write_text("\n".join(p), encoding="utf-8")
     return path
 
 

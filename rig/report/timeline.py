@@ -6,16 +6,21 @@ x is the instruction boundary (the step). Lanes, top to bottom:
 * ``<word> @ vCPU n``: each watched word as vCPU ``n`` reads it through its own tables;
 * ``vCPU k at``: the function the stepping vCPU ``k`` is in.
 
-Markers: CR3 writes, stores that change a watched word, entries into an exception or
-interrupt vector, the caller's own :class:`~rig.observe.stepping.Mark` s (e.g. "NMI
-injected"), and the first violation with its message. Hovering a column shows its step,
+Markers: CR3 writes; stores to a watched word (an instruction at a known store site,
+e.g. the kernel's signal stores from :mod:`rig.machine.sites`, or whose destination
+names the word; and any change of a word's value); entries into an exception or
+interrupt vector; the trace's own :class:`~rig.observe.stepping.Mark` s (kind
+``"event"``, e.g. "NMI injected", draws as an event); and the first violation with its
+message (``step N`` or ``at steps [N, ...]``). Hovering a column shows its step,
 ``symbol+offset``, the instruction about to execute and every vCPU's CR3 (SVG ``<title>``).
 
-Long traces stay readable and small: boundaries far from any change (in any lane) or
-marker are folded into one narrow hatched column per run; a window of
-:data:`WINDOW` boundaries around every change stays at full resolution. The window
-shrinks until at most :data:`MAX_COLUMNS` columns remain, which bounds the file size
-(about 250 bytes a column: under 2 MB for any trace).
+Long traces stay readable and small. The page has at most :data:`MAX_COLUMNS` columns,
+folds included, handed out in tiers (:func:`columns`): the violation, CR3 writes and
+events first, then stores, then the other lane changes, each tier first as single
+columns and then widened to windows of up to :data:`WINDOW` boundaries on each side
+while the budget lasts. Whatever is left folds into one narrow hatched column per run.
+A page still over :data:`MAX_BYTES` (many lanes all changing) is drawn again with fewer
+columns, so every timeline stays under 2 MB whatever the trace.
 
 Hand-written SVG rather than a plotting library: the page must work offline with no
 scripts, and an inlined JavaScript charting library (Plotly, Vega) alone weighs 1-3 MB,
@@ -25,10 +30,11 @@ while the SVG here is a few hundred bytes a column and every element can carry t
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +42,14 @@ from rig.observe.stepping import Snapshot, Trace
 
 #: Boundaries kept at full resolution on each side of a change or marker (at most).
 WINDOW = 12
-#: Most full-resolution columns in one timeline (the window shrinks to fit).
-MAX_COLUMNS = 4000
+#: Most columns in one timeline, folded runs included (see :func:`columns`).
+MAX_COLUMNS = 3000
+#: Most bytes in one timeline page (the columns shrink until it fits: see :func:`render_timeline`).
+MAX_BYTES = 1_900_000
+#: Fewest columns the shrinking goes down to.
+MIN_COLUMNS = 200
 #: Most markers drawn besides the violation (a pathological trace could have one a step).
-MAX_MARKERS = 1500
+MAX_MARKERS = 600
 #: Width of a full-resolution column and of a folded run (px).
 STEP_W = 9
 FOLD_W = 30
@@ -58,8 +68,13 @@ _ENTRY_SYMBOL = re.compile(
     r"^(asm_exc_\w+|asm_sysvec_\w+|asm_common_interrupt|asm_spurious_\w+"
     r"|entry_SYSCALL_64|entry_SYSCALL_compat|entry_SYSENTER_\w+|entry_INT80_\w+)$"
 )
-#: A violation message names its boundary as "step N".
-_STEP_IN_MESSAGE = re.compile(r"\bstep (\d+)\b")
+#: A violation message names its boundary as "step N", or lists them "at steps [N, ...]".
+_STEP_IN_MESSAGE = re.compile(r"\bstep (\d+)\b|\bsteps \[(\d+)")
+#: Mnemonics (AT&T, any size suffix) whose last operand is written.
+_STORE_MNEMONIC = re.compile(
+    r"^(?:lock\s+)?(?:mov[bwlq]?|movabs[bwlq]?|xchg[bwlq]?|cmpxchg[bwlq]?|xadd[bwlq]?"
+    r"|(?:add|sub|and|or|xor|adc|sbb|inc|dec|neg|not)[bwlq]?|set\w+)\s+(.*)$"
+)
 
 #: Marker kinds, in the order of their rows above the lanes, and their colours.
 MARKER_KINDS = ("violation", "cr3", "store", "event")
@@ -100,14 +115,15 @@ class Lane:
 
 
 def violation_from_message(text: str) -> Violation | None:
-    """The first line of a failure message that names a ``step N`` (else its first line)."""
+    """The first line of a failure message that names a ``step N`` or lists ``steps [N, ...]``
+    (the step: N, the first listed), else its first line (no step)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return None
     for line in lines:
         m = _STEP_IN_MESSAGE.search(line)
         if m:
-            return Violation(int(m.group(1)), line)
+            return Violation(int(m.group(1) or m.group(2)), line)
     return Violation(None, lines[0])
 
 
@@ -167,13 +183,46 @@ def lanes(trace: Trace) -> list[Lane]:
     return out
 
 
-def markers(trace: Trace, violation: Violation | None = None) -> list[Marker]:
+def _base_name(word: str) -> str:
+    """``kernel_cr3_loaded`` for a watch named ``kernel_cr3_loaded`` or ``kernel_cr3_loaded[1]``."""
+    return word.split("[", 1)[0]
+
+
+def stored_word(insn: str, words: Sequence[str]) -> str | None:
+    """The watched word (one of ``words``) that ``insn`` stores to, judged by its text:
+    a writing instruction whose last operand is memory, with the word's name in its
+    operands or in the disassembler's ``<symbol>`` comment (``movl $0x1,%gs:0x0(%rip)
+    # 0x... <kernel_cr3_loaded>``). None if it stores to none of them (or is no store)."""
+    m = _STORE_MNEMONIC.match(insn.strip())
+    if m is None:
+        return None
+    operands, _, comment = m.group(1).partition("#")
+    dest = re.sub(r"\([^)]*\)", lambda p: p.group(0).replace(",", ";"), operands).rsplit(",", 1)[-1].strip()
+    if not dest or dest.startswith("$") or re.fullmatch(r"%\w+", dest):
+        return None  # a register destination: a load, not a store
+    for word in words:
+        if re.search(rf"(?<![\w]){re.escape(_base_name(word))}(?![\w])", dest + " " + comment):
+            return word
+    return None
+
+
+def markers(
+    trace: Trace, violation: Violation | None = None, store_sites: Mapping[int, str] | None = None
+) -> list[Marker]:
     """CR3 writes, stores to watched words, vector entries, the trace's marks, the violation.
 
-    A marker sits on the column of the instruction that did it (the change shows from the
-    next column on); a violation sits on the boundary its message names.
+    A store is an instruction at an address of ``store_sites`` (address -> the word it
+    writes, e.g. the kernel's signal stores; ignored where the trace's instruction text
+    is not a writing one, as with the sites of another build), one whose text stores to a watched word
+    (:func:`stored_word`), or any instruction after which a word reads differently (the
+    same vCPU's view before and after). The first two are marked even when they write
+    the value already there. A marker sits on the column of the instruction that did it
+    (the change shows from the next column on); a violation sits on the boundary its
+    message names.
     """
     snaps = trace.snapshots
+    sites = store_sites or {}
+    names = list(snaps[0].words) if snaps else []
     out: list[Marker] = []
     for i, s in enumerate(snaps):
         nxt = snaps[i + 1] if i + 1 < len(snaps) else None
@@ -185,8 +234,8 @@ def markers(trace: Trace, violation: Violation | None = None) -> list[Marker]:
                 if nxt is not None
             )
             out.append(Marker(s.step, "cr3", f"{s.where} `{s.insn}`" + (f": {what}" if what else "")))
+        stores = []
         if nxt is not None:
-            stores = []
             for name, views in s.words.items():
                 seen = {
                     (views[n], nxt.words[name][n])
@@ -196,12 +245,20 @@ def markers(trace: Trace, violation: Violation | None = None) -> list[Marker]:
                     and views[n] != nxt.words[name][n]
                 }
                 stores += [f"{name} {a}->{b}" for a, b in sorted(seen)]
-            if stores:
-                out.append(Marker(s.step, "store", f"{s.where} `{s.insn}`: " + ", ".join(stores)))
+        site = sites.get(s.pc)
+        if site is not None and s.insn not in ("", "?") and not _STORE_MNEMONIC.match(s.insn):
+            site = None  # the sites of another build: this instruction writes nothing
+        target = site or stored_word(s.insn, names)
+        if target is not None and not any(x.startswith(_base_name(target)) for x in stores):
+            now = "/".join(_word_text(v) for v in s.words.get(target, []))
+            stores.append(f"store to {target}" + (f" (value unchanged: {now})" if now else ""))
+        if stores:
+            out.append(Marker(s.step, "store", f"{s.where} `{s.insn}`: " + ", ".join(stores)))
         if _ENTRY_SYMBOL.match(s.where):
             out.append(Marker(s.step, "event", f"vCPU {trace.cpu} enters {s.where}"))
     for m in trace.marks:
-        out.append(Marker(m.step, m.kind if m.kind in MARKER_KINDS else "event", f"{m.kind}: {m.text}"))
+        kind = m.kind if m.kind in MARKER_KINDS else "event"
+        out.append(Marker(m.step, kind, m.text if kind == m.kind else f"{m.kind}: {m.text}"))
     if violation is not None and violation.step is not None:
         out.append(Marker(violation.step, "violation", violation.message))
     return out
@@ -222,49 +279,114 @@ class Column:
         return self.last > self.first
 
 
-def columns(trace: Trace, lane_list: Sequence[Lane], marks: Sequence[Marker]) -> list[Column]:
-    """Full-resolution columns near changes (CR3 sides, watched words) and markers,
-    folded runs elsewhere.
+def columns(
+    trace: Trace, lane_list: Sequence[Lane], marks: Sequence[Marker], limit: int = MAX_COLUMNS
+) -> list[Column]:
+    """Full-resolution columns near markers and lane changes, folded runs elsewhere, at
+    most ``limit`` columns in all (folds included).
 
-    If even with no window more than :data:`MAX_COLUMNS` boundaries change, the busy
-    stretches are drawn in chunks too (their lanes show ``mixed``); the violation, the
-    events and the first and last boundary always keep a column of their own.
+    Boundaries are given their own column in tiers, each tier first alone (window 0),
+    then with windows of 1, 2, 4 … :data:`WINDOW` boundaries on each side, while the
+    budget lasts: the violation, CR3 writes and events (with the first and last
+    boundary), then stores to watched words, then the other changes of the CR3 and
+    word lanes (nearest to a marker first). What is left folds, one column per run
+    (a run whose lanes change shows ``mixed``).
     """
     n = len(trace.snapshots)
     if n == 0:
         return []
     index_of = {s.step: i for i, s in enumerate(trace.snapshots)}
-    hot = {0, n - 1}
+
+    def at(kinds: tuple[str, ...]) -> list[int]:
+        return sorted({index_of[m.step] for m in marks if m.kind in kinds and m.step in index_of})
+
+    violation = at(("violation",))
+    cr3 = at(("cr3",))  # the CR3 write and the first boundary on the new tables
+    after = {i + 1 for i in cr3 if i + 1 < n}
+    top = sorted(set(violation) | {0, n - 1} | set(cr3) | after | set(at(("event",))))
+    stores = [i for i in at(("store",)) if i not in set(top)]
+    changes: set[int] = set()
     for lane in lane_list:
         if lane.key.startswith("where-"):
             continue  # the function changes all the time: it does not keep columns
-        hot.update(i for i in range(1, n) if lane.values[i] != lane.values[i - 1])
-    hot.update(index_of[m.step] for m in marks if m.step in index_of)
-    pinned = {0, n - 1} | {
-        index_of[m.step] for m in marks if m.kind in ("violation", "event") and m.step in index_of
-    }
-    window = WINDOW
-    while True:
-        keep = [False] * n
-        for i in hot:
-            for k in range(max(0, i - window), min(n, i + window + 1)):
-                keep[k] = True
-        kept = sum(keep)
-        if kept <= MAX_COLUMNS or window == 0:
-            break
-        window //= 2
-    chunk = 1 if kept <= MAX_COLUMNS else -(-kept // (MAX_COLUMNS // 2))
+        values = lane.values
+        changes.update(i for i in range(1, n) if values[i] != values[i - 1])
+        changes.update(i - 1 for i in range(1, n) if values[i] != values[i - 1])
+    anchors = sorted(set(top) | set(stores))
+    rest = sorted(changes - set(anchors), key=lambda i: (_distance(anchors, i), i))
+    focus = violation[0] if violation else None
+    tiers = [
+        sorted(top, key=lambda i: (i != focus, _distance(violation, i), i)),
+        sorted(stores, key=lambda i: (_distance(top, i), i)),
+        rest,
+    ]
+    keep = _Budget(n, max(limit, 3))
+    for tier in tiers:
+        window = 0
+        while True:
+            for i in tier:
+                keep.add_window(i, window)
+            if window >= WINDOW or keep.full:
+                break
+            window = max(1, window * 2) if window < WINDOW // 2 else WINDOW
     out: list[Column] = []
     i = 0
     while i < n:
         j = i
-        while j + 1 < n and keep[j + 1] == keep[i] and (j + 1 - i) < (chunk if keep[i] else n):
-            if keep[i] and (j + 1 in pinned or i in pinned):
-                break
-            j += 1
+        if not keep.kept[i]:
+            while j + 1 < n and not keep.kept[j + 1]:
+                j += 1
         out.append(Column(i, j))
         i = j + 1
     return out
+
+
+def _distance(sorted_indices: Sequence[int], i: int) -> int:
+    """Distance from ``i`` to the nearest of ``sorted_indices`` (``len`` of a trace if none)."""
+    if not sorted_indices:
+        return 1 << 30
+    k = bisect.bisect_left(sorted_indices, i)
+    near = [abs(sorted_indices[j] - i) for j in (k - 1, k) if 0 <= j < len(sorted_indices)]
+    return min(near)
+
+
+class _Budget:
+    """Which boundaries have a column of their own, within ``limit`` columns in all
+    (kept boundaries plus one per run of the others)."""
+
+    def __init__(self, n: int, limit: int) -> None:
+        self.n = n
+        self.limit = limit
+        self.kept = [False] * n
+        self.count = 1  # everything folded: one run
+        self.full = False
+
+    def _cost(self, i: int) -> int:
+        """Columns added by keeping ``i`` (0 if kept already)."""
+        if self.kept[i]:
+            return 0
+        left = i == 0 or self.kept[i - 1]
+        right = i == self.n - 1 or self.kept[i + 1]
+        return 2 - left - right  # a run split in two (+2), shortened (+1) or gone (0)
+
+    def add(self, i: int) -> bool:
+        """Keep ``i`` if the budget allows; True if it is kept."""
+        cost = self._cost(i)
+        if self.count + cost > self.limit:
+            self.full = True
+            return self.kept[i]
+        self.kept[i] = True
+        self.count += cost
+        return True
+
+    def add_window(self, i: int, window: int) -> None:
+        """Keep ``i`` and up to ``window`` boundaries each side (nearest first)."""
+        if not self.add(i):
+            return
+        for d in range(1, window + 1):
+            for k in (i - d, i + d):
+                if 0 <= k < self.n:
+                    self.add(k)
 
 
 # --------------------------------------------------------------------------------- drawing
@@ -323,11 +445,17 @@ def _column_title(trace: Trace, col: Column) -> str:
     )
 
 
-def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, str, int]:
-    """(labels SVG, timeline SVG, number of columns) for ``trace``."""
+def render_svg(
+    trace: Trace,
+    violation: Violation | None = None,
+    limit: int = MAX_COLUMNS,
+    store_sites: Mapping[int, str] | None = None,
+) -> tuple[str, str, int]:
+    """(labels SVG, timeline SVG, number of columns) for ``trace``, in at most ``limit``
+    columns (``store_sites``: see :func:`markers`)."""
     lane_list = lanes(trace)
-    marks = markers(trace, violation)
-    cols = columns(trace, lane_list, marks)
+    marks = markers(trace, violation, store_sites)
+    cols = columns(trace, lane_list, marks, limit)
     natural = sum(FOLD_W if c.folded else STEP_W for c in cols)
     # Short traces are stretched to fill a typical window (at most 3x), long ones scroll.
     scale = max(1, min(3, FILL_WIDTH // max(natural, 1)))
@@ -441,11 +569,17 @@ def render_svg(trace: Trace, violation: Violation | None = None) -> tuple[str, s
             f'height="{height - top_marks}"><title>{_e(_column_title(trace, c))}</title></rect>'
         )
     out.append("</g>")
-    # Markers: a stem across the lanes and a glyph in the marker's own row (the violation
-    # and the first MAX_MARKERS others; the table below the timeline says if any were left out).
-    drawn = [m for m in marks if m.kind == "violation"] + [m for m in marks if m.kind != "violation"][
-        :MAX_MARKERS
-    ]
+    # Markers: a stem across the lanes and a glyph in the marker's own row. One glyph per
+    # column and kind (a folded run may hold many), the most important kinds first, at
+    # most MAX_MARKERS besides the violation (the table below lists them one by one).
+    drawn: list[Marker] = []
+    seen: set[tuple[int, str]] = set()
+    for m in sorted(marks, key=lambda m: MARKER_KINDS.index(m.kind)):
+        key = (col_of.get(m.step, -1), m.kind)
+        if key in seen or (m.kind != "violation" and len(drawn) >= MAX_MARKERS):
+            continue
+        seen.add(key)
+        drawn.append(m)
     for m in drawn:
         if m.step not in col_of:
             continue
@@ -492,13 +626,32 @@ def render_timeline(
     title: str = "cr3rig step trace",
     violation: Violation | None = None,
     jsonl_name: str | None = None,
+    store_sites: Mapping[int, str] | None = None,
 ) -> str:
-    """The whole HTML page for ``trace`` (self-contained: inline CSS and SVG, no scripts)."""
-    labels, svg, ncols = render_svg(trace, violation)
+    """The whole HTML page for ``trace`` (self-contained: inline CSS and SVG, no scripts),
+    under :data:`MAX_BYTES`: if the page at :data:`MAX_COLUMNS` columns is larger (many
+    lanes that all change), it is drawn again with a third fewer columns until it fits."""
+    limit = MAX_COLUMNS
+    while True:
+        page = _page(trace, title, violation, jsonl_name, limit, store_sites)
+        if len(page.encode()) <= MAX_BYTES or limit <= MIN_COLUMNS:
+            return page
+        limit = max(MIN_COLUMNS, limit * 2 // 3)
+
+
+def _page(
+    trace: Trace,
+    title: str,
+    violation: Violation | None,
+    jsonl_name: str | None,
+    limit: int,
+    store_sites: Mapping[int, str] | None,
+) -> str:
+    labels, svg, ncols = render_svg(trace, violation, limit, store_sites)
     snaps = trace.snapshots
     first = snaps[0].step if snaps else 0
     last = snaps[-1].step if snaps else 0
-    marks = markers(trace, violation)
+    marks = markers(trace, violation, store_sites)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -526,10 +679,11 @@ def render_timeline(
         "<span>hover a column for its instruction</span></p>"
     )
     parts.append(f'<div class="wrap">{labels}<div class="scroll">{svg}</div></div>')
-    shown = sorted(marks, key=lambda m: (m.step, MARKER_KINDS.index(m.kind)))
+    # the table: the 400 most important markers (violation, CR3 writes, events, stores), by step
+    shown = sorted(marks, key=lambda m: (MARKER_KINDS.index(m.kind), m.step))
     if shown:
         parts.append("<table><tr><th>step</th><th>marker</th><th>what</th></tr>")
-        for m in shown[:400]:
+        for m in sorted(shown[:400], key=lambda m: (m.step, MARKER_KINDS.index(m.kind))):
             parts.append(
                 f"<tr><td>{m.step}</td><td>{_e(_MARKER_LABEL[m.kind])}</td><td>{_e(m.text)}</td></tr>"
             )
@@ -541,12 +695,22 @@ def render_timeline(
 
 
 def write_timeline(
-    trace: Trace, path: Path, *, title: str = "cr3rig step trace", violation: Violation | None = None
+    trace: Trace,
+    path: Path,
+    *,
+    title: str = "cr3rig step trace",
+    violation: Violation | None = None,
+    store_sites: Mapping[int, str] | None = None,
 ) -> Path:
-    """Write the timeline of ``trace`` to ``path`` (``.html``); link the JSON Lines file beside it."""
+    """Write the timeline of ``trace`` to ``path`` (``.html``); link the JSON Lines file beside it.
+    ``store_sites``: addresses of known stores to watched words (see :func:`markers`)."""
     jsonl = path.with_suffix(".jsonl")
     page = render_timeline(
-        trace, title=title, violation=violation, jsonl_name=jsonl.name if jsonl.exists() else None
+        trace,
+        title=title,
+        violation=violation,
+        jsonl_name=jsonl.name if jsonl.exists() else None,
+        store_sites=store_sites,
     )
     path.write_text(page, encoding="utf-8")
     return path

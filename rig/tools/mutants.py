@@ -23,7 +23,9 @@ Command line::
 prints a table (also written as Markdown to ``results/mutants.md``) and exits 1
 if the reference failed or errored any testcase, or any mutant is not CAUGHT.
 Progress lines go to stderr; the build and pytest output of each kernel goes to
-``results/mutants/<name>.build.log`` / ``<name>.pytest.log``.
+``results/mutants/<name>.build.log`` / ``<name>.pytest.log``, its traces, timelines and
+session report to ``results/mutants/<name>/`` (``--trace-dir``), and
+``results/mutants.html`` links each kernel's report from the table.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rig.report.session import write_mutants_page
 from rig.supply.kernelbuild import (
     GUEST_DIR,
     REPO_ROOT,
@@ -468,6 +471,8 @@ def _test(
     name: str, build: KernelBuild, logs: Path, timeout: float, log: LogFn, extra_args: Sequence[str] = ()
 ) -> tuple[TestResults | None, str, float]:
     start = time.monotonic()
+    # each kernel's traces, timelines and index.html in a directory of its own
+    extra_args = ["--trace-dir", str(logs / name), *extra_args]
     results, reason = run_testcases(
         build, logs / f"{name}.pytest.log", timeout=timeout, extra_args=extra_args
     )
@@ -585,7 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     md = args.results / "mutants.md"
     md.write_text(f"# Mutants ({args.flavor})\n\n" + render_markdown(ref, results))
-    _stderr(f"mutants: done in {time.monotonic() - start:.0f} s; table in {md}")
+    page = write_mutants_page(args.results, md.read_text(), args.results / "mutants")
+    _stderr(f"mutants: done in {time.monotonic() - start:.0f} s; table in {md} and {page}")
     return 1 if run_failed(ref, results) else 0
 
 
