@@ -663,6 +663,9 @@ def _explore(
                 result.runs.append(run)
             else:
                 result.repeated_steps = ex.repeated_steps
+                for r in result.runs:  # the scout is the trace a failure's timeline shows
+                    if r.k >= 0:
+                        scout.mark(r.k, "event", f"{r.event} at boundary {r.k}: path {r.path}, {r.verdict}")
                 return result
         if attempt == scouts:
             raise GuestError(
