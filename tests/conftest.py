@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,19 @@ from rig.supply.kernel import Kernel, resolve_kernel
 from rig.transport.host import processes_with_env
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches these tests even when their runner was started with SIGINT ignored.
+
+    A POSIX shell starts a background job (``cmd &``, a CI runner's detached step) with
+    SIGINT and SIGQUIT ignored; Python then installs no KeyboardInterrupt handler, and the
+    children the tests start inherit the ignored signal, so the tests that press Ctrl-C
+    on a run (``test_faults``, ``test_xdist``) would see it do nothing. A user's Ctrl-C
+    always arrives with SIGINT enabled, which is what they check.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
