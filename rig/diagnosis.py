@@ -22,6 +22,13 @@ _DEATH = (
 )
 
 
+#: What errors say when QEMU's gdbstub or QMP connection ended under them.
+_QEMU_GOING = ("went away", "QEMU closed", "connection failed", "QEMU is gone")
+
+#: Seconds :func:`diagnose` waits for a QEMU whose connection just ended to exit.
+QEMU_EXIT_GRACE = 2.0
+
+
 def console_death(console_text: str) -> str | None:
     """The first line of ``console_text`` that says the kernel panicked or oopsed."""
     for pattern in _DEATH:
@@ -36,6 +43,10 @@ def diagnose(guest: Guest, already_said: str = "") -> str:
     live. A finding whose gist is already in ``already_said`` is left out."""
     parts: list[str] = []
     machine = guest.machine
+    if machine.proc is not None and machine.alive and any(s in already_said for s in _QEMU_GOING):
+        # QEMU closes its sockets while it exits, before it can be reaped: the error saw
+        # the first, give the exit (a real event, bounded) a moment to be seen too
+        machine.proc.wait_exit(QEMU_EXIT_GRACE)
     if machine.proc is not None and not machine.alive:
         parts.append(machine.exit_reason())
     elif machine.proc is not None and guest.host.label == "local" and _process_state(machine.proc.pid) == "T":

@@ -41,6 +41,10 @@ class HostProcess(abc.ABC):
         rc = self.poll()
         return "is still running" if rc is None else f"exited with {describe_status(rc)}"
 
+    def wait_exit(self, seconds: float) -> int | None:
+        """Wait at most ``seconds`` for it to end (it is known to be ending); :meth:`poll`."""
+        return self.poll()
+
 
 class LocalProcess(HostProcess):
     """A child process of this Python process."""
@@ -51,6 +55,12 @@ class LocalProcess(HostProcess):
 
     def poll(self) -> int | None:
         return self.popen.poll()
+
+    def wait_exit(self, seconds: float) -> int | None:
+        try:
+            return self.popen.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> None:
         kill_process_group(self.popen)

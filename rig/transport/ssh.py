@@ -427,6 +427,10 @@ class SshProcess(HostProcess):
             return 255
         return None
 
+    def wait_exit(self, seconds: float) -> int | None:
+        self._stdout_done.wait(seconds)
+        return self.poll()
+
     def exit_text(self) -> str:
         if self._status is None and self.poll() is not None:
             return (
