@@ -86,4 +86,5 @@ def test_interrupt_entry_explores_under_qemu_10(qemu10_guest: Guest) -> None:
     g.start_workload(INTERRUPT_WINDOW.workload, NMI_CPU)
     for _ in range(2):
         result = explore(g, sites, INTERRUPT_WINDOW, signal=SIGNAL)
+        print(result.table())
         assert result.runs and not result.problems(), "\n".join(result.problems()) + "\n" + result.table()
