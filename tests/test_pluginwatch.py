@@ -4,6 +4,7 @@ passes, a mutant kernel from the cache is caught, and QEMU 7.2 refuses with one 
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.kernelbuild import build_kernel
 from rig.supply.qemu import fetch_qemu
-from rig.supply.qemuplugin import build_plugin, plugin_support
+from rig.supply.qemuplugin import api_refusal, build_plugin, plugin_header, plugin_support
 from rig.tools.mutants import DEFAULT_FLAVOR, MUTANTS_DIR
 from rig.transport.host import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine, QemuPlugin
@@ -168,3 +169,29 @@ def test_qemu_7_2_cannot_load_the_plugin(initrd: Path) -> None:
     finally:
         m.close()
     assert not m.dir.exists()
+
+
+def test_a_qemu_refusing_the_plugin_api_version_is_named(qemu10: str, tmp_path: Path) -> None:
+    """The matrix's sid cell: QEMU 11.1 loads only plugins of API >= 7, and the plugin is
+    built against API 4 (the newest qemu-plugin.h the mirror serves). The rig asks QEMU
+    (``-machine none``, nothing boots) and quotes its refusal, so plugin watch falls back
+    or says why. Here the other direction, on a real QEMU: a plugin declaring API 99."""
+    header = plugin_header(default_cache_dir())
+    src = tmp_path / "future.c"
+    src.write_text(
+        "#include <qemu-plugin.h>\n"
+        "QEMU_PLUGIN_EXPORT int qemu_plugin_version = 99;\n"
+        "QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,\n"
+        "                                           int argc, char **argv) { return 0; }\n"
+    )
+    glib = subprocess.run(["pkg-config", "--cflags", "glib-2.0"], capture_output=True, text=True, check=True)
+    lib = tmp_path / "future.so"
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", f"-I{header.parent}", *glib.stdout.split(), "-o", str(lib), str(src)],
+        check=True,
+    )
+    assert (
+        api_refusal(qemu10, lib)
+        == "plugin requires API version 99, but this QEMU supports only up to version 4"
+    )
+    assert api_refusal(qemu10, build_plugin(default_cache_dir())) is None

@@ -35,6 +35,7 @@ __all__ = [
     "HEADER_SUITE",
     "MIN_QEMU",
     "SOURCE",
+    "api_refusal",
     "build_plugin",
     "main",
     "plugin_header",
@@ -164,6 +165,45 @@ def plugin_support(qemu: str) -> str | None:
     return None
 
 
+#: QEMU's own words when a plugin's API version is outside what it loads
+#: (``plugins/loader.c``: "plugin requires API version 4, but this QEMU supports only a
+#: minimum version of 7").
+_API_REFUSED = re.compile(r"plugin requires API version \d+, but this QEMU supports only [^\n]*")
+
+
+def api_refusal(qemu: str, lib: Path) -> str | None:
+    """QEMU's line refusing ``lib``'s plugin API version, or None if ``qemu`` accepts it.
+
+    Loads ``lib`` into ``qemu`` with no machine (``-machine none``, nothing boots): QEMU
+    checks the version a plugin declares before it installs it, so the plugin's own
+    refusal of its missing arguments that follows says the version was accepted.
+    """
+    argv = [qemu, "-machine", "none", "-display", "none", "-nodefaults", "-S", "-monitor", "stdio"]
+    try:
+        res = subprocess.run(
+            [*argv, "-plugin", str(lib)], input="quit\n", capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{qemu} could not be asked to load the plugin: {exc}"
+    m = _API_REFUSED.search(res.stderr + res.stdout)
+    return None if m is None else m.group(0).strip()
+
+
+def _usable(qemu: str, cache_dir: Path) -> str | None:
+    """None if ``qemu`` can run plugin watch with the plugin built here, else why not."""
+    why = plugin_support(qemu)
+    if why is not None:
+        return why
+    refused = api_refusal(qemu, build_plugin(cache_dir))
+    if refused is None:
+        return None
+    header = plugin_header(cache_dir)
+    return (
+        f"{qemu} refuses the plugin built against {HEADER_SUITE}' qemu-plugin.h ({header}): "
+        f"{refused}"
+    )
+
+
 def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
     """The QEMU to run plugin watch with, and a note saying why when it is not ``qemu``.
 
@@ -172,7 +212,7 @@ def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
     system's), so that the default run on Debian bookworm (QEMU 7.2) watches with the
     plugin too. Raises :class:`ConfigError` (one line, both reasons) when neither can.
     """
-    why = plugin_support(qemu)
+    why = _usable(qemu, cache_dir)
     if why is None:
         return qemu, ""
     from rig.supply.qemu import fetch_qemu  # the fallback only; keeps this module light
@@ -181,13 +221,14 @@ def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
         other = str(fetch_qemu(HEADER_SUITE, cache_dir))
     except ConfigError as exc:
         raise ConfigError(f"{why}; fetching {HEADER_SUITE}' QEMU failed: {exc}") from None
-    why_not = plugin_support(other)
+    why_not = _usable(other, cache_dir)
     if why_not is not None:
         raise ConfigError(f"{why}; and {HEADER_SUITE}' QEMU cannot either: {why_not}")
     have, used = (".".join(map(str, qemu_version(q) or ())) for q in (qemu, other))
     return (
         other,
-        f"{qemu} is QEMU {have}, without plugin API 4: plugin watch runs on {HEADER_SUITE}' QEMU {used}",
+        f"{qemu} is QEMU {have}, which cannot load the plugin built here ({why}): "
+        f"plugin watch runs on {HEADER_SUITE}' QEMU {used}",
     )
 
 
