@@ -253,6 +253,11 @@ def test_skip_expected_per_kernel_kind() -> None:
     assert not matrix.skip_expected("debian", OTHER_SKIP)
     assert not matrix.skip_expected("debian", "NOT COVERED: fault-loop exited (madvise failed)")
     assert matrix.skip_expected("/some/bzImage", OTHER_SKIP)
+    refused = (
+        "qemu-system-x86_64 refuses the plugin built against bookworm-backports' qemu-plugin.h (h): "
+        "plugin requires API version 4, but this QEMU supports only a minimum version of 7"
+    )
+    assert matrix.skip_expected("reference-7.2", refused) and matrix.skip_expected("debian", refused)
 
 
 def test_the_expected_skip_texts_are_the_testcases_own() -> None:
@@ -262,6 +267,8 @@ def test_the_expected_skip_texts_are_the_testcases_own() -> None:
     assert 'SIGNAL = "kernel_cr3_loaded"' in conftest
     assert matrix.NO_SIGNAL.replace("kernel_cr3_loaded", "{SIGNAL}") in conftest
     assert f'f"{matrix.PCID_OFF}' in (testcases / "test_pcid.py").read_text()
+    qemuplugin = Path(matrix.REPO_ROOT) / "rig" / "supply" / "qemuplugin.py"
+    assert matrix.PLUGIN_API_REFUSED in qemuplugin.read_text()
 
 
 def test_an_unexpected_skip_fails_the_cell(tmp_path: Path) -> None:

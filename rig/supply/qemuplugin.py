@@ -198,10 +198,7 @@ def _usable(qemu: str, cache_dir: Path) -> str | None:
     if refused is None:
         return None
     header = plugin_header(cache_dir)
-    return (
-        f"{qemu} refuses the plugin built against {HEADER_SUITE}' qemu-plugin.h ({header}): "
-        f"{refused}"
-    )
+    return f"{qemu} refuses the plugin built against {HEADER_SUITE}' qemu-plugin.h ({header}): {refused}"
 
 
 def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
