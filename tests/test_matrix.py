@@ -7,9 +7,12 @@ is installed. Running whole cells (minutes each) is the matrix's own job, not CI
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -367,3 +370,44 @@ def test_a_suite_without_base_image_is_reported_not_raised(tmp_path: Path) -> No
     assert [r.status for r in res] == ["image failed", "image failed"]
     fix = "make it with scripts/debian-base-image.sh no-such-suite"
     assert res[0].reason == f"no base image debian:no-such-suite: {fix}"
+
+
+def test_sigterm_removes_the_running_cells_container(tmp_path: Path) -> None:
+    """A SIGTERM'd runner runs the cell's cleanup (``podman rm -f NAME`` in a real run;
+    here a command that leaves a mark) and stops the cell's process group: before, the
+    runner died and the container with its QEMU ran on (seen here on 2026-11-29)."""
+    mark = tmp_path / "cleaned"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from rig.tools import matrix\n"
+        "matrix.interrupt_on_sigterm()\n"
+        f"matrix._run_logged(['sleep', '60'], {{}}, Path({str(tmp_path / 'cell.log')!r}), 120,"
+        f" cleanup=['touch', {str(mark)!r}])\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=matrix.REPO_ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _sleeping_child(child.pid):
+            time.sleep(0.05)  # test-harness polling for the cell's process to exist
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=40)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert mark.exists(), "the cell's cleanup did not run"
+    assert child.returncode != 0
+    assert not _sleeping_child(child.pid)
+
+
+def _sleeping_child(parent: int) -> bool:
+    """Whether a ``sleep 60`` started by ``parent`` is alive."""
+    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            return True
+    return False
