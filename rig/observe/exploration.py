@@ -45,7 +45,7 @@ from rig.machine.x86 import PTI_USER_PGTABLE_BIT
 from rig.observe.checks import signal_problems
 from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
-from rig.observe.transitions import Hit, TransitionChecker
+from rig.observe.transitions import PARANOID_RESTORE_FUNCTIONS, Hit, TransitionChecker
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
@@ -353,12 +353,19 @@ class Explorer:
         return not is_error(frame) and int.from_bytes(bytes.fromhex(frame), "little") >= 1 << 63
 
     def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
-        """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write that loads
-        the user CR3, then step to user mode. (An NMI made pending in kernel mode would
-        be taken there; one made pending in user mode is an NMI from user.)"""
+        """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write of an exit
+        to user mode that loads the user CR3, then step to user mode. (An NMI made pending
+        in kernel mode would be taken there; one made pending in user mode is an NMI from
+        user.) A paranoid exit's restore of a user CR3 is not one: the exception may have
+        interrupted kernel mode on the user CR3 (a #DB at the SYSENTER entry), and it
+        returns there, to the entry's own switch to the kernel CR3."""
         g = self.guest
         cs_packet, cr3_packet, rip_packet = (g.regmap.packet(r) for r in ("cs", "cr3", "rip"))
-        writes = [a for a, s in self.sites.items() if s.kind == "cr3-write"]
+        writes = [
+            a
+            for a, s in self.sites.items()
+            if s.kind == "cr3-write" and s.function not in PARANOID_RESTORE_FUNCTIONS
+        ]
         for _ in range(20):
             if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
                 return
