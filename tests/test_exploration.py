@@ -15,8 +15,8 @@ from rig.observe.stepping import Trace
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
-
-SIGNAL = "kernel_cr3_loaded"
+from testcases.conftest import SIGNAL
+from testcases.test_cr3_exploration import WINDOWS
 
 WINDOW = Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry")
 
@@ -47,17 +47,8 @@ def test_a_store_after_its_cr3_write_leaves_no_window_to_require() -> None:
 
 # --- a version difference the matrix found (QEMU 10), on a real guest ----------------------
 
-INTERRUPT_WINDOW = Window(
-    "interrupt-entry",
-    "user-spin",
-    (
-        "asm_sysvec_apic_timer_interrupt",
-        "asm_sysvec_reschedule_ipi",
-        "asm_sysvec_call_function_single",
-        "asm_sysvec_call_function",
-    ),
-    "entry",
-)
+#: the testcase's own window (its entries are testcases/conftest.py's INTERRUPT_ENTRIES)
+INTERRUPT_WINDOW = next(w for w in WINDOWS if w.name == "interrupt-entry")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from rig.tools import matrix
 from rig.tools.matrix import Cell, CellResult, Engine, MatrixError, Outcome
+from rig.transport.host import processes_with_env
 
 SAMPLE_TESTS = """
 import pytest
@@ -377,18 +379,23 @@ def test_sigterm_removes_the_running_cells_container(tmp_path: Path) -> None:
     here a command that leaves a mark) and stops the cell's process group: before, the
     runner died and the container with its QEMU ran on (seen here on 2026-11-29)."""
     mark = tmp_path / "cleaned"
+    tag = uuid.uuid4().hex
     script = (
-        "import sys\n"
         "from pathlib import Path\n"
         "from rig.tools import matrix\n"
         "matrix.interrupt_on_sigterm()\n"
         f"matrix._run_logged(['sleep', '60'], {{}}, Path({str(tmp_path / 'cell.log')!r}), 120,"
         f" cleanup=['touch', {str(mark)!r}])\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=matrix.REPO_ROOT, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=matrix.REPO_ROOT,
+        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not _sleeping_child(child.pid):
+        while time.monotonic() < deadline and not _sleeping(tag):
             time.sleep(0.05)  # test-harness polling for the cell's process to exist
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=40)
@@ -397,17 +404,9 @@ def test_sigterm_removes_the_running_cells_container(tmp_path: Path) -> None:
             os.killpg(child.pid, signal.SIGKILL)
     assert mark.exists(), "the cell's cleanup did not run"
     assert child.returncode != 0
-    assert not _sleeping_child(child.pid)
+    assert not _sleeping(tag)
 
 
-def _sleeping_child(parent: int) -> bool:
-    """Whether a ``sleep 60`` started by ``parent`` is alive."""
-    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        try:
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent:
-            return True
-    return False
+def _sleeping(tag: str) -> bool:
+    """Whether the cell's ``sleep 60`` (which carries ``tag`` in its environment) is alive."""
+    return any(cmd.startswith("sleep") for _, cmd in processes_with_env("CR3RIG_TEST_TAG", tag))

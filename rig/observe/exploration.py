@@ -214,6 +214,11 @@ class Explorer:
         self.signal = signal
         self.signal_address = guest.per_cpu(signal, cpu)
         self.sites = {s.address: s for s in sites}
+        #: the CR3 writes of exits to user mode (a paranoid exit's restore of a user CR3
+        #: may return to kernel mode: see :meth:`_to_user_mode`)
+        self._exit_writes = [
+            s.address for s in sites if s.kind == "cr3-write" and s.function not in PARANOID_RESTORE_FUNCTIONS
+        ]
         sym = guest.symbols
         self.nmi_entry = sym.address("asm_exc_nmi")
         self.handler = sym.get("exc_nmi")
@@ -361,11 +366,7 @@ class Explorer:
         returns there, to the entry's own switch to the kernel CR3."""
         g = self.guest
         cs_packet, cr3_packet, rip_packet = (g.regmap.packet(r) for r in ("cs", "cr3", "rip"))
-        writes = [
-            a
-            for a, s in self.sites.items()
-            if s.kind == "cr3-write" and s.function not in PARANOID_RESTORE_FUNCTIONS
-        ]
+        writes = self._exit_writes
         for _ in range(20):
             if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
                 return

@@ -47,6 +47,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
@@ -103,6 +104,18 @@ class Snapshot:
 
 
 StopCondition = Callable[[Snapshot], bool]
+
+
+class _Layout(NamedTuple):
+    """Where a boundary's replies sit in a write's replies (see ``Stepper._reads_after``):
+    ``first`` replies before the stepping vCPU's (its ``Hg``), ``mine`` of its reads,
+    ``code`` reads of code (0 or 1) after them, ``total`` replies in all (the frozen
+    vCPUs' last)."""
+
+    first: int
+    mine: int
+    code: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -325,9 +338,9 @@ class Stepper:
         pc: int,
         named: bool,
         framed: tuple[bytes, bytes, bytes, bytes, bytes],
-    ) -> tuple[bytes, tuple[int, int, int]]:
+    ) -> tuple[bytes, _Layout]:
         """The write that reads the boundary after the instruction at ``pc``, and where its
-        replies sit: ``(first, mine, code)``.
+        replies sit.
 
         In order: the stepping vCPU's ``Hg`` unless the stop reply ``named`` it; its rip,
         its CR3 (unless ``pc``'s code is known not to write CR3) and watches; the code
@@ -349,18 +362,17 @@ class Stepper:
         else:
             mine, nm = mine_same, len(self._mine_same_cr3)
         head, first = (b"", 0) if named else (select, 1)
-        return head + mine + code_read + frozen, (first, nm, 1 if code_read else 0)
+        k = 1 if code_read else 0
+        layout = _Layout(first, nm, k, first + nm + k + len(self._frozen_reads))
+        return head + mine + code_read + frozen, layout
 
-    def _count(self, layout: tuple[int, int, int]) -> int:
-        first, nm, k = layout
-        return first + nm + k + len(self._frozen_reads)
-
-    def _split(self, replies: list[str], layout: tuple[int, int, int]) -> tuple[list[str], str | None]:
+    @staticmethod
+    def _split(replies: list[str], layout: _Layout) -> tuple[list[str], str | None]:
         """The snapshot's replies (as :meth:`_parse_step` takes them) and the code read's."""
-        first, nm, k = layout
-        at = first + nm
-        rest = replies[at + k : at + k + len(self._frozen_reads)]
-        return replies[first:at] + rest, (replies[at] if k else None)
+        at = layout.first + layout.mine
+        return replies[layout.first : at] + replies[at + layout.code : layout.total], (
+            replies[at] if layout.code else None
+        )
 
     def _check_step(self, reply: str) -> bool:
         """Raise unless ``reply`` is a stop reply; True if it names the stepping vCPU."""
@@ -390,7 +402,7 @@ class Stepper:
             pc = snap.pc
             named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
             data, layout = self._reads_after(link, trace, lines, pc, named, framed)
-            reads, code = self._split(link.exchange(data, self._count(layout)), layout)
+            reads, code = self._split(link.exchange(data, layout.total), layout)
             if code is not None:
                 trace.code[pc] = lines.store(pc, code)
             snap = self._parse_step(reads, i, first, snap)
@@ -426,31 +438,34 @@ class Stepper:
         snap = first
         pc = first.pc
         unparsed: list[str] = []  # boundary j-2's replies, parsed once write j is sent
+        early = on_step is not None  # it may use the link: parse (and call it) while stopped
+
+        def take(replies: list[str], step_no: int) -> None:
+            nonlocal snap
+            snap = self._parse_step(replies, step_no, first, snap)
+            trace.snapshots.append(snap)
+            if on_step is not None:
+                on_step(snap)
+
         for j in range(2, max_steps + 2):
             last = j == max_steps + 1
             if unparsed:
                 if is_error(unparsed[0]):
                     raise GuestError(f"cannot read registers of vCPU {self.cpu}: {unparsed[0]}")
                 pc = hex_le(unparsed[0])  # boundary j-2's rip: the instruction step j-1 executed
-            if unparsed and on_step is not None:  # it may use the link: the VM must be stopped
-                snap = self._parse_step(unparsed, j - 2, first, snap)
-                trace.snapshots.append(snap)
-                on_step(snap)
+                if early:
+                    take(unparsed, j - 2)
             data, layout = self._reads_after(link, trace, lines, pc, named, framed)
             link.send(data + (b"" if last else step), owe_last=not last)
-            if unparsed and on_step is None:
-                snap = self._parse_step(unparsed, j - 2, first, snap)
-                trace.snapshots.append(snap)
-            replies = link.receive(self._count(layout) + (0 if last else 1))
+            if unparsed and not early:
+                take(unparsed, j - 2)
+            replies = link.receive(layout.total + (0 if last else 1))
             unparsed, code = self._split(replies, layout)
             if code is not None:
                 trace.code[pc] = lines.store(pc, code)
             if not last:
                 named = self._check_step(replies[-1])
-        snap = self._parse_step(unparsed, max_steps, first, snap)
-        trace.snapshots.append(snap)
-        if on_step is not None:
-            on_step(snap)
+        take(unparsed, max_steps)
         return snap
 
     def _remember_code(self, link: RspLink, trace: Trace, lines: CodeLines, snap: Snapshot) -> None:

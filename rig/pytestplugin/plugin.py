@@ -47,6 +47,7 @@ from rig.pytestplugin.failfast import (
 from rig.report import hooks as report_hooks
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
+from rig.supply.kernel import DEFAULT_KERNEL
 from rig.transport.host import Host
 from rig.transport.qemu import check_cmdline_length
 from rig.transport.ssh import open_host
@@ -165,7 +166,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "isolate=False leaves out the rig's nohz_full/isolcpus",
     )
     _check_options(config)
-    report_hooks.start_session(config, config.stash[_HOST_KEY])
+    opt = config.option
+    spec = str(opt.kernel or "")
+    named = spec in ("", "debian") or spec.startswith("reference")  # built or fetched on first use
+    plan = _options_config(
+        opt,
+        kernel=Path() if named else Path(spec).expanduser(),
+        initrd=Path(),
+        vmlinux=opt.vmlinux,
+        label=(spec or DEFAULT_KERNEL) if named else spec,
+    )
+    report_hooks.start_session(config, config.stash[_HOST_KEY], plan, resolved=not named)
     distributed.use_run_temp_dir(config)
     if distributed.role(config) == "single":
         # not under xdist: its controller ends the workers with signals of its own, and a
@@ -235,6 +246,21 @@ def _run_ender(request: pytest.FixtureRequest) -> EndRun:
     return end_worker
 
 
+def _options_config(opt: Any, **files: Any) -> GuestConfig:
+    """The guest the options describe; ``files`` give the kernel, initrd, vmlinux, label
+    (and cache) as far as they are known."""
+    return GuestConfig(
+        smp=opt.smp,
+        isolated_cpu=opt.isolated_cpu,
+        append=opt.append,
+        accel=opt.accel,
+        qemu=opt.qemu,
+        gdb=opt.gdb,
+        boot_timeout=opt.boot_timeout,
+        **files,
+    )
+
+
 @pytest.fixture(scope="session")
 def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> RigSettings:
     from rig.supply.initramfs import build_initramfs
@@ -260,19 +286,8 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
             _run_ender(request)(
                 f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", 4, None
             )
-    base = GuestConfig(
-        kernel=kernel.image,
-        initrd=initrd,
-        vmlinux=kernel.vmlinux,
-        smp=opt.smp,
-        isolated_cpu=opt.isolated_cpu,
-        append=opt.append,
-        accel=opt.accel,
-        qemu=opt.qemu,
-        gdb=opt.gdb,
-        boot_timeout=opt.boot_timeout,
-        label=kernel.label,
-        cache_dir=cache,
+    base = _options_config(
+        opt, kernel=kernel.image, initrd=initrd, vmlinux=kernel.vmlinux, label=kernel.label, cache_dir=cache
     )
     settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", host, opt.site_coverage)
     session_report(pytestconfig).directory = settings.trace_dir

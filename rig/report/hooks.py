@@ -19,7 +19,6 @@ from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
 from rig.report.provenance import guest_provenance, planned_provenance, qemu_version
 from rig.report.session import TraceFiles, session_report, write_index, write_traces
-from rig.supply.kernel import DEFAULT_KERNEL
 from rig.transport.host import Host
 
 #: The CR3 signal's name (the plugin's SIGNAL); its stores are marked from the kernel's sites.
@@ -62,24 +61,11 @@ class _Plan:
 _PLAN_KEY = pytest.StashKey[_Plan]()
 
 
-def start_session(config: pytest.Config, host: Host) -> None:
-    """Note what the options say will boot (from ``pytest_configure``): the provenance of a
-    testcase that runs before any boot, or without a guest, comes from it."""
-    opt = config.option
-    spec = str(opt.kernel or "")
-    named = spec in ("", "debian") or spec.startswith("reference")
-    plan = GuestConfig(
-        kernel=Path() if named else Path(spec).expanduser(),
-        initrd=Path(),
-        vmlinux=opt.vmlinux,
-        smp=opt.smp,
-        isolated_cpu=opt.isolated_cpu,
-        append=opt.append,
-        accel=opt.accel,
-        qemu=opt.qemu,
-        label=(spec or DEFAULT_KERNEL) if named else spec,
-    )
-    config.stash[_PLAN_KEY] = _Plan(plan, host, resolved=not named)
+def start_session(config: pytest.Config, host: Host, plan: GuestConfig, *, resolved: bool) -> None:
+    """Note what will boot (``plan``, from the options, before the kernel is built or
+    found; ``resolved`` if its files are already known): the provenance of a testcase
+    that runs before any boot, or without a guest, comes from it."""
+    config.stash[_PLAN_KEY] = _Plan(plan, host, resolved=resolved)
 
 
 def settings_resolved(config: pytest.Config, base: GuestConfig) -> None:
