@@ -14,8 +14,11 @@
 3. With ``--ssh loopback`` (a private sshd on 127.0.0.1, started by the bench) or
    ``--ssh ssh://[user@]box[:port]``: checked steps/s (``Guest.step``) with QEMU over
    SSH against the same measure with QEMU local, alternating local and SSH in each
-   round (only this): without a stop condition (one round trip a step) and with one (two
-   round trips a step, as the testcases step; the ``ssh-step`` goal is on this one).
+   round (only this): without a stop condition (one round trip a step); with
+   ``in_user_mode`` from ``entry_SYSCALL_64`` back to user mode, as the testcases step
+   (the ``ssh-step`` goal is on this one; the condition foresees most instructions, and
+   the round trips a step are printed); and with an opaque condition (two round trips
+   a step).
 4. Watch mode, on one guest booted with QEMU >= 9.2 (default: bookworm-backports' 10.0)
    and the watch plugin: CR3 transitions checked per second by plugin watching
    (rig.observe.pluginwatch: a TCG plugin reads every CR3 write and signal store inside
@@ -51,7 +54,7 @@ from rig.machine.sites import find_sites
 from rig.machine.vcpu import thread_id
 from rig.observe.pluginwatch import PluginWatch
 from rig.observe.pluginwatch import watch as plugin_watch
-from rig.observe.stepping import Stepper, Watch
+from rig.observe.stepping import Stepper, Watch, in_user_mode
 from rig.observe.watching import watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
@@ -127,23 +130,36 @@ def mi_step_rate(g: Guest, steps: int) -> float:
     return steps / (time.monotonic() - t0)
 
 
-def checked_step_rate(g: Guest, steps: int, *, with_stop: bool = False) -> float:
+def checked_step_rate(g: Guest, steps: int, *, stop: str = "none") -> tuple[float, float]:
     """``Guest.step`` as a test calls it (borrow, Stepper, disassembly), steps/s; the SSH ratio.
 
-    Without a stop condition the Stepper needs one round trip a step (the reads of
-    boundary k ride with step k+1); ``with_stop`` passes a condition that never holds, as
-    the testcases' ``in_user_mode``/``at_any`` are evaluated at every boundary: two round
-    trips a step (the step, then the reads that decide). ``steps`` steps either way.
+    ``stop`` is one of :data:`STOP_KINDS`: ``none`` (``max_steps`` only: the reads of
+    boundary k ride with step k+1, one round trip a step); ``in-user-mode``, as the
+    testcases step: from ``entry_SYSCALL_64`` until the vCPU is back in user mode, again
+    from the next ``entry_SYSCALL_64`` until ``steps`` steps ran (only the time inside
+    ``Guest.step`` counts; the condition foresees most instructions, so most steps are
+    one round trip); ``opaque``, a plain callable that never holds (two round trips a
+    step: the reads that decide, then the step).
     """
     cpu = g.config.isolated
     w = Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
-    t0 = time.monotonic()
-    trace = g.step(cpu, watches=[w], max_steps=steps, stop=_never if with_stop else None)
-    dt = time.monotonic() - t0
-    g.traces.clear()
-    if len(trace.snapshots) != steps + 1:
-        raise RuntimeError(f"stepped {len(trace.snapshots) - 1} boundaries, not {steps}")
-    return steps / dt
+    condition = {"none": None, "in-user-mode": in_user_mode(cpu), "opaque": _never}[stop]
+    done = ahead = 0
+    elapsed = 0.0
+    while done < steps:
+        if done:
+            rebreak(g)
+        t0 = time.monotonic()
+        trace = g.step(cpu, watches=[w], max_steps=steps - done, stop=condition)
+        elapsed += time.monotonic() - t0
+        g.traces.clear()
+        if stop != "in-user-mode" and len(trace.snapshots) != steps + 1:
+            raise RuntimeError(f"stepped {len(trace.snapshots) - 1} boundaries, not {steps}")
+        done += len(trace.snapshots) - 1
+        ahead += trace.steps_ahead
+    # each step is read in a write of its own, and sent in a write of its own unless it rode
+    # with the reads of the boundary before it (Trace.steps_ahead)
+    return done / elapsed, 2 - ahead / done
 
 
 def raw_step_loop(link: RspLink, cpu: int, steps: int) -> float:
@@ -313,22 +329,24 @@ def rebreak(g: Guest) -> None:
     g.break_on(g.symbols.address("entry_SYSCALL_64"), g.config.isolated)
 
 
-#: The SSH measures: name -> (stop condition?, round trips a step, what it is).
+#: The SSH measures: name -> (stop kind for :func:`checked_step_rate`, what it is).
 SSH_VARIANTS = {
-    "no-stop": (False, 1, "Guest.step without a stop condition (1 round trip a step)"),
-    "stop": (True, 2, "Guest.step with a stop condition, as the testcases step (2 round trips a step)"),
+    "no-stop": ("none", "Guest.step without a stop condition (1 round trip a step)"),
+    "stop": ("in-user-mode", "Guest.step with in_user_mode from entry_SYSCALL_64, as the testcases step"),
+    "opaque-stop": ("opaque", "Guest.step with an opaque stop condition (2 round trips a step)"),
 }
 
 
 def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
-    """Checked steps/s with QEMU over SSH vs. local, with and without a stop condition.
+    """Checked steps/s with QEMU over SSH vs. local, for each of :data:`SSH_VARIANTS`.
 
     Each round boots a guest locally, then one over SSH (same kernel, same
     ``syscall-loop`` from ``entry_SYSCALL_64`` on the isolated vCPU), and on each measures
-    both variants from the same breakpoint (the order of the variants alternates by
-    round). The goal (SSH >= 0.5x local, ``ratio ssh-step``) is on the variant with a
-    stop condition: it is how the testcases step, and with two round trips a step it is
-    the one the link's latency weighs on most. The other is printed and kept in the JSON.
+    every variant from the same breakpoint (the order of the variants alternates by
+    round). The goal (SSH >= 0.5x local, ``ratio ssh-step``) is on ``stop``: it is how the
+    testcases step (``in_user_mode`` on a syscall). The others are printed and kept in the
+    JSON: without a condition (one round trip a step) and with an opaque one (two, the
+    most the link's latency can weigh).
     """
     from rig.tools.private_sshd import PrivateSshd
     from rig.transport.ssh import SshHost
@@ -336,6 +354,7 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
     results = Results(cfg.label)
     sshd = PrivateSshd().start() if args.ssh == "loopback" else None
     rates: dict[str, dict[str, list[float]]] = {v: {"local": [], "ssh": []} for v in SSH_VARIANTS}
+    trips: dict[str, list[float]] = {v: [] for v in SSH_VARIANTS}  # round trips a step
     hits: list[float] = []
     try:
         if sshd is not None:
@@ -355,8 +374,9 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
                         for i, variant in enumerate(order):
                             if i:
                                 rebreak(g)
-                            with_stop = bool(SSH_VARIANTS[variant][0])
-                            rates[variant][side].append(checked_step_rate(g, args.steps, with_stop=with_stop))
+                            rate, per_step = checked_step_rate(g, args.steps, stop=SSH_VARIANTS[variant][0])
+                            rates[variant][side].append(rate)
+                            trips[variant].append(per_step)
                     finally:
                         g.close()
         finally:
@@ -369,31 +389,34 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
     print(f"kernel: {cfg.label}; steps per sample: {args.steps}; rounds: {args.rounds}; ssh: {host.label}")
     print(f"load average at start {results.data['load_average_at_start']}, now {list(os.getloadavg())}")
     per_round_trip: dict[str, float] = {}  # ms that SSH adds per round trip, per variant
-    for variant, (_, trips, what) in SSH_VARIANTS.items():
-        local, remote = med(rates[variant]["local"]), med(rates[variant]["ssh"])
+    variants: dict[str, dict[str, Any]] = {}
+    for variant, (_, what) in SSH_VARIANTS.items():
+        local, remote, rt = med(rates[variant]["local"]), med(rates[variant]["ssh"]), med(trips[variant])
         added = 1e3 / remote - 1e3 / local
-        per_round_trip[variant] = added / trips
+        per_round_trip[variant] = added / rt
+        variants[variant] = {
+            "what": what,
+            "local_steps_per_s": round(local),
+            "ssh_steps_per_s": round(remote),
+            "ratio": round(remote / local, 4),
+            "round_trips_per_step": round(rt, 3),
+            "ssh_ms_per_round_trip": round(per_round_trip[variant], 4),
+        }
         print(
-            f"ssh stepping, {what}: local {local:.0f}/s; over SSH {remote:.0f}/s; ratio ssh/local"
-            f" {remote / local:.2f}; per step SSH adds {added:.3f} ms, {added / trips:.3f} ms per round trip"
+            f"ssh stepping, {what}: {rt:.2f} round trips a step; local {local:.0f}/s; over SSH "
+            f"{remote:.0f}/s; ratio ssh/local {remote / local:.2f}; per step SSH adds {added:.3f} ms, "
+            f"{per_round_trip[variant]:.3f} ms per round trip"
         )
     print(f"SSH QEMU start to first hit {med(hits):.2f} s (median)")
     stop_local, stop_ssh = med(rates["stop"]["local"]), med(rates["stop"]["ssh"])
-    free_local, free_ssh = med(rates["no-stop"]["local"]), med(rates["no-stop"]["ssh"])
     results.ratio(
         "ssh-step",
         stop_ssh / stop_local,
         ">=",
         0.5,
-        baseline={"what": f"QEMU local: {SSH_VARIANTS['stop'][2]}", "steps_per_s": round(stop_local)},
+        baseline={"what": f"QEMU local: {SSH_VARIANTS['stop'][1]}", "steps_per_s": round(stop_local)},
         measure={"what": f"QEMU over SSH ({host.label}), the same", "steps_per_s": round(stop_ssh)},
-        without_stop={
-            "what": SSH_VARIANTS["no-stop"][2],
-            "local_steps_per_s": round(free_local),
-            "ssh_steps_per_s": round(free_ssh),
-            "ratio": round(free_ssh / free_local, 4),
-            "ssh_ms_per_round_trip": round(per_round_trip["no-stop"], 4),
-        },
+        variants=variants,
         ssh_ms_per_round_trip=round(per_round_trip["stop"], 4),
         ssh_first_hit_seconds=round(med(hits), 3),
         method="median over rounds of each side's rate; local and SSH guests alternate in each round",
@@ -401,6 +424,7 @@ def ssh_ratio(cfg: GuestConfig, args: argparse.Namespace) -> None:
     samples = {
         f"{side}-{variant}": rates[variant][side] for variant in SSH_VARIANTS for side in ("local", "ssh")
     }
+    samples.update({f"round-trips-{v}": trips[v] for v in SSH_VARIANTS})
     samples["ssh-first-hit"] = hits
     results.data["samples"] = {name: [round(x, 3) for x in v] for name, v in samples.items()}
     print("samples:", " ".join(f"{n} {[round(x, 2) for x in v]}" for n, v in samples.items()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rig.guest import Guest
 from rig.observe.checks import cr3_flip_problems, side_problems
-from rig.observe.stepping import Trace, in_user_mode
+from rig.observe.stepping import Trace, in_user_mode, on_kernel_tables
 
 #: Bound on the steps of one getppid()/kill() syscall round trip (the Debian 6.1 SYSCALL
 #: path is ~450 instructions; a signal delivery a few thousand).
@@ -79,7 +79,7 @@ def test_page_fault_entry_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:
     # a page fault taken in kernel mode (no CR3 switch) may come first: take the first from user
     for _ in range(20):
         pti_guest.break_on(fault, cpu)
-        trace = pti_guest.step(cpu, max_steps=400, stop=lambda s: not s.user_tables(cpu))
+        trace = pti_guest.step(cpu, max_steps=400, stop=on_kernel_tables(cpu))
         if trace.snapshots[0].user_tables(cpu):
             break
         pti_guest.traces.pop()

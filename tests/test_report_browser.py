@@ -29,7 +29,7 @@ from tests.webdriver import Browser, missing
 pytestmark = pytest.mark.boots
 
 STAGED = """
-from rig.observe.stepping import Watch
+from rig.observe.stepping import Watch, on_kernel_tables
 
 
 def test_fails_at_the_first_kernel_cr3_boundary(guest):
@@ -38,7 +38,7 @@ def test_fails_at_the_first_kernel_cr3_boundary(guest):
     tss = Watch("tss_sp0", guest.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     for _ in range(20):
         guest.break_on(guest.symbols.address("entry_SYSCALL_64"), cpu)
-        trace = guest.step(cpu, watches=[tss], max_steps=40, stop=lambda s: not s.user_tables(cpu))
+        trace = guest.step(cpu, watches=[tss], max_steps=40, stop=on_kernel_tables(cpu))
         if trace.snapshots[0].user_tables(cpu) and not trace.snapshots[-1].user_tables(cpu):
             break
         guest.traces.pop()

@@ -34,7 +34,7 @@ import pytest
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
-from rig.observe.stepping import Snapshot, StopCondition, Trace, in_user_mode
+from rig.observe.stepping import Snapshot, Trace, in_user_mode, on_kernel_tables
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import COMPAT_WORKLOADS, build_initramfs
 from rig.supply.kernel import resolve_kernel
@@ -95,10 +95,6 @@ def switches(trace: Trace) -> list[Switch]:
         assert "cr3" in before.insn, f"CR3 changed after {before.where}: {before.insn}"
         out.append(Switch(before.where, before.pc, to_user))
     return out
-
-
-def on_kernel_tables(cpu: int) -> StopCondition:
-    return lambda s: not s.user_tables(cpu)
 
 
 def timed_break(guest: Guest, symbol: str, cpu: int) -> float:

@@ -62,3 +62,48 @@ def test_may_write_cr3_decodes_mov_to_cr3_and_nothing_else() -> None:
     assert not may_write_cr3(bytes.fromhex("4889e7"))  # mov %rsp,%rdi
     assert not may_write_cr3(bytes.fromhex("0f01f8"))  # swapgs
     assert not may_write_cr3(bytes.fromhex("48cf"))  # iretq
+
+
+def test_may_leave_kernel_half_only_for_returns_indirect_and_far_transfers() -> None:
+    from rig.machine.x86 import may_leave_kernel_half
+
+    k = 0xFFFFFFFF81000000
+    for hexcode in (
+        "c3",  # ret
+        "c20800",  # ret $8
+        "48cf",  # iretq
+        "480f07",  # sysretq
+        "0f35",  # sysexit
+        "ffe0",  # jmp *%rax
+        "41ffd3",  # call *%r11
+        "ff2500000000",  # jmp *0x0(%rip)
+        "f30f01ca",  # eretu
+        "0f05",  # syscall
+        "66e9",  # jmp with an operand-size prefix: cannot tell
+        "",
+        "48",  # a REX prefix alone: cannot tell
+        "ff",  # group 5 without its ModRM: cannot tell
+    ):
+        assert may_leave_kernel_half(bytes.fromhex(hexcode), k), hexcode
+    for hexcode in (
+        "4889e7",  # mov %rsp,%rdi
+        "0f22dc",  # mov %rsp,%cr3
+        "65c70425000000000100",  # movl $0x1,%gs:0x0
+        "0f01f8",  # swapgs
+        "0f01ca",  # clac
+        "e800000000",  # call .+5
+        "e9fbffffff",  # jmp .
+        "ebfe",  # jmp .
+        "7405",  # je .+7
+        "0f8400010000",  # je .+0x106
+        "ffc0",  # inc %eax (group 5, /0)
+        "ff30",  # push (%rax) (group 5, /6)
+        "cc",  # int3: to a kernel vector
+        "0f0b",  # ud2
+    ):
+        assert not may_leave_kernel_half(bytes.fromhex(hexcode), k), hexcode
+    # a relative target computed from the instruction's end: a jump from low kernel-half text
+    # back across the boundary is caught, as is any instruction in the lower half
+    assert may_leave_kernel_half(bytes.fromhex("e9f0ffffff"), 1 << 63)
+    assert not may_leave_kernel_half(bytes.fromhex("e900000000"), 1 << 63)
+    assert may_leave_kernel_half(bytes.fromhex("4889e7"), 0x401000)

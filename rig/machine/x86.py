@@ -186,3 +186,71 @@ def walk(pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: 
             )
         table = entry & PTE_ADDR_MASK
     raise AssertionError("unreachable")
+
+
+#: Lowest address of the upper (kernel) half of the 64-bit address space.
+KERNEL_HALF = 1 << 63
+
+#: One-byte opcodes whose next rip is not the fall-through, a relative target or an
+#: interrupt vector: RET near/far (C2 C3 CA CB), IRET (CF), JMP/CALL far (EA 9A).
+_UNKNOWN_TARGET = frozenset({0xC2, 0xC3, 0xCA, 0xCB, 0xCF, 0xEA, 0x9A})
+#: Two-byte (``0F xx``) opcodes of the same kind: SYSCALL, SYSRET, SYSENTER, SYSEXIT, RSM.
+_UNKNOWN_TARGET_0F = frozenset({0x05, 0x07, 0x34, 0x35, 0xAA})
+#: Relative branches with an 8-bit displacement: Jcc (70-7F), LOOPcc/LOOP/JrCXZ (E0-E3), JMP (EB).
+_REL8 = frozenset({*range(0x70, 0x80), 0xE0, 0xE1, 0xE2, 0xE3, 0xEB})
+
+
+def may_leave_kernel_half(code: bytes, pc: int) -> bool:
+    """Whether executing the instruction ``code`` at ``pc`` may leave rip in the lower
+    (user) half of the address space (conservative).
+
+    False only when ``pc`` is in the upper half and ``code`` decodes as an instruction
+    whose next rip is its fall-through, a relative branch target in the upper half, or
+    an interrupt or exception vector (the IDT's handlers are kernel text): everything
+    but returns (``RET``, ``IRET``, ``SYSRET``, ``SYSEXIT``, FRED's ``ERETU``), indirect
+    and far ``JMP``/``CALL``, ``SYSCALL``/``SYSENTER`` and ``RSM``. True for bytes too
+    short to tell and for a relative branch with an operand-size prefix (truncated
+    targets on some CPUs).
+    """
+    if pc < KERNEL_HALF or pc + 16 >= 1 << 64:
+        return True
+    i = 0
+    n = len(code)
+    sized = rep = False
+    while i < n and code[i] in _LEGACY_PREFIXES:
+        sized |= code[i] == 0x66
+        rep |= code[i] in (0xF2, 0xF3)
+        i += 1
+    if i < n and 0x40 <= code[i] <= 0x4F:
+        i += 1
+    if i >= n:
+        return True
+    op = code[i]
+    if op in _UNKNOWN_TARGET:
+        return True
+    if op == 0xFF:  # group 5: /2 /3 CALL indirect (near, far), /4 /5 JMP indirect
+        return i + 1 >= n or 2 <= (code[i + 1] >> 3) & 7 <= 5
+    if op in _REL8 or op in (0xE8, 0xE9):
+        size = 1 if op in _REL8 else 4
+        return sized or _relative_target(code, pc, i + 1, size) < KERNEL_HALF
+    if op != 0x0F:
+        return False
+    if i + 1 >= n:
+        return True
+    op2 = code[i + 1]
+    if op2 in _UNKNOWN_TARGET_0F:
+        return True
+    if 0x80 <= op2 <= 0x8F:  # Jcc rel32
+        return sized or _relative_target(code, pc, i + 2, 4) < KERNEL_HALF
+    if op2 == 0x01:  # group 7: with F2/F3, ERETS/ERETU/UIRET and kin; CLAC/STAC/SWAPGS without
+        return rep
+    return False
+
+
+def _relative_target(code: bytes, pc: int, at: int, size: int) -> int:
+    """The target of a relative branch whose ``size``-byte displacement starts at ``code[at]``
+    (0 if ``code`` is cut short, which callers treat as the lower half)."""
+    if at + size > len(code):
+        return 0
+    rel = int.from_bytes(code[at : at + size], "little", signed=True)
+    return (pc + at + size + rel) & ((1 << 64) - 1)

@@ -32,11 +32,17 @@ and a difference from the carried value is reported by :meth:`Trace.frozen_viola
 **Pipelining.** The reads of a snapshot go in one write with their acknowledgements
 (:meth:`RspLink.pipeline`); a step always ends its write (QEMU stops the VM at any byte
 that arrives while a vCPU runs, so nothing may follow it), and its stop reply's ``+``
-leads the next write. With a stop condition a step is two round trips (step; reads that
-decide). Without one (``max_steps`` only, e.g. the exploration's boundary runs) the reads
-of boundary k, the code at a new rip and step k+1 share one write: one round trip a step,
-and boundary k is parsed while QEMU answers that write (only its rip and the stop reply
-are needed to build it). Each group of reads is ordered so that no ``Hg`` is needed
+leads the next write. Without a stop condition (``max_steps`` only, e.g. the
+exploration's boundary runs) the reads of boundary k, the code at a new rip and step k+1
+share one write: one round trip a step, and boundary k is parsed while QEMU answers that
+write (only its rip and the stop reply are needed to build it). With one, step k+1 may
+only be sent once boundary k is known not to satisfy it: in general two round trips a
+step (the reads that decide, then the step). A :class:`ForeseeingStop` (``in_user_mode``,
+``on_kernel_tables``…) knows that earlier for most instructions: a ``mov``, a ``call``
+or a ``jcc`` in kernel text cannot put rip in the user half, and only ``mov %reg,%cr3``
+changes the CR3 side. After such an instruction step k+1 ends the write that reads
+boundary k, as without a condition; were the condition to hold there after all, the run
+ends in an error, never in a silent overshoot. Each group of reads is ordered so that no ``Hg`` is needed
 beyond one per frozen vCPU: the stepping vCPU's reads (and a code read) come first,
 while the stop has it selected.
 """
@@ -47,11 +53,11 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
-from rig.machine.x86 import PTI_USER_PGTABLE_BIT, may_write_cr3
+from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
 #: Longest x86 instruction (bytes); what is kept of each new rip to disassemble later.
@@ -106,6 +112,22 @@ class Snapshot:
 StopCondition = Callable[[Snapshot], bool]
 
 
+@runtime_checkable
+class ForeseeingStop(Protocol):
+    """A stop condition that can tell, from an instruction alone, that the boundary after it
+    cannot satisfy it. The Stepper then sends the next step in the write that reads that
+    boundary: one round trip a step instead of two (see :meth:`Stepper.run`)."""
+
+    def __call__(self, s: Snapshot) -> bool: ...
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        """False only if, when vCPU ``cpu`` executes the instruction ``code`` at ``pc`` from a
+        boundary where the condition does not hold (and the other vCPUs stay frozen), it
+        cannot hold at the boundary after it. ``code`` may be cut short or empty (the
+        read failed): then True."""
+        ...
+
+
 class _Layout(NamedTuple):
     """Where a boundary's replies sit in a write's replies (see ``Stepper._reads_after``):
     ``first`` replies before the stepping vCPU's (its ``Hg``), ``mine`` of its reads,
@@ -140,6 +162,10 @@ class Trace:
     #: the stepping vCPU's CR3 at the last boundary differed from the value carried
     #: from its last read (an instruction not decoded as a CR3 write changed it)
     untracked_cr3: str = ""
+    #: steps sent in the same write as the reads of the boundary before them (one round
+    #: trip each): every step of a run without a stop condition, and those a
+    #: :class:`ForeseeingStop` allowed
+    steps_ahead: int = 0
 
     def mark(self, step: int, kind: str, text: str) -> None:
         """Attach a marker (an event delivered, a store seen…) to boundary ``step``."""
@@ -290,10 +316,12 @@ class Stepper:
         read at the first and the last boundary (see the module's doc); ``stop`` and
         ``on_step`` see the first reading for them in between.
 
-        With a ``stop`` condition each step costs two round trips: the step, then the
-        reads that decide whether to step again. Without one, the reads of boundary k and
-        step k+1 share one write (the step last): one round trip a step, and the code at
-        a new rip is read in the write after the one that stepped over it.
+        Without a ``stop`` condition the reads of boundary k and step k+1 share one write
+        (the step last): one round trip a step, and the code at a new rip is read in the
+        write after the one that stepped over it. With one, a step costs two round trips
+        (the reads that decide whether to step again, then the step), or one after an
+        instruction that a :class:`ForeseeingStop` says cannot make it hold
+        (``Trace.steps_ahead`` counts those).
         """
         trace = Trace(self.cpu, self.ncpus)
         lines = CodeLines()
@@ -395,14 +423,38 @@ class Stepper:
         stop: StopCondition,
         on_step: Callable[[Snapshot], None] | None,
     ) -> Snapshot:
+        """Step i executed the instruction at boundary i-1's rip; one write reads boundary i.
+
+        When ``stop`` foresees (:class:`ForeseeingStop`) that the instruction step i
+        executed cannot make it hold, step i+1 ends that write (one round trip a step);
+        otherwise step i+1 is sent alone once boundary i is known not to satisfy ``stop``
+        (two). Never with an ``on_step``: it runs while the VM is stopped before the
+        next step, and may use the link.
+        """
         framed = self._framed(link)
         step = framed[0]
+        foresee = stop.may_hold_after if on_step is None and isinstance(stop, ForeseeingStop) else None
+        named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
         snap = first
         for i in range(1, max_steps + 1):
-            pc = snap.pc
-            named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
+            pc = snap.pc  # the instruction step i executed
             data, layout = self._reads_after(link, trace, lines, pc, named, framed)
-            reads, code = self._split(link.exchange(data, layout.total), layout)
+            # i > 1: the condition was found not to hold at boundary i-1 (the first boundary
+            # is not evaluated); no code read in this write: the instruction is known
+            # (``_reads_after`` put it in ``trace.code``)
+            ahead = (
+                foresee is not None
+                and 1 < i < max_steps
+                and not layout.code
+                and not foresee(self.cpu, pc, trace.code[pc])
+            )
+            if ahead:
+                link.send(data + step, owe_last=True)
+                replies = link.receive(layout.total + 1)
+                trace.steps_ahead += 1
+            else:
+                replies = link.exchange(data, layout.total)
+            reads, code = self._split(replies, layout)
             if code is not None:
                 trace.code[pc] = lines.store(pc, code)
             snap = self._parse_step(reads, i, first, snap)
@@ -410,8 +462,18 @@ class Stepper:
             if on_step is not None:
                 on_step(snap)
             if stop(snap):
+                if ahead:
+                    raise GuestError(
+                        f"the stop condition {stop!r} holds at step {i} (rip {snap.pc:#x}) after the "
+                        f"instruction at {pc:#x} ({trace.code[pc].hex()}), which it foresaw could not make "
+                        f"it hold; step {i + 1} was already sent, so vCPU {self.cpu} is one step further"
+                    )
                 trace.stopped_because = "condition"
                 return snap
+            if ahead:
+                named = self._check_step(replies[-1])
+            elif i < max_steps:
+                named = self._check_step(link.exchange(step, 1, owe_last=True)[0])
         trace.stopped_because = f"max_steps={max_steps}"
         return snap
 
@@ -466,6 +528,7 @@ class Stepper:
             if not last:
                 named = self._check_step(replies[-1])
         take(unparsed, max_steps)
+        trace.steps_ahead = max_steps - 1
         return snap
 
     def _remember_code(self, link: RspLink, trace: Trace, lines: CodeLines, snap: Snapshot) -> None:
@@ -529,13 +592,50 @@ class CodeLines:
         return data[pc - start : pc - start + MAX_INSN]
 
 
-def in_user_mode(cpu: int) -> StopCondition:
+@dataclass(frozen=True)
+class InUserMode:
+    """Holds once vCPU ``cpu``'s rip is in the lower (user) half (a :class:`ForeseeingStop`)."""
+
+    cpu: int
+
+    def __call__(self, s: Snapshot) -> bool:
+        return s.rip[self.cpu] < KERNEL_HALF
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        """Only the stepping vCPU's rip moves, and only returns, indirect and far transfers
+        can take it from the upper half to the lower (:func:`may_leave_kernel_half`)."""
+        return cpu == self.cpu and may_leave_kernel_half(code, pc)
+
+
+def in_user_mode(cpu: int) -> InUserMode:
     """Stop once vCPU ``cpu``'s rip is in the lower (user) half."""
+    return InUserMode(cpu)
 
-    def cond(s: Snapshot) -> bool:
-        return s.rip[cpu] < 0x8000_0000_0000_0000
 
-    return cond
+@dataclass(frozen=True)
+class OnTables:
+    """Holds once vCPU ``cpu`` has the PTI ``user`` (or, with False, kernel) page tables
+    loaded (a :class:`ForeseeingStop`)."""
+
+    cpu: int
+    user: bool
+
+    def __call__(self, s: Snapshot) -> bool:
+        return s.user_tables(self.cpu) == self.user
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        """Only a CR3 write of the stepping vCPU changes its side (:func:`may_write_cr3`)."""
+        return cpu == self.cpu and may_write_cr3(code)
+
+
+def on_kernel_tables(cpu: int) -> OnTables:
+    """Stop once vCPU ``cpu`` runs on the kernel page tables (CR3 bit 12 clear)."""
+    return OnTables(cpu, user=False)
+
+
+def on_user_tables(cpu: int) -> OnTables:
+    """Stop once vCPU ``cpu`` runs on the PTI user page tables (CR3 bit 12 set)."""
+    return OnTables(cpu, user=True)
 
 
 def at_any(addresses: Iterable[int]) -> StopCondition:
