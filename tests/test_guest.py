@@ -6,9 +6,10 @@ import re
 
 import pytest
 
+from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.vcpu import thread_id
-from rig.observe.stepping import Snapshot, Stepper, Watch
+from rig.observe.stepping import Snapshot, Stepper, Watch, in_user_mode
 
 
 @pytest.mark.parametrize(
@@ -73,29 +74,65 @@ def test_stepping_moves_only_the_stepped_vcpu(booted: Guest) -> None:
     assert trace.snapshots[0].where == "entry_SYSCALL_64"
 
 
-def test_pipelined_and_checked_stepping_give_the_same_trace(booted: Guest) -> None:
+def test_pipelined_checked_and_foreseen_stepping_give_the_same_trace(booted: Guest) -> None:
     """Without a stop condition the Stepper pipelines each step with the reads before it;
-    with one it reads, decides, then steps. Same path, same boundaries, same words."""
+    with an opaque one it reads, decides, then steps; with in_user_mode it pipelines after
+    the instructions the condition foresees. Same path, same boundaries, same words."""
     cpu = booted.config.isolated
     other = 1 - cpu if booted.config.smp == 2 else 0
     tss = Watch("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
     pid = booted.start_workload("syscall-loop", cpu)
     traces = []
     try:
-        for stop in (None, lambda s: False):
+        for stop in (None, lambda s: False, in_user_mode(cpu)):
             booted.break_on(booted.symbols.address("entry_SYSCALL_64"), cpu)
             stepper = Stepper(booted.regmap, booted.config.smp, cpu, [tss])
             with booted.link() as link:
                 traces.append(stepper.run(link, max_steps=150, stop=stop))
     finally:
         booted.stop_workload(pid)
-    a, b = traces
+    a, b, c = traces
     assert [(s.rip[cpu], s.cr3[cpu], s.words) for s in a.snapshots] == [
         (s.rip[cpu], s.cr3[cpu], s.words) for s in b.snapshots
     ]
     assert a.code == b.code and len(a.code) > 50
     assert all(a.snapshots[0].rip[other] == s.rip[other] for s in a.snapshots)
-    assert not a.frozen_violations() and not b.frozen_violations()
+    assert not a.frozen_violations() and not b.frozen_violations() and not c.frozen_violations()
+    # the foreseen run: the same boundaries up to where it stopped (back in user mode, or 150)
+    assert [(s.rip[cpu], s.cr3[cpu], s.words) for s in c.snapshots] == [
+        (s.rip[cpu], s.cr3[cpu], s.words) for s in a.snapshots[: len(c.snapshots)]
+    ]
+    steps = len(c.snapshots) - 1
+    assert b.steps_ahead == 0 and a.steps_ahead == 149
+    assert steps / 2 < c.steps_ahead < steps, f"{c.steps_ahead} of {steps} steps rode with the reads"
+
+
+class _Misforeseeing:
+    """A stop condition that holds at step 20 but claims no instruction can make it hold."""
+
+    def __call__(self, s: Snapshot) -> bool:
+        return s.step == 20
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        return False
+
+
+def test_a_wrong_foresight_ends_the_run_in_an_error_not_an_overshoot(booted: Guest) -> None:
+    """A :class:`ForeseeingStop` that is wrong would let the vCPU run one step past where
+    the condition held: the Stepper says so and names the instruction, and the link stays
+    usable (the next run works)."""
+    cpu = booted.config.isolated
+    pid = booted.start_workload("syscall-loop", cpu)
+    try:
+        booted.break_on(booted.symbols.address("entry_SYSCALL_64"), cpu)
+        stepper = Stepper(booted.regmap, booted.config.smp, cpu)
+        with booted.link() as link:
+            with pytest.raises(GuestError, match=r"holds at step 20 .* it foresaw could not make it hold"):
+                stepper.run(link, max_steps=100, stop=_Misforeseeing())
+            again = stepper.run(link, max_steps=5)
+    finally:
+        booted.stop_workload(pid)
+    assert len(again.snapshots) == 6 and not again.frozen_violations()
 
 
 def test_a_frozen_vcpu_that_moved_is_reported(booted: Guest) -> None:

@@ -42,3 +42,19 @@ def test_a_failed_read_keeps_nothing() -> None:
     pc = 0x401000
     assert lines.store(pc, "E14") == b""
     assert lines.at(pc) is None
+
+
+def test_the_library_conditions_foresee_only_what_can_make_them_hold() -> None:
+    from rig.observe.stepping import ForeseeingStop, in_user_mode, on_kernel_tables, on_user_tables
+
+    k = 0xFFFFFFFF81000000
+    mov, ret, cr3_write = bytes.fromhex("4889e7"), bytes.fromhex("c3"), bytes.fromhex("0f22dc")
+    user = in_user_mode(1)
+    assert isinstance(user, ForeseeingStop) and not isinstance(lambda s: False, ForeseeingStop)
+    assert not user.may_hold_after(1, k, mov) and user.may_hold_after(1, k, ret)
+    assert not user.may_hold_after(0, k, ret), "another vCPU's rip does not move"
+    assert user.may_hold_after(1, 0x401000, mov), "in user code the next rip is in user code"
+    for cond in (on_kernel_tables(1), on_user_tables(1)):
+        assert not cond.may_hold_after(1, k, mov) and not cond.may_hold_after(1, k, ret)
+        assert cond.may_hold_after(1, k, cr3_write) and cond.may_hold_after(1, k, b"")
+        assert not cond.may_hold_after(0, k, cr3_write)
