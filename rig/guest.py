@@ -220,7 +220,9 @@ class Guest:
         for setting in ("mi-async on", "pagination off", "confirm off"):
             self.gdb.command(f"-gdb-set {setting}")
         self._phase("gdb started")
-        self.relay = GdbRelay(self.machine.gdb_socket, self.machine.dir / "gdb-relay.sock")
+        machine = self.machine
+        stub = machine.gdb_socket
+        self.relay = GdbRelay(lambda: machine.host.open_stream(stub), machine.dir / "gdb-relay.sock")
         self.gdb.command(f"-target-select remote {self.relay.listen_path}")
         self.gdb.wait_stopped(10)
         self.gdb.command("-gdb-set scheduler-locking step")

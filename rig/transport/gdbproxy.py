@@ -21,11 +21,11 @@ import re
 import selectors
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rig.errors import GuestError
-from rig.transport.rsp import REPLY_TIMEOUT, ReplyTimeout, RspLink, set_receive_timeout
+from rig.transport.rsp import REPLY_TIMEOUT, ReplyTimeout, RspLink, Stream, set_receive_timeout
 
 _HG = re.compile(rb"\$(Hg[^#]*)#")
 _NOACK = re.compile(rb"\$QStartNoAckMode#")
@@ -33,10 +33,11 @@ _STOP_THREAD = re.compile(rb"\$T[0-9a-fA-F]{2}(?:[^#]*?;)?thread:([^;#]+)")
 
 
 class GdbRelay:
-    """Listen on ``listen_path`` for GDB, relay to the gdbstub socket at ``stub_path``."""
+    """Listen on ``listen_path`` for GDB, relay to the gdbstub stream ``connect`` opens
+    (:meth:`rig.transport.host.Host.open_stream`; called once GDB has connected)."""
 
-    def __init__(self, stub_path: Path, listen_path: Path) -> None:
-        self.stub_path = stub_path
+    def __init__(self, connect: Callable[[], Stream], listen_path: Path) -> None:
+        self._connect = connect
         self.listen_path = listen_path
         self.last_hg: str | None = None
         #: Bound (seconds) on each reply while the link is borrowed (see RspLink).
@@ -47,7 +48,7 @@ class GdbRelay:
         self._server.bind(str(listen_path))
         os.chmod(listen_path, 0o600)
         self._server.listen(1)
-        self._upstream: socket.socket | None = None
+        self._upstream: Stream | None = None
         self._client: socket.socket | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._state = threading.Condition()
@@ -63,9 +64,8 @@ class GdbRelay:
             client, _ = self._server.accept()
         except OSError:
             return
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            upstream.connect(str(self.stub_path))
+            upstream = self._connect()
         except OSError:
             client.close()
             return

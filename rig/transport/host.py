@@ -15,12 +15,14 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from rig.errors import ConfigError
+from rig.transport.rsp import Stream
 
 
 class HostProcess(abc.ABC):
@@ -97,6 +99,18 @@ class Host(abc.ABC):
     def stage(self, local_file: Path) -> str:
         """The path under which the host's processes read ``local_file`` (uploaded once)."""
         return str(local_file)
+
+    def open_stream(self, local_socket: Path) -> Stream:
+        """A new connection to the host's unix socket at ``host_path(local_socket)``, for a
+        hot path that should not pass through :meth:`expose`'s local socket (the gdbstub
+        link of the stepping loop). OSError if it cannot be made."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(local_socket))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def expose(self, local_socket: Path) -> None:  # noqa: B027 (a no-op for the local host)
         """Make the host's unix socket at ``host_path(local_socket)`` reachable at

@@ -14,6 +14,7 @@ import re
 import socket
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 
 from rig.errors import GuestError
 
@@ -68,20 +69,44 @@ class ReplyTimeout(GuestError):
     """QEMU sent no reply within the link's reply timeout."""
 
 
-def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:
-    """Bound each blocking ``recv`` on ``sock`` in the kernel (``SO_RCVTIMEO``).
+class Stream(Protocol):
+    """What the relay and :class:`RspLink` need of a connection to the gdbstub: a
+    connected unix socket, or a stream that behaves like one (an SSH channel, see
+    :class:`rig.transport.ssh.ChannelStream`). ``recv`` returns ``b""`` at the end of the
+    stream; a stream that is not a socket also has ``set_receive_timeout`` (see
+    :func:`set_receive_timeout`)."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def settimeout(self, seconds: float | None, /) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def set_receive_timeout(sock: Stream, seconds: float | None) -> None:
+    """Bound each blocking ``recv`` on ``sock`` in the kernel (``SO_RCVTIMEO``), or with the
+    stream's own ``set_receive_timeout``: a late reply then fails with ``EAGAIN``.
 
     The socket stays in blocking mode, so a read whose data is already there (every
     read of the stepping loop) costs nothing extra; only a late reply hits the bound.
     ``None`` or 0 removes the bound.
     """
+    if not isinstance(sock, socket.socket):
+        sock.set_receive_timeout(seconds)  # type: ignore[attr-defined]
+        return
     sec = seconds or 0.0
     whole = int(sec)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((sec - whole) * 1e6)))
 
 
 class RspLink:
-    """A client end of an RSP connection over a connected stream socket.
+    """A client end of an RSP connection over a connected :class:`Stream`.
 
     ``acks`` says whether the connection still uses ``+``/``-`` acknowledgements (it
     does not after a successful ``QStartNoAckMode``, which GDB negotiates with QEMU).
@@ -90,7 +115,7 @@ class RspLink:
     :class:`ReplyTimeout`.
     """
 
-    def __init__(self, sock: socket.socket, *, acks: bool, reply_timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(self, sock: Stream, *, acks: bool, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.sock = sock
         self.acks = acks
         self.reply_timeout = reply_timeout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import getpass
 import hashlib
 import os
@@ -282,6 +283,58 @@ def open_streamlocal(transport: paramiko.Transport, path: str, timeout: float = 
             "AllowStreamLocalForwarding/AllowTcpForwarding off)"
         )
     return opened  # type: ignore[no-any-return]
+
+
+class ChannelStream:
+    """A ``direct-streamlocal`` channel with the socket calls of
+    :class:`~rig.transport.rsp.Stream`, for the gdbstub link: the relay and the stepping
+    loop read and write the channel itself, with no local socket and no copying thread
+    in between (see :meth:`SshHost.open_stream`).
+
+    ``recv`` waits at most the :meth:`settimeout` seconds (then ``TimeoutError``, as a
+    socket does) or else the :meth:`set_receive_timeout` seconds (then ``EAGAIN``, as a
+    socket with ``SO_RCVTIMEO`` does); neither set: until data or the end of the stream.
+    """
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan = chan
+        self._timeout: float | None = None
+        self._receive_timeout: float | None = None
+
+    def sendall(self, data: bytes, /) -> None:
+        try:
+            self.chan.sendall(data)
+        except (paramiko.SSHException, EOFError) as exc:
+            raise ConnectionError(f"the SSH channel failed: {exc}") from None
+
+    def recv(self, size: int, /) -> bytes:
+        timeout = self._timeout if self._timeout is not None else self._receive_timeout
+        self.chan.settimeout(timeout)
+        try:
+            return bytes(self.chan.recv(size))
+        except TimeoutError:
+            if self._timeout is not None:
+                raise
+            raise BlockingIOError(errno.EAGAIN, "no reply within the receive timeout") from None
+
+    def settimeout(self, seconds: float | None, /) -> None:
+        self._timeout = seconds
+
+    def set_receive_timeout(self, seconds: float | None) -> None:
+        self._receive_timeout = seconds or None
+
+    def fileno(self) -> int:
+        return int(self.chan.fileno())
+
+    def shutdown(self, how: int, /) -> None:
+        try:
+            self.chan.shutdown(how)
+        except (paramiko.SSHException, EOFError) as exc:
+            raise ConnectionError(f"the SSH channel failed: {exc}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+            self.chan.close()
 
 
 class SocketForwarder:
@@ -575,6 +628,14 @@ class SshHost(Host):
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise self._lost(f"starting {argv[0]}", exc) from None
         return SshProcess(self, chan, log)
+
+    def open_stream(self, local_socket: Path) -> ChannelStream:
+        """A channel straight to the box's socket: one hop fewer than :meth:`expose`'s local
+        socket and its copying thread (about 70 us less per round trip on loopback)."""
+        try:
+            return ChannelStream(open_streamlocal(self.transport, self.host_path(local_socket)))
+        except (paramiko.SSHException, EOFError) as exc:
+            raise ConnectionError(f"{self.label}: {exc}") from None
 
     def expose(self, local_socket: Path) -> None:
         if local_socket not in self._forwarders:
