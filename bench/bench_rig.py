@@ -4,8 +4,8 @@
    vCPU, the signal (or, without it, ``cpu_tss_rw.sp0``) through every vCPU) against the
    raw single-step loop (``vCont;s`` only, no reads) on the same borrowed link: the
    limit. The two alternate in blocks of ``--block`` steps on the same guest so that
-   the load of other processes falls on both alike. The Stepper with a stop condition
-   (two round trips a step) is measured the same way and printed beside it. Also, for
+   the load of other processes falls on both alike. The Stepper with an opaque stop
+   condition (two round trips a step) is measured the same way and printed beside it. Also, for
    comparison: a bare GDB CLI ``stepi`` loop and GDB/MI per step.
 2. **first-hit**: time from QEMU start to the first breakpoint hit on the isolated vCPU
    (``syscall-loop`` started, ``entry_SYSCALL_64``) against the plain boot of the same
@@ -182,7 +182,7 @@ def _never(_: object) -> bool:
 
 
 def step_rates(g: Guest, steps: int, block: int) -> dict[str, float]:
-    """The raw loop, the Stepper and the Stepper with a stop condition, in adjacent
+    """The raw loop, the Stepper and the Stepper with an opaque stop condition, in adjacent
     blocks of ``block`` steps on one borrowed link (same guest, same path: ``syscall-loop``
     on the isolated vCPU from ``entry_SYSCALL_64``), ``steps`` steps each.
 
@@ -545,7 +545,8 @@ def main() -> int:
     )
     print(
         f"stepping: raw vCont;s loop {med(raw):.0f}/s (limit); Stepper {med(stepper):.0f}/s;"
-        f" Stepper with a stop condition {med(stepper_stop):.0f}/s, {med(step_stop_ratio):.2f} of the limit"
+        f" Stepper with an opaque stop condition {med(stepper_stop):.0f}/s,"
+        f" {med(step_stop_ratio):.2f} of the limit"
         f" (ratios: medians of adjacent {args.block}-step blocks)"
     )
     results.ratio(

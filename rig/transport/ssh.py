@@ -14,13 +14,15 @@ connection, which carries everything:
   group and removes the remote private directory. QEMU's output streams back over the
   channel's stderr into the local log file.
 * **Sockets.** The gdbstub, QMP and the console stay unix sockets in the remote private
-  directory (``mktemp -d``: 0700). Each is exposed as a local unix socket (0600, in the
-  local 0700 directory) by a :class:`SocketForwarder` that opens one
-  ``direct-streamlocal@openssh.com`` channel per connection, as ``ssh -L
-  local.sock:remote.sock`` does. Chosen over a remote ``socat``/``nc -U``: no program
-  or extra process is needed on the box, nothing listens there but QEMU's own sockets,
-  and the bytes take one hop (sshd -> socket) instead of two. The relay, GDB/MI, the
-  console and QMP connect to the local paths unchanged.
+  directory (``mktemp -d``: 0700), reached over ``direct-streamlocal@openssh.com``
+  channels, as ``ssh -L local.sock:remote.sock`` does. The gdbstub link, the stepping
+  loop's hot path, is a channel the relay opens itself (:meth:`SshHost.open_stream`,
+  :class:`ChannelStream`): no local socket, no copying thread. QMP and the console are
+  exposed as local unix sockets (0600, in the local 0700 directory) by a
+  :class:`SocketForwarder` that opens one channel per connection, so they connect to
+  local paths unchanged. Chosen over a remote ``socat``/``nc -U``: no program or extra
+  process is needed on the box, nothing listens there but QEMU's own sockets, and the
+  bytes take one hop (sshd -> socket) instead of two.
 * **Files.** :meth:`SshHost.stage` uploads a file over SFTP once into a cache on the box
   named by its SHA-256 (checked with ``sha256sum`` there); a second run uploads nothing.
 """
