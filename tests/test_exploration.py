@@ -10,8 +10,8 @@ import pytest
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
-from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, Window, explore
-from rig.observe.stepping import Trace
+from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, ScoutStop, Window, explore
+from rig.observe.stepping import Snapshot, Trace
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
@@ -27,6 +27,31 @@ def _result(explored: list[int], store: int = 5, cr3_write: int = 7) -> Explorat
         BoundaryRun(k, "entry_SYSCALL_64+0x0", "nop", 0x1000, 1, "NMI", "non-paranoid") for k in explored
     ]
     return ex
+
+
+def _snap(step: int, pc: int, cr3: int) -> Snapshot:
+    return Snapshot(step, 1, [0, pc], [0, cr3], {})
+
+
+def test_a_scout_foresees_its_stop_only_at_a_cr3_write_then_at_its_count() -> None:
+    """An entry scout on vCPU 1 that stops 3 boundaries after the switch to the kernel CR3:
+    before the switch only a CR3 write can make it hold; after it, the count or an exit
+    to user mode."""
+    k, user_cr3, kernel_cr3 = 0xFFFFFFFF81000000, 0x2000 | 1 << 12, 0x2000
+    mov, cr3_write, sysret = bytes.fromhex("4889e7"), bytes.fromhex("0f22dc"), bytes.fromhex("480f07")
+    stop = ScoutStop(1, want_user=False, after=3)
+    assert not stop(_snap(1, k, user_cr3))
+    assert not stop.may_hold_after(1, k, mov) and stop.may_hold_after(1, k, cr3_write)
+    assert not stop.may_hold_after(0, k, cr3_write), "another vCPU's CR3 does not change"
+    assert not stop(_snap(2, k + 3, kernel_cr3)), "the switch (boundary 2) is not yet 3 past it"
+    assert not stop(_snap(3, k + 6, kernel_cr3))
+    assert not stop.may_hold_after(1, k + 6, mov), "boundary 4 is 2 past the switch"
+    assert not stop(_snap(4, k + 9, kernel_cr3))
+    assert stop.may_hold_after(1, k + 9, mov), "boundary 5 is 3 past the switch"
+    assert stop(_snap(5, k + 12, kernel_cr3))
+    early = ScoutStop(1, want_user=False, after=10)
+    early(_snap(1, k, kernel_cr3))
+    assert early.may_hold_after(1, k, sysret) and not early.may_hold_after(1, k, mov)
 
 
 def test_a_window_whose_race_boundaries_all_ran_has_no_problem() -> None:

@@ -27,7 +27,8 @@ from rig.guest import Guest, GuestConfig
 from rig.tools.private_sshd import PrivateSshd
 from rig.transport.kvmprobe import kernel_probe, probe_boot, probe_firmware
 from rig.transport.qemu import QemuConfig, QemuMachine
-from rig.transport.ssh import SshError, SshHost, parse_ssh_url
+from rig.transport.rsp import ReplyTimeout, RspLink, set_receive_timeout
+from rig.transport.ssh import ChannelStream, SshError, SshHost, parse_ssh_url
 from tests.conftest import junit_outcomes, processes_tagged, run_pytest
 
 
@@ -220,6 +221,42 @@ def test_upload_by_hash_happens_once(host: SshHost, tmp_path: Path) -> None:
         0
     ]
     assert first.endswith(digest) and host.run(["sha256sum", first])[1].split()[0] == digest
+
+
+def test_gdbstub_stream_is_a_channel_with_the_links_timeouts(host: SshHost) -> None:
+    """``SshHost.open_stream`` (the relay's gdbstub link) is a streamlocal channel to the
+    box's socket with the socket behaviour RspLink relies on: a reply that never comes is
+    a ReplyTimeout at the link's bound, a Python-level timeout is TimeoutError, the
+    bytes arrive as sent, and the other end closing is the end of the stream."""
+    local = host.private_dir("cr3rig-")
+    try:
+        path = local / "stub.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(host.host_path(path))  # the "box" is this machine: bind its remote path
+        server.listen(1)
+        stream = host.open_stream(path)
+        assert isinstance(stream, ChannelStream)
+        conn, _ = server.accept()
+        link = RspLink(stream, acks=False, reply_timeout=0.5)
+        set_receive_timeout(stream, 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(ReplyTimeout, match=r"no reply within 0\.5 s"):
+            link.transact(["?"])
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert conn.recv(64) == b"$?#3f"
+        stream.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            stream.recv(16)
+        stream.settimeout(None)
+        conn.sendall(b"$OK#9a")
+        assert link.transact(["g"]) == ["OK"]
+        conn.close()
+        server.close()
+        with pytest.raises(RigError, match="closed the gdbstub connection"):
+            link.transact(["?"])
+        stream.close()
+    finally:
+        host.remove_private_dir(local)
 
 
 def qemu_argv() -> list[str]:

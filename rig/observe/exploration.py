@@ -41,7 +41,7 @@ from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import stopped_cpu, thread_id
-from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
 from rig.observe.checks import signal_problems
 from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
@@ -137,6 +137,39 @@ class BoundaryRun:
     @property
     def verdict(self) -> str:
         return "ok" if not self.problems else "FAIL"
+
+
+@dataclass
+class ScoutStop:
+    """A scout's stop condition (a :class:`~rig.observe.stepping.ForeseeingStop`): holds
+    ``after`` boundaries past the first one on the wanted CR3 side (user tables if
+    ``want_user``), or at a user-mode boundary once there.
+
+    It counts steps, so it keeps state: ``flipped`` (the boundary that first had the
+    wanted side) and ``seen`` (the last boundary evaluated; the Stepper asks
+    :meth:`may_hold_after` about the instruction that leads from that boundary to the next).
+    """
+
+    cpu: int
+    want_user: bool
+    after: int
+    flipped: int | None = None
+    seen: int = 0
+
+    def __call__(self, s: Snapshot) -> bool:
+        self.seen = s.step
+        if self.flipped is None and s.user_tables(self.cpu) == self.want_user:
+            self.flipped = s.step
+        return self.flipped is not None and (s.step - self.flipped >= self.after or s.pc < KERNEL_HALF)
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        """Before the switch only a CR3 write can make it hold; after it, the step count
+        or a return to user mode."""
+        if cpu != self.cpu:
+            return False
+        if self.flipped is None:
+            return may_write_cr3(code)
+        return self.seen + 1 - self.flipped >= self.after or may_leave_kernel_half(code, pc)
 
 
 @dataclass
@@ -251,13 +284,7 @@ class Explorer:
     def scout(self, window: Window) -> tuple[Trace, int, int]:
         """Step the window's path once; return (trace, store index, CR3-write index)."""
         want_user = window.direction == "exit"
-        flipped: list[int] = []
-
-        def stop(s: Snapshot) -> bool:
-            if not flipped and s.user_tables(self.cpu) == want_user:
-                flipped.append(s.step)
-            return bool(flipped) and (s.step - flipped[0] >= window.after or s.pc < 1 << 63)
-
+        stop = ScoutStop(self.cpu, want_user, window.after)
         self._arrive(window)
         trace = self.guest.step(self.cpu, watches=[self._watch()], max_steps=window.scout_steps, stop=stop)
         snaps = trace.snapshots

@@ -124,7 +124,9 @@ class ForeseeingStop(Protocol):
         """False only if, when vCPU ``cpu`` executes the instruction ``code`` at ``pc`` from a
         boundary where the condition does not hold (and the other vCPUs stay frozen), it
         cannot hold at the boundary after it. ``code`` may be cut short or empty (the
-        read failed): then True."""
+        read failed): then True. The Stepper asks right after the condition was found
+        False at the boundary whose rip is ``pc`` (the last it was called with), so a
+        condition with state (a step count) may rely on that."""
         ...
 
 
