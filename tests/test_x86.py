@@ -57,6 +57,7 @@ def test_may_write_cr3_decodes_mov_to_cr3_and_nothing_else() -> None:
     assert may_write_cr3(bytes.fromhex("410f22de"))  # mov %r14,%cr3
     assert may_write_cr3(bytes.fromhex("0f22d8"))  # mov %rax,%cr3
     assert may_write_cr3(b"") and may_write_cr3(b"\x0f") and may_write_cr3(b"\x66\x41")  # cannot tell
+    assert may_write_cr3(bytes.fromhex("48660f22d8"))  # a REX, then a prefix: the REX is ignored
     assert not may_write_cr3(bytes.fromhex("0f20d8"))  # mov %cr3,%rax (a read)
     assert not may_write_cr3(bytes.fromhex("65c70425000000000100"))  # movl $0x1,%gs:0x0
     assert not may_write_cr3(bytes.fromhex("4889e7"))  # mov %rsp,%rdi
@@ -83,6 +84,7 @@ def test_may_leave_kernel_half_only_for_returns_indirect_and_far_transfers() -> 
         "",
         "48",  # a REX prefix alone: cannot tell
         "ff",  # group 5 without its ModRM: cannot tell
+        "4866c3",  # a REX, then a prefix, then ret: the REX is ignored, it is still a ret
     ):
         assert may_leave_kernel_half(bytes.fromhex(hexcode), k), hexcode
     for hexcode in (

@@ -129,20 +129,21 @@ _SHIFTS5 = (48, 39, 30, 21, 12)
 
 #: Legacy prefixes that may precede an opcode (operand/address size, REP, segment, LOCK).
 _LEGACY_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0})
+#: Every byte that can precede an opcode in 64-bit mode: the legacy prefixes and REX
+#: (40-4F). A REX that is not last is ignored by the CPU, but the opcode still follows.
+_PREFIXES = _LEGACY_PREFIXES | frozenset(range(0x40, 0x50))
 
 
 def may_write_cr3(code: bytes) -> bool:
     """Whether the instruction starting at ``code[0]`` may write CR3 (conservative).
 
-    In 64-bit mode only ``MOV CR3, reg`` (``0F 22 /3``, after optional legacy prefixes and
-    a REX prefix) writes CR3: interrupts and exceptions do not, and task switches do not
+    In 64-bit mode only ``MOV CR3, reg`` (``0F 22 /3``, after optional legacy and REX
+    prefixes) writes CR3: interrupts and exceptions do not, and task switches do not
     exist. False only when ``code`` decodes as another instruction; True for any
     ``0F 22`` (a write to any control register) and for bytes too short to tell.
     """
     i = 0
-    while i < len(code) and code[i] in _LEGACY_PREFIXES:
-        i += 1
-    if i < len(code) and 0x40 <= code[i] <= 0x4F:
+    while i < len(code) and code[i] in _PREFIXES:
         i += 1
     if i >= len(code):
         return True  # nothing left to decode: cannot tell
@@ -217,11 +218,9 @@ def may_leave_kernel_half(code: bytes, pc: int) -> bool:
     i = 0
     n = len(code)
     sized = rep = False
-    while i < n and code[i] in _LEGACY_PREFIXES:
+    while i < n and code[i] in _PREFIXES:
         sized |= code[i] == 0x66
         rep |= code[i] in (0xF2, 0xF3)
-        i += 1
-    if i < n and 0x40 <= code[i] <= 0x4F:
         i += 1
     if i >= n:
         return True
