@@ -63,9 +63,11 @@ def from_user(
     accept: Callable[[Trace], bool] = lambda t: True,
 ) -> Trace:
     """Break on ``entry`` until vCPU ``cpu`` arrives there on the user CR3 (and the trace
-    passes ``accept``), then return the stepped trace."""
+    passes ``accept``), then return the stepped trace. After ``tries`` hits that did not,
+    fail with what each hit was."""
     names = (entry,) if isinstance(entry, str) else entry
     addresses = [guest.symbols.address(n) for n in names if n in guest.symbols]
+    hits: list[str] = []
     for _ in range(tries):
         guest.break_on(addresses, cpu, trigger=trigger)
         # a hit taken in kernel mode (an interrupt in a syscall, in softirqs) is not stepped:
@@ -74,7 +76,9 @@ def from_user(
         # while it is stopped), then the entry is armed again
         at = guest.step(cpu, max_steps=0)
         guest.traces.pop()
-        if not at.snapshots[0].user_tables(cpu):
+        first = at.snapshots[0]
+        if not first.user_tables(cpu):
+            hits.append(f"{first.where or hex(first.pc)} from kernel mode")
             exits = [guest.symbols.address(n) for n in EXITS_TO_USER if n in guest.symbols]
             guest.break_on(exits, cpu)
             guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
@@ -83,8 +87,15 @@ def from_user(
         trace = step_watching(guest, cpu, steps, stop)
         if trace.snapshots[0].user_tables(cpu) and accept(trace):
             return trace
+        last = trace.snapshots[-1]
+        hits.append(
+            f"{first.where or hex(first.pc)} from user mode, not accepted: {len(trace.snapshots) - 1} steps, "
+            f"stopped by {trace.stopped_because} at {last.where or hex(last.pc)}"
+        )
         guest.traces.pop()
-    raise AssertionError(f"{tries} hits of {entry} in a row did not come from the user CR3")
+    raise AssertionError(
+        f"{tries} hits of {entry} in a row did not come from the user CR3 and pass: " + "; ".join(hits)
+    )
 
 
 def returned(trace: Trace) -> bool:
