@@ -22,7 +22,7 @@ import pytest
 from rig.guest import Guest
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import allowed_scratch, memory_operands, signal_problems, store_windows
-from rig.observe.stepping import StopCondition, Trace, Watch, in_user_mode
+from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 #: Most boundaries allowed between the store of 0 and the write of the user CR3
@@ -84,14 +84,21 @@ def from_user(
             guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
             guest.traces.pop()
             continue
-        trace = step_watching(guest, cpu, steps, stop)
-        if trace.snapshots[0].user_tables(cpu) and accept(trace):
+        # a path that spins on what the frozen vCPU holds (a lock, a stop_machine
+        # rendezvous) never gets back: give it up early, not after ``steps`` steps
+        spin = Spinning(cpu)
+        trace = step_watching(guest, cpu, steps, AnyOf((stop, spin)))
+        if spin.spun_at is None and trace.snapshots[0].user_tables(cpu) and accept(trace):
             return trace
         last = trace.snapshots[-1]
-        hits.append(
-            f"{first.where or hex(first.pc)} from user mode, not accepted: {len(trace.snapshots) - 1} steps, "
-            f"stopped by {trace.stopped_because} at {last.where or hex(last.pc)}"
+        why = (
+            f"spun at {last.where or hex(last.pc)} ({spin.window} steps on at most {spin.distinct} rips: "
+            "waiting for a frozen vCPU?)"
+            if spin.spun_at is not None
+            else f"stopped by {trace.stopped_because} at {last.where or hex(last.pc)}"
         )
+        taken = len(trace.snapshots) - 1
+        hits.append(f"{first.where or hex(first.pc)} from user mode, not accepted: {taken} steps, {why}")
         guest.traces.pop()
     raise AssertionError(
         f"{tries} hits of {entry} in a row did not come from the user CR3 and pass: " + "; ".join(hits)

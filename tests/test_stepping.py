@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rig.observe.stepping import CODE_LINE, MAX_INSN, CodeLines
+from rig.observe.stepping import CODE_LINE, MAX_INSN, CodeLines, Snapshot
 
 
 def _reply(start: int, size: int) -> str:
@@ -58,3 +58,28 @@ def test_the_library_conditions_foresee_only_what_can_make_them_hold() -> None:
         assert not cond.may_hold_after(1, k, mov) and not cond.may_hold_after(1, k, ret)
         assert cond.may_hold_after(1, k, cr3_write) and cond.may_hold_after(1, k, b"")
         assert not cond.may_hold_after(0, k, cr3_write)
+
+
+def _at(step: int, rip: int) -> Snapshot:
+    return Snapshot(step, 1, [0, rip], [0, 0x2000], {})
+
+
+def test_spinning_holds_at_a_window_end_with_few_rips_and_foresees_the_rest() -> None:
+    from rig.observe.stepping import AnyOf, ForeseeingStop, Spinning, in_user_mode
+
+    k = 0xFFFFFFFF81000000
+    spin = Spinning(1, window=100, distinct=4)
+    walk = [spin(_at(i, k + 3 * i)) for i in range(1, 101)]  # a path: 100 distinct rips
+    assert not any(walk) and spin.spun_at is None
+    held = [spin(_at(i, k + 3 * (i % 3))) for i in range(101, 201)]  # a loop of 3 rips
+    assert held == [False] * 99 + [True] and spin.spun_at is not None and spin.spun_at.step == 200
+    assert spin.may_hold_after(1, k, b"") is False, "boundary 201 is not a window end"
+    spin(_at(299, k))
+    assert spin.may_hold_after(1, k, b""), "boundary 300 is"
+    both = AnyOf((in_user_mode(1), Spinning(1, window=100)))
+    assert isinstance(both, ForeseeingStop)
+    assert not both.may_hold_after(1, k, bytes.fromhex("4889e7"))
+    assert both.may_hold_after(1, k, bytes.fromhex("c3")), "a ret may reach user mode"
+    assert AnyOf((in_user_mode(1), lambda s: False)).may_hold_after(1, k, bytes.fromhex("4889e7")), (
+        "an opaque member foresees nothing"
+    )

@@ -640,6 +640,56 @@ def on_user_tables(cpu: int) -> OnTables:
     return OnTables(cpu, user=True)
 
 
+@dataclass
+class Spinning:
+    """Holds once vCPU ``cpu`` visited at most ``distinct`` rips in its last ``window``
+    boundaries: it spins, most often on something a frozen vCPU holds (a spinlock, a
+    stop_machine rendezvous), which never comes while only ``cpu`` is stepped; or it
+    polls a device whose emulation does not advance between single steps (a UART's
+    transmit-empty bit). Checked at every ``window``-th boundary, so it foresees (a
+    :class:`ForeseeingStop`) every other one. ``spun_at`` is the boundary it held at.
+
+    A false alarm (a long ``rep movs``: one rip per iteration) only ends a run early.
+    """
+
+    cpu: int
+    window: int = 2000
+    distinct: int = 32
+    spun_at: Snapshot | None = None
+    _rips: set[int] = field(default_factory=set)
+    _seen: int = 0
+
+    def __call__(self, s: Snapshot) -> bool:
+        self._seen = s.step
+        self._rips.add(s.rip[self.cpu])
+        if s.step == 0 or s.step % self.window:
+            return False
+        spun = len(self._rips) <= self.distinct
+        self._rips = set()
+        if spun:
+            self.spun_at = s
+        return spun
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        return (self._seen + 1) % self.window == 0
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Holds when any of ``conditions`` holds; every one sees every boundary (some keep
+    state). It foresees what they all foresee, and nothing if one of them cannot."""
+
+    conditions: tuple[StopCondition, ...]
+
+    def __call__(self, s: Snapshot) -> bool:
+        return any([c(s) for c in self.conditions])
+
+    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
+        return any(
+            not isinstance(c, ForeseeingStop) or c.may_hold_after(cpu, pc, code) for c in self.conditions
+        )
+
+
 def at_any(addresses: Iterable[int]) -> StopCondition:
     """Stop once the stepping vCPU's rip is one of ``addresses``."""
     targets = frozenset(addresses)
