@@ -84,7 +84,9 @@ def test_every_cr3_transition_on_every_vcpu_in_qemu(
     for cpu in range(g.config.smp):
         for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
             g.start_workload(name, cpu)
-    result = watch(g, pw, transitions=transitions, nmi_every=NMI_EVERY, max_seconds=MAX_SECONDS)
+    result = watch(
+        g, pw, transitions=transitions, nmi_every=NMI_EVERY, max_seconds=MAX_SECONDS, min_per_cpu=1
+    )
     exploration_report.append(result.table())
     print(result.table())
     assert not result.problems, "\n".join(result.problems[:12]) + "\n" + result.table()

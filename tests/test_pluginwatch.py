@@ -127,12 +127,14 @@ def test_the_reference_kernel_passes(initrd: Path, qemu10: str) -> None:
     try:
         g.start_workload("syscall-loop", g.config.isolated)
         g.start_workload("fault-loop", 0)
-        result = watch(g, pw, transitions=2000, nmi_every=100)
+        # fault-loop on vCPU 0 is far slower than syscall-loop: 2,000 transitions can all
+        # come from vCPU 1 before vCPU 0's first fault (seen once in CI); watch until both ran
+        result = watch(g, pw, transitions=2000, nmi_every=100, min_per_cpu=10, max_seconds=60)
     finally:
         g.close()
     assert not result.problems, "\n".join(result.problems[:10])
     assert result.transitions >= 2000
-    assert set(result.hits_by_cpu) == {0, 1}
+    assert set(result.hits_by_cpu) == {0, 1} and min(result.hits_by_cpu.values()) >= 10
     assert result.unreadable_signals == 0
 
 

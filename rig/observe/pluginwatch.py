@@ -256,11 +256,16 @@ class PluginWatcher:
         if flags & F_OPERAND:
             result.problems += _loaded_value_problems(hit, op & self._masks[index])
 
-    def run(self, transitions: int, *, nmi_every: int = 0, max_seconds: float = 120.0) -> PluginWatchResult:
-        """Check until ``transitions`` CR3 side changes were seen (or ``max_seconds``).
+    def run(
+        self, transitions: int, *, nmi_every: int = 0, max_seconds: float = 120.0, min_per_cpu: int = 0
+    ) -> PluginWatchResult:
+        """Check until ``transitions`` CR3 side changes were seen and every vCPU hit a site
+        at least ``min_per_cpu`` times (or ``max_seconds``: then GuestError).
 
         ``nmi_every``: inject an NMI (QMP; it reaches every vCPU) every ``nmi_every``
-        site hits, while the guest runs.
+        site hits, while the guest runs. ``min_per_cpu`` makes "every vCPU was watched"
+        independent of timing: a few thousand transitions of a fast loop on one vCPU can
+        take less time than one pass of a slower workload on another.
         """
         g = self.guest
         result = PluginWatchResult(
@@ -275,12 +280,18 @@ class PluginWatcher:
         t0 = time.monotonic()
         sock = self._connect()
         try:
-            while result.transitions < transitions and len(result.problems) < MAX_PROBLEMS:
+            while (
+                result.transitions < transitions
+                or any(result.hits_by_cpu.get(c, 0) < min_per_cpu for c in range(self.ncpus))
+            ) and len(result.problems) < MAX_PROBLEMS:
                 if time.monotonic() - t0 > max_seconds:
                     result.seconds = time.monotonic() - t0
+                    hits = result.hits_by_cpu
+                    per_cpu = ", ".join(f"vCPU {c}: {hits.get(c, 0)}" for c in range(self.ncpus))
                     raise GuestError(
-                        f"plugin watch checked only {result.transitions} of {transitions} transitions in "
-                        f"{max_seconds:.0f} s (are the workloads running?)\n{result.table()}"
+                        f"plugin watch checked only {result.transitions} of {transitions} transitions "
+                        f"(site hits {per_cpu}; at least {min_per_cpu} each wanted) in {max_seconds:.0f} s "
+                        f"(are the workloads running?)\n{result.table()}"
                     )
                 try:
                     chunk = sock.recv(1 << 16)
@@ -329,9 +340,11 @@ def watch(
     transitions: int,
     nmi_every: int = 0,
     max_seconds: float = 120.0,
+    min_per_cpu: int = 0,
 ) -> PluginWatchResult:
     """Check ``transitions`` CR3 side changes of every vCPU of ``guest`` (booted with
-    ``plugin_watch.plugin``) while it runs; see the module doc.
+    ``plugin_watch.plugin``) while it runs, and at least ``min_per_cpu`` site hits of
+    each vCPU; see the module doc.
 
     The workloads must already run. Kernel messages are kept off the serial console
     meanwhile; the guest runs on afterwards, the plugin no longer recording.
@@ -339,4 +352,4 @@ def watch(
     watcher = PluginWatcher(guest, plugin_watch)
     with quiet_console(guest):
         guest.resume()
-        return watcher.run(transitions, nmi_every=nmi_every, max_seconds=max_seconds)
+        return watcher.run(transitions, nmi_every=nmi_every, max_seconds=max_seconds, min_per_cpu=min_per_cpu)
