@@ -18,7 +18,7 @@ import pytest
 from rig.diagnosis import diagnose
 from rig.errors import GuestError, RigError
 from rig.guest import Guest, GuestConfig
-from rig.pytestplugin.failfast import one_line_head
+from rig.pytestplugin.failfast import one_line_head, one_line_report
 from rig.transport.host import LocalHost
 from tests.conftest import REPO, junit_outcomes, processes_tagged, run_pytest
 
@@ -65,7 +65,7 @@ def test_qemu_killed_mid_test(base_config: GuestConfig, tagged_env: str) -> None
         # error comes first races with QEMU's exit ("QEMU is gone: ..." or GDB's "the
         # remote target went away"); the SIGKILL must be named in the line either way.
         head = one_line_head(err.value)
-        line = f"{head} [diagnosis: {diagnose(g, head)}]"
+        line = str(one_line_report(head, diagnose(g, head), "", 0))
         assert "\n" not in line and "QEMU exited with signal 9 (SIGKILL)" in line, line
     finally:
         g.close()

@@ -383,7 +383,8 @@ def test_sigterm_removes_the_running_cells_container(tmp_path: Path) -> None:
     script = (
         "from pathlib import Path\n"
         "from rig.tools import matrix\n"
-        "matrix.interrupt_on_sigterm()\n"
+        "from rig.transport.host import sigterm_as_ctrl_c\n"
+        "sigterm_as_ctrl_c()\n"
         f"matrix._run_logged(['sleep', '60'], {{}}, Path({str(tmp_path / 'cell.log')!r}), 120,"
         f" cleanup=['touch', {str(mark)!r}])\n"
     )

@@ -245,8 +245,6 @@ class Stepper:
         for n in range(ncpus):
             if n != cpu and reads:
                 self._frozen_reads += [f"Hg{thread_id(n)}", *reads]
-        self._step_batch = self._mine + self._frozen_reads
-        self._step_batch_same_cr3 = self._mine_same_cr3 + self._frozen_reads
         self._select = f"Hg{thread_id(cpu)}"
         self._per_cpu = 3 + len(self.watches)
         # where each watch's reply for each vCPU sits in a step batch, counted from the
@@ -283,7 +281,7 @@ class Stepper:
         frozen vCPUs' rip and CR3 from ``frozen``, the stepping vCPU's CR3 from ``before``
         when not read."""
         cpu = self.cpu
-        if len(replies) == len(self._step_batch_same_cr3):
+        if len(replies) == len(self._mine_same_cr3) + len(self._frozen_reads):
             cr3 = before.cr3[cpu]
             base = 1
         else:
@@ -379,14 +377,10 @@ class Stepper:
         """
         _, select, mine_full, mine_same, frozen = framed
         code_read = b""
-        code = trace.code.get(pc)
+        code = self._known_code(trace, lines, pc)
         if code is None:
-            code = lines.at(pc)
-            if code is not None:
-                trace.code[pc] = code
-            else:
-                start, size = lines.span(pc)
-                code_read = link.pipeline([f"m{start:x},{size:x}"])
+            start, size = lines.span(pc)
+            code_read = link.pipeline([f"m{start:x},{size:x}"])
         if code is None or may_write_cr3(code):
             mine, nm = mine_full, len(self._mine)
         else:
@@ -533,14 +527,20 @@ class Stepper:
         trace.steps_ahead = max_steps - 1
         return snap
 
+    @staticmethod
+    def _known_code(trace: Trace, lines: CodeLines, pc: int) -> bytes | None:
+        """The code at ``pc`` if ``trace`` or ``lines`` has it (then ``trace`` has it), else None."""
+        code = trace.code.get(pc)
+        if code is None:
+            code = lines.at(pc)
+            if code is not None:
+                trace.code[pc] = code
+        return code
+
     def _remember_code(self, link: RspLink, trace: Trace, lines: CodeLines, snap: Snapshot) -> None:
         """The code at the last boundary's rip, for the trace's disassembly."""
         pc = snap.pc
-        if pc in trace.code:
-            return
-        known = lines.at(pc)
-        if known is not None:
-            trace.code[pc] = known
+        if self._known_code(trace, lines, pc) is not None:
             return
         replies = link.transact([self._select, f"m{pc:x},{MAX_INSN:x}"])
         trace.code[pc] = b"" if is_error(replies[1]) else bytes.fromhex(replies[1])

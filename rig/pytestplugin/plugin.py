@@ -21,8 +21,6 @@ the controller writes the report and the coverage table of the whole run
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,7 +46,7 @@ from rig.report import hooks as report_hooks
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import DEFAULT_KERNEL
-from rig.transport.host import Host
+from rig.transport.host import Host, sigterm_as_ctrl_c
 from rig.transport.qemu import check_cmdline_length
 from rig.transport.ssh import open_host
 
@@ -181,24 +179,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if distributed.role(config) == "single":
         # not under xdist: its controller ends the workers with signals of its own, and a
         # KeyboardInterrupt raised there in the middle left their guests running
-        _terminate_like_ctrl_c()
+        sigterm_as_ctrl_c()
     if distributed.role(config) == "controller":
         config.pluginmanager.register(distributed.ControllerHooks(config), "cr3rig-xdist-controller")
-
-
-def _terminate_like_ctrl_c() -> None:
-    """Make SIGTERM (``kill``, ``timeout``, a CI runner cancelling the job) end the run as
-    Ctrl-C does, so the fixtures close QEMU and GDB; by default it would kill the Python
-    process at once and leave its guests running."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return  # someone else decides
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rig.supply.cache import default_cache_dir
+from rig.transport.host import sigterm_as_ctrl_c
 
 __all__ = [
     "DEFAULT_CELLS",
@@ -654,20 +655,8 @@ def _image_reason(suite: str, build_log: str) -> str:
     return tool_errors[-1] if tool_errors else _last_line(build_log)
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM (``kill``, a cancelled CI job) end the runner as Ctrl-C does, so the
-    running cell's container is removed (:func:`_run_logged`'s cleanup); without it the
-    runner died and its container, with its QEMU, ran on."""
-
-    def _raise(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _raise)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m rig.tools.matrix``: run the cells, print and write the table; 1 on any failure."""
-    interrupt_on_sigterm()
     p = argparse.ArgumentParser(prog="python -m rig.tools.matrix", description=__doc__.splitlines()[0])
     p.add_argument("--cell", action="append", default=[], metavar="SUITE:KERNEL",
                    help=f"a cell (repeatable); default: {' '.join(DEFAULT_CELLS)}")  # fmt: skip
@@ -712,4 +701,8 @@ def _report(results: Sequence[CellResult], out: Path, *, reasons: bool, what: st
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a cancelled CI job) ends the runner as Ctrl-C does, so the running
+    # cell's container is removed (_run_logged's cleanup); without it the container and
+    # its QEMU ran on
+    sigterm_as_ctrl_c()
     raise SystemExit(main())

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.report.session import write_mutants_page
+from rig.report.session import MUTANTS_MD, write_mutants_page
 from rig.supply.kernelbuild import (
     GUEST_DIR,
     REPO_ROOT,
@@ -588,9 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render_table(ref, results)
     print(table, end="")
     args.results.mkdir(parents=True, exist_ok=True)
-    md = args.results / "mutants.md"
-    md.write_text(f"# Mutants ({args.flavor})\n\n" + render_markdown(ref, results))
-    page = write_mutants_page(args.results, md.read_text(), args.results / "mutants")
+    md = args.results / MUTANTS_MD
+    markdown = f"# Mutants ({args.flavor})\n\n" + render_markdown(ref, results)
+    md.write_text(markdown)
+    page = write_mutants_page(args.results, markdown, args.results / "mutants")
     _stderr(f"mutants: done in {time.monotonic() - start:.0f} s; table in {md} and {page}")
     return 1 if run_failed(ref, results) else 0
 

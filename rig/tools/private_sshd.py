@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from rig.errors import ConfigError
-from rig.transport.host import processes_with_env
+from rig.transport.host import processes_with_env, sigterm_as_ctrl_c
 
 SSHD = "/usr/sbin/sshd"
 
@@ -163,12 +163,8 @@ class PrivateSshd:
         self.close()
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sigterm_as_ctrl_c()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`&`)
     with PrivateSshd().start() as sshd:
         print(" ".join(sshd.options()), flush=True)

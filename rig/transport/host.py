@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +67,22 @@ class LocalProcess(HostProcess):
 
     def kill(self) -> None:
         kill_process_group(self.popen)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, a CI runner cancelling the job) end this
+    process as Ctrl-C does, so its cleanup (fixtures, a cell's container, sshd) runs; by
+    default SIGTERM kills Python at once and leaves its QEMUs running. Only from the main
+    thread, and only while SIGTERM has its default action (someone else may decide)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Host(abc.ABC):

@@ -134,7 +134,8 @@ class QemuMachine:
         said = self.host.run([qemu_path, "--version"])[1]
         self.version = (said.splitlines() or [f"{qemu_path} (printed no version)"])[0]
         self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)
-        for sock in (self.qmp_socket, self.gdb_socket, self.console_socket):
+        # the gdbstub is reached by Host.open_stream (the relay), not through a local socket
+        for sock in (self.qmp_socket, self.console_socket):
             self.host.expose(sock)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 

@@ -426,6 +426,9 @@ class SshProcess(HostProcess):
         self._lost: str | None = None
         self._started = threading.Event()
         self._stdout_done = threading.Event()
+        #: set at "exit N" or when the channel's stdout ends (the supervisor's own stdout
+        #: stays open until its watcher ends, at the kill: not a sign of the exit)
+        self._ended = threading.Event()
         self._log = open(log, "ab")  # noqa: SIM115 (closed by the stderr thread)
         threading.Thread(target=self._read_stdout, name="ssh-proc-out", daemon=True).start()
         threading.Thread(target=self._read_stderr, name="ssh-proc-err", daemon=True).start()
@@ -449,6 +452,7 @@ class SshProcess(HostProcess):
                     self._started.set()
                 elif len(line) == 2 and line[0] == "exit" and line[1].lstrip("-").isdigit():
                     self._status = int(line[1])
+                    self._ended.set()
                 elif line and line[0] == "error":
                     self._status = 125
                     self._started.set()
@@ -456,6 +460,7 @@ class SshProcess(HostProcess):
             pass
         finally:
             self._stdout_done.set()
+            self._ended.set()
             if self._status is None:
                 self._lost = self.host.lost_reason()
             self._started.set()
@@ -483,7 +488,7 @@ class SshProcess(HostProcess):
         return None
 
     def wait_exit(self, seconds: float) -> int | None:
-        self._stdout_done.wait(seconds)
+        self._ended.wait(seconds)
         return self.poll()
 
     def exit_text(self) -> str:
