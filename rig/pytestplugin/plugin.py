@@ -45,7 +45,7 @@ from rig.pytestplugin.failfast import (
 from rig.report import hooks as report_hooks
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
-from rig.supply.kernel import DEFAULT_KERNEL
+from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel
 from rig.transport.host import Host, sigterm_as_ctrl_c
 from rig.transport.qemu import check_cmdline_length
 from rig.transport.ssh import open_host
@@ -115,7 +115,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _check_options(config: pytest.Config) -> None:
     """Static checks of the options, so bad input fails in seconds with one line."""
     opt = config.option
-    named = opt.kernel in (None, "", "debian") or str(opt.kernel).startswith("reference")
+    named = is_named_kernel(opt.kernel and str(opt.kernel))
     iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
     try:
         host = open_host(opt.host, identity=opt.ssh_identity, known_hosts=opt.ssh_known_hosts)
@@ -166,7 +166,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _check_options(config)
     opt = config.option
     spec = str(opt.kernel or "")
-    named = spec in ("", "debian") or spec.startswith("reference")  # built or fetched on first use
+    named = is_named_kernel(spec)  # built or fetched on first use
     plan = _options_config(
         opt,
         kernel=Path() if named else Path(spec).expanduser(),

@@ -114,6 +114,12 @@ def _fetch_stock(pkg: str, release: str, root: Path, dl: Path) -> None:
     tmp.rename(root)
 
 
+def is_named_kernel(spec: str | None) -> bool:
+    """True for the ``--kernel`` names :func:`resolve_kernel` builds or fetches (none: the
+    default, ``debian``, ``reference…``); False for a path."""
+    return not spec or spec == DEBIAN or spec.startswith("reference")
+
+
 def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:
     """Turn ``--kernel``/``--vmlinux`` into a :class:`Kernel` (downloading if needed)."""
     if not spec:
@@ -122,7 +128,7 @@ def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> K
         stock = debian_stock_kernel(cache_dir)
         return Kernel(stock.image, vmlinux, stock.label)
     assert spec is not None
-    if spec.startswith("reference"):
+    if is_named_kernel(spec):
         from rig.supply.kernelbuild import build_kernel
 
         build = build_kernel(spec, cache_dir=cache_dir)

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rig.supply.cache import default_cache_dir
+from rig.supply.kernel import is_named_kernel
 from rig.transport.host import sigterm_as_ctrl_c
 
 __all__ = [
@@ -127,7 +128,7 @@ def parse_cell(text: str) -> Cell:
     suite, sep, kernel = text.partition(":")
     if not sep or not suite or not kernel or not suite.replace("-", "").isalnum():
         raise MatrixError(f"cell {text!r}: expected SUITE:KERNEL, e.g. trixie:reference-7.2 or sid:debian")
-    named = kernel == "debian" or kernel.startswith("reference-")
+    named = is_named_kernel(kernel)
     if not named:
         path = Path(kernel).expanduser()
         if not path.is_file():
