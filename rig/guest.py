@@ -138,10 +138,12 @@ def check_inputs(
 
 @dataclass
 class Effort:
-    """What the current test cost: breakpoint hits taken and steps of each stepped trace."""
+    """What the current test cost: breakpoint hits taken, steps of each stepped trace, and
+    each try the testcase discarded with its reason (every discarded try was judged first)."""
 
     breaks: int = 0
     steps: list[int] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
 
 
 class Guest:

@@ -15,6 +15,7 @@ import pytest
 from rig.guest import Guest
 from rig.observe.coverage import SiteCoverage
 from rig.observe.exploration import NMI_CPU, Window, explore
+from rig.observe.findings import fail_on
 from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 WINDOWS = (
@@ -61,5 +62,4 @@ def test_nmi_at_every_boundary(
     result = explore(g, site_coverage.sites, window, signal=SIGNAL)
     site_coverage.record(request.node.nodeid, result.executed())
     exploration_report.append(result.table())
-    problems = result.problems()
-    assert not problems, "\n".join(problems[:12]) + "\n" + result.table()
+    fail_on(result.problems(), result.table())

@@ -21,13 +21,16 @@ import pytest
 
 from rig.guest import Guest
 from rig.machine.vcpu import read_physical
-from rig.observe.checks import allowed_scratch, memory_operands, signal_problems, store_windows
+from rig.observe.checks import (
+    gs_symbol,
+    memory_operands,
+    signal_problems,
+    store_windows,
+    window_findings,
+)
+from rig.observe.findings import Finding, fail_on
 from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
-
-#: Most boundaries allowed between the store of 0 and the write of the user CR3
-#: (NOTE_CR3_SWITCH sits immediately before the switch).
-MAX_STORE_TO_CR3_WINDOW = 8
 
 
 def observer_of(guest: Guest, cpu: int) -> int:
@@ -39,13 +42,21 @@ def step_watching(guest: Guest, cpu: int, max_steps: int, stop: StopCondition) -
     return guest.step(cpu, watches=[watch], max_steps=max_steps, stop=stop)
 
 
+def judge(guest: Guest, trace: Trace, *, complete: bool = True) -> list[Finding]:
+    """Every stepped rule on one trace: the signal against CR3 at every boundary, the
+    store-to-write window of every CR3 write, and the frozen siblings. ``complete``: the
+    trace reached its stop condition (a trace cut short is judged up to its end)."""
+    obs = observer_of(guest, trace.cpu)
+    findings = signal_problems(trace, obs, SIGNAL, complete=complete)
+    findings += window_findings(trace, obs, SIGNAL, gs_symbol(guest.symbols))
+    return findings + trace.frozen_violations()
+
+
 def check(guest: Guest, trace: Trace, *, round_trip: bool) -> None:
     if round_trip:
         assert trace.stopped_because == "condition", f"did not get back: {trace.stopped_because}"
     assert trace.cr3_flips(), "no CR3 flip in the trace"
-    problems = signal_problems(trace, observer_of(guest, trace.cpu), SIGNAL, MAX_STORE_TO_CR3_WINDOW)
-    moved = trace.frozen_violations()
-    assert not problems and not moved, "\n".join((problems + moved)[:20])
+    fail_on(judge(guest, trace))
 
 
 #: Where the kernel leaves for user mode (IRET and SYSRET exits).
@@ -64,7 +75,13 @@ def from_user(
 ) -> Trace:
     """Break on ``entry`` until vCPU ``cpu`` arrives there on the user CR3 (and the trace
     passes ``accept``), then return the stepped trace. After ``tries`` hits that did not,
-    fail with what each hit was."""
+    fail with what each hit was.
+
+    Every stepped try is judged (:func:`judge`) before it may be discarded: a finding in
+    a try that spun, ran out of steps or was not accepted fails the testcase with that
+    trace. A try is discarded only for a reason that is not a check failure, and each
+    discarded try is recorded with its reason (``guest.effort.discarded``: the JUnit
+    property ``cr3rig.discarded``, the soak's table)."""
     names = (entry,) if isinstance(entry, str) else entry
     addresses = [guest.symbols.address(n) for n in names if n in guest.symbols]
     hits: list[str] = []
@@ -79,26 +96,41 @@ def from_user(
         first = at.snapshots[0]
         if not first.user_tables(cpu):
             hits.append(f"{first.where or hex(first.pc)} from kernel mode")
+            guest.effort.discarded.append(f"{first.where or hex(first.pc)}: from kernel mode, not stepped")
             exits = [guest.symbols.address(n) for n in EXITS_TO_USER if n in guest.symbols]
             guest.break_on(exits, cpu)
-            guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
+            back = guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
+            # the way back is stepped too: judged like any trace before it is dropped
+            fail_on(judge(guest, back, complete=False), "the run back to user mode after a kernel-mode hit")
             guest.traces.pop()
             continue
         # a path that spins on what the frozen vCPU holds (a lock, a stop_machine
         # rendezvous) never gets back: give it up early, not after ``steps`` steps
         spin = Spinning(cpu)
         trace = step_watching(guest, cpu, steps, AnyOf((stop, spin)))
-        if spin.spun_at is None and trace.snapshots[0].user_tables(cpu) and accept(trace):
-            return trace
+        done = spin.spun_at is None and trace.stopped_because == "condition"
+        findings = judge(guest, trace, complete=done)
         last = trace.snapshots[-1]
+        taken = len(trace.snapshots) - 1
+        if findings:
+            why = (
+                ""
+                if done
+                else f" (a try that would have been discarded: {taken} steps, {trace.stopped_because})"
+            )
+            fail_on(findings, f"try {len(hits) + 1} of {entry}{why}; earlier tries: {hits or 'none'}")
+        if spin.spun_at is None and accept(trace):
+            return trace
         why = (
             f"spun at {last.where or hex(last.pc)} ({spin.window} steps on at most {spin.distinct} rips: "
             "waiting for a frozen vCPU?)"
             if spin.spun_at is not None
             else f"stopped by {trace.stopped_because} at {last.where or hex(last.pc)}"
         )
-        taken = len(trace.snapshots) - 1
         hits.append(f"{first.where or hex(first.pc)} from user mode, not accepted: {taken} steps, {why}")
+        guest.effort.discarded.append(
+            f"{first.where or hex(first.pc)}: {taken} steps judged, no findings; {why}"
+        )
         guest.traces.pop()
     raise AssertionError(
         f"{tries} hits of {entry} in a row did not come from the user CR3 and pass: " + "; ".join(hits)
@@ -159,21 +191,17 @@ def test_store_then_cr3_write_window(signal_guest: Guest) -> None:
     assert len(windows) == len(trace.cr3_flips()), (
         f"{len(trace.cr3_flips())} CR3 writes but only {len(windows)} are preceded by a signal store"
     )
-    report = []
-    problems = []
-    for w in windows:
-        report.append(
-            f"store `{w.store}` (step {w.store_step}) -> `{w.cr3_write}` (step {w.cr3_step}): "
-            f"{len(w.between)} instruction(s) between: {[i for _, i in w.between]}"
-        )
-        for where, insn in w.between:
-            bad = [op for op in memory_operands(insn) if not allowed_scratch(op)]
-            if bad:
-                problems.append(f"{where} `{insn}` accesses {bad} between the store and the CR3 write")
-        if len(w.between) > MAX_STORE_TO_CR3_WINDOW:
-            problems.append(f"{len(w.between)} instructions between store and CR3 write")
+    report = [
+        f"store `{w.store}` (step {w.store_step}) -> `{w.cr3_write}` (step {w.cr3_step}): "
+        f"{len(w.between)} instruction(s) between: {[i for _, i in w.between]}; "
+        f"memory operands {[op for _, i in w.between for op in memory_operands(i)]}"
+        for w in windows
+    ]
     print("\n".join(report))
-    assert not problems, "\n".join(problems + report)
+    fail_on(
+        window_findings(trace, observer_of(signal_guest, cpu), SIGNAL, gs_symbol(signal_guest.symbols)),
+        "\n".join(report),
+    )
 
 
 def test_signal_reads_the_same_through_every_view(signal_guest: Guest) -> None:

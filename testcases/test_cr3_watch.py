@@ -19,6 +19,7 @@ import os
 
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.observe.findings import fail_on
 from rig.observe.watching import watch
 from testcases.conftest import SIGNAL
 
@@ -64,7 +65,7 @@ def test_every_cr3_transition_on_every_vcpu(
         max_seconds=MAX_SECONDS,
     )
     exploration_report.append(result.table())
-    assert not result.problems, "\n".join(result.problems[:12]) + "\n" + result.table()
+    fail_on(result.problems, result.table())
     assert result.transitions >= transitions
     assert set(result.hits_by_cpu) == set(range(g.config.smp)), (
         f"not every vCPU hit a site:\n{result.table()}"

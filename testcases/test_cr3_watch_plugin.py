@@ -28,6 +28,7 @@ import pytest
 
 from rig.errors import ConfigError
 from rig.guest import Guest
+from rig.observe.findings import fail_on
 from rig.observe.pluginwatch import PluginWatch, watch
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.qemuplugin import plugin_qemu
@@ -89,7 +90,7 @@ def test_every_cr3_transition_on_every_vcpu_in_qemu(
     )
     exploration_report.append(result.table())
     print(result.table())
-    assert not result.problems, "\n".join(result.problems[:12]) + "\n" + result.table()
+    fail_on(result.problems, result.table())
     assert result.transitions >= transitions
     assert set(result.hits_by_cpu) == set(range(g.config.smp)), (
         f"not every vCPU hit a site:\n{result.table()}"

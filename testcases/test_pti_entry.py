@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rig.guest import Guest
 from rig.observe.checks import cr3_flip_problems, side_problems
+from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.stepping import Trace, in_user_mode, on_kernel_tables
 
 #: Bound on the steps of one getppid()/kill() syscall round trip (the Debian 6.1 SYSCALL
@@ -25,17 +26,16 @@ def syscall_round_trip(guest: Guest, workload: str) -> Trace:
 
 
 def assert_sibling_frozen(trace: Trace) -> None:
-    moved = trace.frozen_violations()
-    assert not moved, "a frozen vCPU moved while another was stepped:\n" + "\n".join(moved[:10])
+    fail_on(trace.frozen_violations(), "a frozen vCPU moved while another was stepped")
 
 
 def test_syscall_entry_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:
     trace = syscall_round_trip(pti_guest, "syscall-loop")
     assert trace.snapshots[0].user_tables(trace.cpu), "entry_SYSCALL_64 was reached on the kernel CR3"
     i, problems = cr3_flip_problems(trace, to_user=False)
-    assert i is not None, problems
+    assert i is not None, "; ".join(map(str, problems))
     problems += side_problems(trace, 0, i, user=True)
-    assert not problems, "\n".join(problems)
+    fail_on(problems)
     assert_sibling_frozen(trace)
 
 
@@ -45,13 +45,15 @@ def test_sysret_exit_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:
     entry, problems = cr3_flip_problems(trace, to_user=False)
     exit_, more = cr3_flip_problems(trace, to_user=True)
     problems += more
-    assert entry is not None and exit_ is not None, problems
+    assert entry is not None and exit_ is not None, "; ".join(map(str, problems))
     problems += side_problems(trace, entry, exit_, user=False)
     problems += side_problems(trace, exit_, len(trace.snapshots), user=True)
     last = trace.snapshots[-2]
     if not last.insn.startswith("sysret"):
-        problems.append(f"returned to user through `{last.insn}` at {last.where}, not SYSRET")
-    assert not problems, "\n".join(problems)
+        problems.append(
+            Finding(Rule.CR3_SWITCH, f"returned to user through `{last.insn}` at {last.where}, not SYSRET")
+        )
+    fail_on(problems)
     assert_sibling_frozen(trace)
 
 
@@ -65,10 +67,13 @@ def test_iret_exit_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:
     last = trace.snapshots[-2]
     if not last.insn.startswith("iret"):
         problems.append(
-            f"returned to user through `{last.insn}` at {last.where}, not IRET "
-            "(the workload's sigreturn should force the IRET path)"
+            Finding(
+                Rule.CR3_SWITCH,
+                f"returned to user through `{last.insn}` at {last.where}, not IRET "
+                "(the workload's sigreturn should force the IRET path)",
+            )
         )
-    assert not problems, "\n".join(problems)
+    fail_on(problems)
     assert_sibling_frozen(trace)
 
 
@@ -86,7 +91,7 @@ def test_page_fault_entry_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:
     else:
         raise AssertionError("20 page faults in a row came from kernel mode")
     i, problems = cr3_flip_problems(trace, to_user=False)
-    assert i is not None, problems
+    assert i is not None, "; ".join(map(str, problems))
     problems += side_problems(trace, 0, i, user=True)
-    assert not problems, "\n".join(problems)
+    fail_on(problems)
     assert_sibling_frozen(trace)

@@ -32,6 +32,7 @@ import pytest
 from rig.errors import RigError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.observe.findings import fail_on
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.kernel import DEBIAN, resolve_kernel
@@ -135,7 +136,7 @@ def test_x86_selftest_under_watch(
     stock_line = f"stock {label}: {s.describe() if s else 'not run (not in the initramfs)'}"
     line += f"; {stock_line}"
     exploration_report.append(f"{line}\n{w.table()}")
-    assert not w.problems, "\n".join(w.problems[:12]) + "\n" + w.table()
+    fail_on(w.problems, w.table())
     assert w.transitions > 0, f"{name} ran with no CR3 transition checked:\n{w.table()}"
     if not verdict.passed:
         assert s is not None and not s.passed, (

@@ -51,6 +51,8 @@ enum record_flags {
     F_SIG_AFTER = 2,    /* signal_after was readable */
     F_AT_NEXT = 4,      /* completed at the instruction right after the site */
     F_OPERAND = 8,      /* operand holds the value the instruction writes */
+    F_CR3_BEFORE_BAD = 16, /* CR3 could not be read before the site (cr3_before is 0) */
+    F_CR3_AFTER_BAD = 32,  /* CR3 could not be read after the site (cr3_after is 0) */
 };
 
 struct __attribute__((packed)) record {
@@ -207,7 +209,8 @@ static void on_insn(unsigned int cpu_index, void *udata)
     if (v->pending) {
         v->rec.cr3_after = cr3;
         v->rec.signal_after = sig;
-        v->rec.flags |= (have_sig ? F_SIG_AFTER : 0) | (role->addr == v->pending_next ? F_AT_NEXT : 0);
+        v->rec.flags |= (have_sig ? F_SIG_AFTER : 0) | (role->addr == v->pending_next ? F_AT_NEXT : 0) |
+                         (ok ? 0 : F_CR3_AFTER_BAD);
         v->pending = 0;
         queue(v, &v->rec);
     }
@@ -219,7 +222,7 @@ static void on_insn(unsigned int cpu_index, void *udata)
     r.index = role->index;
     r.cr3_before = cr3;
     r.signal_before = sig;
-    r.flags = have_sig ? F_SIG_BEFORE : 0;
+    r.flags = (have_sig ? F_SIG_BEFORE : 0) | (ok ? 0 : F_CR3_BEFORE_BAD);
     if (role->kind == ROLE_PARANOID) {
         r.type = REC_PARANOID;
         queue(v, &r);

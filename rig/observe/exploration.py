@@ -42,7 +42,8 @@ from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
-from rig.observe.checks import signal_problems
+from rig.observe.checks import gs_symbol, signal_problems, window_findings
+from rig.observe.findings import Finding, Rule
 from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
 from rig.observe.transitions import PARANOID_RESTORE_FUNCTIONS, Hit, TransitionChecker
@@ -55,8 +56,6 @@ NMI_CPU = 0
 MAX_STOPS = 400
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
-#: Most boundaries allowed between the store of 0 and the write of the user CR3.
-MAX_STORE_TO_CR3_WINDOW = 8
 
 
 def _user(cr3: int) -> bool:
@@ -131,7 +130,7 @@ class BoundaryRun:
     event: str
     path: str = ""
     stops: list[Stop] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -185,6 +184,8 @@ class Exploration:
     seconds: float = 0.0
     #: single steps QEMU answered without executing (repeated; see runcontrol.step_over)
     repeated_steps: int = 0
+    #: scouts given up before this one, each with why (their runs had no findings)
+    abandoned: list[str] = field(default_factory=list)
 
     def unexplored(self) -> list[int]:
         """The boundaries from the signal store through its CR3 write (the race window)
@@ -192,21 +193,27 @@ class Exploration:
         done = {r.k for r in self.runs}
         return [k for k in range(self.store_index, self.cr3_index + 1) if k not in done]
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Finding]:
         """Every violation, each naming the window, boundary, event and path; and any
         boundary of the race window left unexplored."""
-        out = []
+        out: list[Finding] = []
         missing = self.unexplored()
         if missing:
             out.append(
-                f"{self.window.name}: boundaries {missing} between the signal store ({self.store_index}) "
-                f"and its CR3 write ({self.cr3_index}) were not explored"
+                Finding(
+                    Rule.INCOMPLETE,
+                    f"{self.window.name}: boundaries {missing} between the signal store ({self.store_index}) "
+                    f"and its CR3 write ({self.cr3_index}) were not explored",
+                    cpu=self.cpu,
+                )
             )
         for r in self.runs:
             for p in r.problems:
                 out.append(
-                    f"{self.window.name}: {r.event} at boundary {r.k} ({r.where} `{r.insn}`, "
-                    f"{_side(r.cr3)} CR3, signal {r.signal}), path {r.path}: {p}"
+                    p.prefixed(
+                        f"{self.window.name}: {r.event} at boundary {r.k} ({r.where} `{r.insn}`, "
+                        f"{_side(r.cr3)} CR3, signal {r.signal}), path {r.path}: "
+                    )
                 )
         return out
 
@@ -228,8 +235,10 @@ class Exploration:
         for r in self.runs:
             lines.append(
                 f"{r.k:>3} {r.where:<36.36} {r.insn:<32.32} {_side(r.cr3):<6} {r.signal!s:>3} "
-                f"{r.event} {r.path} {r.verdict}{'' if not r.problems else ': ' + r.problems[0]}"
+                f"{r.event} {r.path} {r.verdict}{'' if not r.problems else ': ' + r.problems[0].text}"
             )
+        for why in self.abandoned:
+            lines.append(f"abandoned {why}")
         return "\n".join(lines)
 
 
@@ -527,7 +536,12 @@ class Explorer:
                 kind = "handler"
                 if _user(cr3) or signal != 1:
                     run.problems.append(
-                        f"the NMI handler exc_nmi ran on the {_side(cr3)} CR3 with the signal {signal}"
+                        Finding(
+                            Rule.EVENT_LEFT_STATE,
+                            f"the NMI handler exc_nmi ran on the {_side(cr3)} CR3 with the signal {signal}",
+                            cpu=self.cpu,
+                            where=where,
+                        )
                     )
             # the return: the interrupted instruction on the interrupted stack (the handler
             # may run the same instruction itself, e.g. a nested paranoid_entry)
@@ -543,10 +557,23 @@ class Explorer:
                 self._record(run, "return", pc, where, depth, cr3, cr3, signal, signal)
                 if signal != found_signal:
                     run.problems.append(
-                        f"the NMI left the signal {signal}; it found {found_signal} (returning to {where})"
+                        Finding(
+                            Rule.EVENT_LEFT_STATE,
+                            f"the NMI left the signal {signal}; it found {found_signal} "
+                            f"(returning to {where})",
+                            cpu=self.cpu,
+                            where=where,
+                        )
                     )
                 if pc == pc_k and cr3 != found_cr3:
-                    run.problems.append(f"the NMI left CR3 {cr3:#x}; it found {found_cr3:#x}")
+                    run.problems.append(
+                        Finding(
+                            Rule.EVENT_LEFT_STATE,
+                            f"the NMI left CR3 {cr3:#x}; it found {found_cr3:#x}",
+                            cpu=self.cpu,
+                            where=where,
+                        )
+                    )
                 if pc not in fixed:
                     self._disarm(link, pc)
                 if pc < 1 << 63 or (window.direction == "exit" and _user(cr3) and pc == pc_k):
@@ -576,26 +603,46 @@ class Explorer:
                     # follow; a breakpoint on the user address is not reliable under TCG)
                     if signal_after != found_signal:
                         run.problems.append(
-                            f"the NMI left the signal {signal_after}; it found {found_signal} ({where})"
+                            Finding(
+                                Rule.EVENT_LEFT_STATE,
+                                f"the NMI left the signal {signal_after}; it found {found_signal} ({where})",
+                                cpu=self.cpu,
+                                where=where,
+                            )
                         )
                     return
             elif site.kind == "signal-store" and wrong_kernel_since is not None and signal_after == 1:
                 run.problems.append(
-                    f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
-                    f"until the store at {where}"
+                    Finding(
+                        Rule.SIGNAL_0_ON_KERNEL_CR3,
+                        f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
+                        f"until the store at {where}",
+                        cpu=self.cpu,
+                        where=where,
+                    )
                 )
                 wrong_kernel_since = None
             if delivered and returned and depth == 0 and after_return_user_write:
                 if wrong_kernel_since is not None:
                     run.problems.append(
-                        f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
-                        f"until the user CR3 write at {where}"
+                        Finding(
+                            Rule.SIGNAL_0_ON_KERNEL_CR3,
+                            f"the kernel ran on the kernel CR3 with the signal 0 from {wrong_kernel_since} "
+                            f"until the user CR3 write at {where}",
+                            cpu=self.cpu,
+                            where=where,
+                        )
                     )
                 return
         last = "; ".join(s.render() for s in run.stops[-8:])
         run.problems.append(
-            f"not back in user mode within {MAX_STOPS} stops (delivered={delivered}, returned={returned}, "
-            f"return to {sym.describe(return_to) if return_to is not None else '-'}); last stops: {last}"
+            Finding(
+                Rule.INCOMPLETE,
+                f"not back in user mode within {MAX_STOPS} stops "
+                f"(delivered={delivered}, returned={returned}, "
+                f"return to {sym.describe(return_to) if return_to is not None else '-'}); last stops: {last}",
+                cpu=self.cpu,
+            )
         )
 
     @staticmethod
@@ -668,10 +715,14 @@ def _explore(
     """Scout, then explore; a scout whose path the arrivals do not follow (it took a rare
     branch) is replaced by a new one, up to ``scouts`` times."""
     ex = Explorer(guest, sites, cpu=cpu, signal=signal)
+    abandoned: list[str] = []
+    k = 0
     for attempt in range(1, scouts + 1):
         scout, store, cr3_write = ex.scout(window)
         result = Exploration(window, cpu, scout, store, cr3_write)
-        problems = signal_problems(scout, ex.observer, signal, MAX_STORE_TO_CR3_WINDOW)
+        # the scout is a stepped trace: held to the stepped rules, the store-to-write rule too
+        problems = signal_problems(scout, ex.observer, signal, complete=False)
+        problems += window_findings(scout, ex.observer, signal, gs_symbol(guest.symbols))
         problems += scout.frozen_violations()
         if problems:
             result.runs.append(
@@ -694,14 +745,24 @@ def _explore(
                     None,
                 )
                 if run is None:
+                    complete = False
                     break
                 result.runs.append(run)
             else:
+                complete = True
+            # a finding in any run ends the exploration with this scout, even if a later
+            # boundary's arrivals took another path: no judged run is thrown away
+            if complete or any(r.problems for r in result.runs):
                 result.repeated_steps = ex.repeated_steps
-                for r in result.runs:  # the scout is the trace a failure's timeline shows
-                    if r.k >= 0:
-                        scout.mark(r.k, "event", f"{r.event} at boundary {r.k}: path {r.path}, {r.verdict}")
+                result.abandoned = abandoned
+                _mark_runs(scout, result)
                 return result
+        # every run of this attempt was judged and clean; its scout's path is not the one
+        # the arrivals follow, so a new scout replaces it (listed in the report)
+        abandoned.append(
+            f"scout {attempt}: arrivals took another path to boundary {k} ({ex.mismatch}); "
+            f"{len(result.runs)} boundaries explored, no findings"
+        )
         if attempt == scouts:
             raise GuestError(
                 f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "
@@ -709,3 +770,10 @@ def _explore(
             )
         guest.traces.pop()  # that scout's trace: replaced by the next one
     raise AssertionError("unreachable")
+
+
+def _mark_runs(scout: Trace, result: Exploration) -> None:
+    """Mark each explored boundary on the scout (the trace a failure's timeline shows)."""
+    for r in result.runs:
+        if r.k >= 0:
+            scout.mark(r.k, "event", f"{r.event} at boundary {r.k}: path {r.path}, {r.verdict}")

@@ -44,7 +44,8 @@ from rig.guest import Guest
 from rig.machine.sites import Site, find_sites
 from rig.machine.symbols import SymbolTable, elf_symbols
 from rig.observe.exploration import quiet_console
-from rig.observe.transitions import Hit, TransitionChecker, user_side
+from rig.observe.findings import Finding, Rule
+from rig.observe.transitions import CR3Sides, Hit, TransitionChecker
 from rig.observe.watching import MAX_PROBLEMS, SiteTally, WatchResult
 from rig.supply.qemuplugin import build_plugin, plugin_support
 from rig.transport.qemu import QemuPlugin
@@ -53,7 +54,7 @@ from rig.transport.qemu import QemuPlugin
 #: type, flags, cpu, site index, cr3 before, operand, cr3 after, signal before, signal after.
 RECORD = struct.Struct("<BBHIQQQII")
 REC_SITE, REC_PARANOID = 1, 2
-F_SIG_BEFORE, F_SIG_AFTER, F_AT_NEXT, F_OPERAND = 1, 2, 4, 8
+F_SIG_BEFORE, F_SIG_AFTER, F_AT_NEXT, F_OPERAND, F_CR3_BEFORE_BAD, F_CR3_AFTER_BAD = 1, 2, 4, 8, 16, 32
 #: Names of the plugin's files in QEMU's private directory.
 SITES_FILE = "cr3watch-sites.txt"
 SOCKET = "cr3watch.sock"
@@ -152,35 +153,6 @@ class PluginWatchResult(WatchResult):
         return head + "\n" + super().table()
 
 
-class CR3Sides:
-    """Per vCPU, the CR3 side its last watched instruction left it on (pure, no guest).
-
-    Only the sites switch sides (a context switch loads another *kernel* CR3, never a user
-    one), so a vCPU found on the other side at its next watched instruction went through a
-    CR3 write the plugin did not see: this checks the plugin's own completeness.
-    """
-
-    def __init__(self, ncpus: int) -> None:
-        self.last: list[bool | None] = [None] * ncpus
-
-    def continues(self, cpu: int, cr3: int, where: str) -> list[str]:
-        """The problem if ``cpu`` is at ``where`` on another side than it was left on."""
-        last = self.last[cpu]
-        now = user_side(cr3)
-        self.last[cpu] = now
-        if last is None or last == now:
-            return []
-        was, got = ("user", "kernel") if last else ("kernel", "user")
-        return [
-            f"vCPU {cpu} at {where}: CR3 went from the {was} to the {got} side since its last watched "
-            "instruction (a CR3 write the plugin did not see)"
-        ]
-
-    def left(self, cpu: int, cr3: int) -> None:
-        """``cpu``'s watched instruction left it on ``cr3``."""
-        self.last[cpu] = user_side(cr3)
-
-
 class PluginWatcher:
     """Consumes the plugin's records of one booted ``guest`` and checks them."""
 
@@ -226,8 +198,6 @@ class PluginWatcher:
         rtype, flags, cpu, index, cr3_before, op, cr3_after, sig_before, sig_after = rec
         result.records += 1
         before = sig_before if flags & F_SIG_BEFORE else None
-        if before is None:
-            result.unreadable_signals += 1
         sites = self.watch.sites
         if (
             cpu >= self.ncpus
@@ -236,6 +206,20 @@ class PluginWatcher:
         ):
             raise GuestError(
                 f"the watch plugin sent a malformed record (type {rtype}, site {index}, vCPU {cpu})"
+            )
+        where = "paranoid_entry" if rtype == REC_PARANOID else sites[index].where
+        # fail closed: a value the plugin could not read is a finding, never a pass
+        if before is None:
+            result.unreadable_signals += 1
+            result.problems.append(_unreadable(cpu, f"before {where}"))
+        if flags & F_CR3_BEFORE_BAD:
+            result.problems.append(
+                Finding(
+                    Rule.RIG_PREMISE,
+                    f"vCPU {cpu}: CR3 could not be read before {where}",
+                    cpu=cpu,
+                    where=where,
+                )
             )
         if rtype == REC_PARANOID:
             result.problems += self._sides.continues(cpu, cr3_before, "paranoid_entry")
@@ -248,6 +232,13 @@ class PluginWatcher:
         after = sig_after if flags & F_SIG_AFTER else None
         if after is None:
             result.unreadable_signals += 1
+            result.problems.append(_unreadable(cpu, f"after {where}"))
+        if flags & F_CR3_AFTER_BAD:
+            result.problems.append(
+                Finding(
+                    Rule.RIG_PREMISE, f"vCPU {cpu}: CR3 could not be read after {where}", cpu=cpu, where=where
+                )
+            )
         if not flags & F_AT_NEXT:
             result.completed_later += 1
         hit = Hit(cpu, site, cr3_before, cr3_after, before, after)
@@ -318,18 +309,29 @@ class PluginWatcher:
         return result
 
 
-def _loaded_value_problems(hit: Hit, written: int) -> list[str]:
+def _unreadable(cpu: int, when: str) -> Finding:
+    """A signal read that failed: the signal is not mapped through that vCPU's CR3 there."""
+    return Finding(
+        Rule.SIGNAL_UNREADABLE,
+        f"vCPU {cpu}: its signal could not be read {when} (not mapped through its CR3 there?)",
+        cpu=cpu,
+    )
+
+
+def _loaded_value_problems(hit: Hit, written: int) -> list[Finding]:
     """The value read back after the instruction is the value it wrote."""
     where = f"vCPU {hit.cpu} at {hit.site.where}"
     if hit.site.kind == "cr3-write":
         if hit.cr3_after != written & ~CR3_NOFLUSH:
-            return [f"{where}: the CR3 write wrote {written:#x} but CR3 reads {hit.cr3_after:#x} after it"]
+            text = f"{where}: the CR3 write wrote {written:#x} but CR3 reads {hit.cr3_after:#x} after it"
+            return [Finding(Rule.UNLISTED_CR3_WRITE, text, cpu=hit.cpu, where=hit.site.where)]
         return []
     if hit.signal_after is not None and hit.signal_after != written:
-        return [
+        text = (
             f"{where}: the signal store wrote {written} but the vCPU's signal reads {hit.signal_after} "
             "after it (the store went elsewhere)"
-        ]
+        )
+        return [Finding(Rule.UNLISTED_STORE, text, cpu=hit.cpu, where=hit.site.where)]
     return []
 
 

@@ -58,6 +58,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
 from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
+from rig.observe.findings import Finding, Rule
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
 #: Longest x86 instruction (bytes); what is kept of each new rip to disassemble later.
@@ -179,10 +180,11 @@ class Trace:
             for s in self.snapshots:
                 f.write(s.to_json() + "\n")
 
-    def frozen_violations(self) -> list[str]:
+    def frozen_violations(self) -> list[Finding]:
         """Every change of a non-stepping vCPU's rip or CR3 during the run, and a change of
-        the stepping vCPU's CR3 the run did not read (must be empty)."""
-        out: list[str] = [self.untracked_cr3] if self.untracked_cr3 else []
+        the stepping vCPU's CR3 the run did not read (must be empty): the premise of a
+        stepped check, so these are :attr:`Rule.RIG_PREMISE` findings."""
+        out = [Finding(Rule.RIG_PREMISE, self.untracked_cr3, cpu=self.cpu)] if self.untracked_cr3 else []
         if not self.snapshots:
             return out
         first = self.snapshots[0]
@@ -192,8 +194,13 @@ class Trace:
                     continue
                 if s.rip[n] != first.rip[n] or s.cr3[n] != first.cr3[n]:
                     out.append(
-                        f"step {s.step}: vCPU {n} moved: rip {first.rip[n]:#x}->{s.rip[n]:#x} "
-                        f"cr3 {first.cr3[n]:#x}->{s.cr3[n]:#x}"
+                        Finding(
+                            Rule.RIG_PREMISE,
+                            f"step {s.step}: vCPU {n} moved: rip {first.rip[n]:#x}->{s.rip[n]:#x} "
+                            f"cr3 {first.cr3[n]:#x}->{s.cr3[n]:#x}",
+                            s.step,
+                            n,
+                        )
                     )
         return out
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from rig.machine.sites import Site
 from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.observe.findings import Finding, Rule
 
 #: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
 PARANOID_RESTORE_FUNCTIONS = frozenset({"paranoid_exit", "end_repeat_nmi", "nmi_restore"})
@@ -90,12 +91,12 @@ class TransitionChecker:
         self.strict_restores = strict_restores
         self.store_then_write = stores_before_their_cr3_write(sites)
 
-    def paranoid_entry(self, cpu: int, signal: int | None) -> list[str]:
+    def paranoid_entry(self, cpu: int, signal: int | None) -> list[Finding]:
         problems = self._unchanged(cpu, signal, "paranoid_entry")
         self.paranoid[cpu].append([signal, False])
         return problems
 
-    def observe(self, cpu: int, signal: int | None, where: str) -> list[str]:
+    def observe(self, cpu: int, signal: int | None, where: str) -> list[Finding]:
         """A stop at ``where`` (not a site) read ``signal``: it must not have changed."""
         return self._unchanged(cpu, signal, where)
 
@@ -104,17 +105,22 @@ class TransitionChecker:
         restore = site.function in PARANOID_RESTORE_FUNCTIONS
         return site.kind == "cr3-write" and restore and bool(self.paranoid[cpu])
 
-    def _unchanged(self, cpu: int, signal: int | None, where: str) -> list[str]:
+    def _unchanged(self, cpu: int, signal: int | None, where: str) -> list[Finding]:
         last = self.last_signal[cpu]
         self.last_signal[cpu] = signal
         if last is not None and signal is not None and signal != last:
             return [
-                f"vCPU {cpu}: the signal changed {last}->{signal} before {where} "
-                "with no store site in between"
+                Finding(
+                    Rule.UNLISTED_STORE,
+                    f"vCPU {cpu}: the signal changed {last}->{signal} before {where} "
+                    "with no store site in between",
+                    cpu=cpu,
+                    where=where,
+                )
             ]
         return []
 
-    def check(self, hit: Hit) -> list[str]:
+    def check(self, hit: Hit) -> list[Finding]:
         """The problems of one executed site (empty: it was right)."""
         cpu, site = hit.cpu, hit.site
         where = f"vCPU {cpu} at {site.where}"
@@ -126,8 +132,13 @@ class TransitionChecker:
             if restore and stack:
                 if hit.signal_after != stack[-1][0]:
                     problems.append(
-                        f"{where}: the paranoid exit stored {hit.signal_after}; "
-                        f"its entry found {stack[-1][0]}"
+                        Finding(
+                            Rule.PARANOID_RESTORE,
+                            f"{where}: the paranoid exit stored {hit.signal_after}; "
+                            f"its entry found {stack[-1][0]}",
+                            cpu=cpu,
+                            where=site.where,
+                        )
                     )
                 if site.address in self.store_then_write:
                     stack[-1][1] = True  # its CR3 write follows and ends it
@@ -137,8 +148,13 @@ class TransitionChecker:
         if not user_side(hit.cr3_after):
             if hit.signal_before != 1:
                 problems.append(
-                    f"{where}: the CR3 write loaded the kernel CR3 ({side(hit.cr3_before)}->kernel) "
-                    f"with the signal {hit.signal_before}"
+                    Finding(
+                        Rule.KERNEL_CR3_BEFORE_SIGNAL,
+                        f"{where}: the CR3 write loaded the kernel CR3 ({side(hit.cr3_before)}->kernel) "
+                        f"with the signal {hit.signal_before}",
+                        cpu=cpu,
+                        where=site.where,
+                    )
                 )
             if restore and stack and stack[-1][1]:
                 stack.pop()
@@ -150,16 +166,56 @@ class TransitionChecker:
             want = stack.pop()[0]
             if hit.signal_before != want:
                 problems.append(
-                    f"{where}: the paranoid restore of the interrupted user CR3 found the signal "
-                    f"{hit.signal_before}; its entry found {want}"
+                    Finding(
+                        Rule.PARANOID_RESTORE,
+                        f"{where}: the paranoid restore of the interrupted user CR3 found the signal "
+                        f"{hit.signal_before}; its entry found {want}",
+                        cpu=cpu,
+                        where=site.where,
+                    )
                 )
             return problems
         if hit.signal_before != 0:
             problems.append(
-                f"{where}: the CR3 write loaded the user CR3 ({side(hit.cr3_before)}->user) "
-                f"with the signal {hit.signal_before}"
+                Finding(
+                    Rule.USER_CR3_BEFORE_SIGNAL,
+                    f"{where}: the CR3 write loaded the user CR3 ({side(hit.cr3_before)}->user) "
+                    f"with the signal {hit.signal_before}",
+                    cpu=cpu,
+                    where=site.where,
+                )
             )
         return problems
+
+
+class CR3Sides:
+    """Per vCPU, the CR3 side its last watched instruction left it on (pure, no guest).
+
+    Only the sites switch sides (a context switch loads another *kernel* CR3, never a user
+    one), so a vCPU found on the other side at its next watched instruction went through a
+    CR3 write the plugin did not see: this checks the plugin's own completeness.
+    """
+
+    def __init__(self, ncpus: int) -> None:
+        self.last: list[bool | None] = [None] * ncpus
+
+    def continues(self, cpu: int, cr3: int, where: str) -> list[Finding]:
+        """The problem if ``cpu`` is at ``where`` on another side than it was left on."""
+        last = self.last[cpu]
+        now = user_side(cr3)
+        self.last[cpu] = now
+        if last is None or last == now:
+            return []
+        was, got = ("user", "kernel") if last else ("kernel", "user")
+        text = (
+            f"vCPU {cpu} at {where}: CR3 went from the {was} to the {got} side since its last watched "
+            "instruction (a CR3 write at an unlisted site)"
+        )
+        return [Finding(Rule.UNLISTED_CR3_WRITE, text, cpu=cpu, where=where)]
+
+    def left(self, cpu: int, cr3: int) -> None:
+        """``cpu``'s watched instruction left it on ``cr3``."""
+        self.last[cpu] = user_side(cr3)
 
 
 def stores_before_their_cr3_write(sites: Sequence[Site]) -> frozenset[int]:

@@ -41,8 +41,9 @@ from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.observe.exploration import NMI_CPU, quiet_console
+from rig.observe.findings import Finding, Rule
 from rig.observe.runcontrol import step_over
-from rig.observe.transitions import Hit, TransitionChecker, agreed_signal, user_side
+from rig.observe.transitions import CR3Sides, Hit, TransitionChecker, agreed_signal, user_side
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Seconds one ``vCont;c`` may run without any vCPU hitting a switch site.
@@ -82,7 +83,7 @@ class WatchResult:
     running_seconds: float = 0.0
     paused: int = 0
     hits_by_cpu: dict[int, int] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -170,6 +171,8 @@ class Watcher:
         self.armed: list[int] = []
         #: single steps QEMU answered without executing the instruction (repeated)
         self.repeated_steps = 0
+        #: per vCPU, the CR3 side its last stop left it on (reset at each run)
+        self.sides = CR3Sides(ncpus)
 
     def arm(self, link: RspLink) -> None:
         addrs = sorted({*self.sites, *([self.paranoid] if self.paranoid is not None else [])})
@@ -213,8 +216,22 @@ class Watcher:
         r = link.transact([f"Hg{thread_id(cpu)}", self._rip, self._cr3, *self._observe[cpu]])
         pc, cr3 = hex_le(r[1]), hex_le(r[2])
         before, disagree = agreed_signal(self._signal_reads(r[3:]))
+        where = g.symbols.describe(pc)
         if disagree:
-            result.problems.append(f"vCPU {cpu} at {g.symbols.describe(pc)}: {disagree}")
+            result.problems.append(
+                Finding(Rule.VIEWS_DISAGREE, f"vCPU {cpu} at {where}: {disagree}", cpu=cpu, where=where)
+            )
+        if before is None:  # fail closed: no vCPU could read it
+            result.problems.append(
+                Finding(
+                    Rule.SIGNAL_UNREADABLE,
+                    f"vCPU {cpu} at {where}: no vCPU can read its signal",
+                    cpu=cpu,
+                    where=where,
+                )
+            )
+        # between two stops only a listed site may change a vCPU's CR3 side
+        result.problems += self.sides.continues(cpu, cr3, where)
         r = self._step_over(link, cpu, pc)
         site = self.sites.get(pc)
         if site is None:
@@ -225,7 +242,12 @@ class Watcher:
             raise GuestError(f"vCPU {cpu} stopped at {g.symbols.describe(pc)}, which is not watched")
         after, disagree = agreed_signal(self._signal_reads(r[3:]))
         if disagree:
-            result.problems.append(f"vCPU {cpu} after {site.where}: {disagree}")
+            text = f"vCPU {cpu} after {site.where}: {disagree}"
+            result.problems.append(Finding(Rule.VIEWS_DISAGREE, text, cpu=cpu, where=site.where))
+        if after is None:
+            text = f"vCPU {cpu} after {site.where}: no vCPU can read its signal"
+            result.problems.append(Finding(Rule.SIGNAL_UNREADABLE, text, cpu=cpu, where=site.where))
+        self.sides.left(cpu, hex_le(r[2]))
         hit = Hit(cpu, site, cr3, hex_le(r[2]), before, after)
         result.record(hit)
         result.problems += checker.check(hit)
@@ -248,6 +270,7 @@ class Watcher:
         g = self.guest
         result = self.new_result()
         checker = TransitionChecker(self.ncpus, list(self.sites.values()))
+        self.sides = CR3Sides(self.ncpus)  # the guest ran unwatched before this run
         t0 = time.monotonic()
         continues = nmi_due = 0
         last_cpu = NMI_CPU

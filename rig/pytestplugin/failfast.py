@@ -20,7 +20,7 @@ from typing import Any
 
 from rig.diagnosis import console_death
 from rig.errors import ConfigError, GuestError, RigError
-from rig.guest import GuestConfig
+from rig.guest import Guest, GuestConfig
 
 _TAIL_MARK = "; console tail:"
 
@@ -156,3 +156,14 @@ def check_writable(directory: Path, what: str, option: str) -> None:
             f"{what} {directory}: cannot write there ({exc.strerror}); "
             f"pass a writable directory with {option}"
         ) from None
+
+
+def kernel_crashed(exc: BaseException | None, guest: Guest | None) -> bool:
+    """True if the guest kernel is known to have crashed: its console (of the failed boot,
+    or of the running guest) shows a panic or oops, or QEMU logged a triple fault. Such a
+    failure is a finding about the kernel, not a rig error."""
+    if isinstance(exc, BootFailed) and console_death(f"{exc.reason}\n{exc.console_tail}"):
+        return True
+    if guest is None:
+        return False
+    return console_death(guest.machine.console_tail(200)) is not None or guest.machine.triple_faulted()

@@ -32,12 +32,14 @@ from rig.diagnosis import diagnose
 from rig.errors import ConfigError, RigError
 from rig.guest import Effort, Guest, GuestConfig, check_inputs
 from rig.observe.coverage import SiteCoverage, coverage_of
+from rig.observe.findings import FindingsFailure, failure_kind
 from rig.pytestplugin import distributed
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
     breaks_guest,
     check_writable,
+    kernel_crashed,
     one_line_head,
     one_line_report,
     wants_one_line,
@@ -567,8 +569,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         # the testcases' retries (breakpoint hits taken, steps of each stepped trace), for the soak
         item.user_properties.append(("cr3rig.breaks", g.effort.breaks))
         item.user_properties.append(("cr3rig.steps", ",".join(map(str, g.effort.steps))))
+        item.user_properties.append(("cr3rig.discarded", " | ".join(g.effort.discarded)))
+        if g.effort.discarded:
+            report.sections.append(
+                ("cr3rig discarded tries (each judged first)", "\n".join(g.effort.discarded))
+            )
     if report.failed:
         exc = call.excinfo.value if call.excinfo is not None else None
+        kind = failure_kind(exc, crashed=kernel_crashed(exc, g))
+        item.user_properties.append(("cr3rig.failure", kind.value))
+        if isinstance(exc, FindingsFailure):
+            rules = sorted({f.rule.value for f in exc.findings})
+            item.user_properties.append(("cr3rig.rules", ",".join(rules)))
         if breaks_guest(exc):
             item.stash[_BROKEN_KEY] = True
         if wants_one_line(exc, item.config.option.tbstyle):
