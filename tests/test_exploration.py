@@ -11,6 +11,7 @@ import pytest
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
 from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, ScoutStop, Window, explore
+from rig.observe.findings import Rule, render
 from rig.observe.stepping import Snapshot, Trace
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
@@ -61,8 +62,12 @@ def test_a_window_whose_race_boundaries_all_ran_has_no_problem() -> None:
 def test_a_race_boundary_without_a_run_is_a_problem() -> None:
     ex = _result([0, 3, 4, 5, 7, 8])
     assert ex.unexplored() == [6]
-    assert ex.problems() == [
-        "syscall-entry: boundaries [6] between the signal store (5) and its CR3 write (7) were not explored"
+    assert [(f.rule, f.text) for f in ex.problems()] == [
+        (
+            Rule.INCOMPLETE,
+            "syscall-entry: boundaries [6] between the signal store (5) and its CR3 write (7) "
+            "were not explored",
+        )
     ]
 
 
@@ -103,4 +108,4 @@ def test_interrupt_entry_explores_under_qemu_10(qemu10_guest: Guest) -> None:
     for _ in range(2):
         result = explore(g, sites, INTERRUPT_WINDOW, signal=SIGNAL)
         print(result.table())
-        assert result.runs and not result.problems(), "\n".join(result.problems()) + "\n" + result.table()
+        assert result.runs and not result.problems(), render(result.problems()) + "\n" + result.table()

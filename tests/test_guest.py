@@ -9,6 +9,7 @@ import pytest
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.vcpu import thread_id
+from rig.observe.findings import Rule
 from rig.observe.stepping import Snapshot, Stepper, Watch, in_user_mode
 
 
@@ -164,4 +165,6 @@ def test_a_frozen_vcpu_that_moved_is_reported(booted: Guest) -> None:
     cr3 = trace.snapshots[0].cr3[other]
     assert trace.snapshots[-1].rip[other] == original + 1
     rips = f"rip {original:#x}->{original + 1:#x}"
-    assert moved == [f"step 20: vCPU {other} moved: {rips} cr3 {cr3:#x}->{cr3:#x}"]
+    assert [(f.rule, f.text) for f in moved] == [
+        (Rule.RIG_PREMISE, f"step 20: vCPU {other} moved: {rips} cr3 {cr3:#x}->{cr3:#x}")
+    ]

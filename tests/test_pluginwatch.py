@@ -13,6 +13,7 @@ import pytest
 from rig.errors import ConfigError
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import Site
+from rig.observe.findings import Rule, render
 from rig.observe.pluginwatch import (
     RECORD,
     CR3Sides,
@@ -66,9 +67,9 @@ def test_the_value_read_back_must_be_the_value_written() -> None:
     user = 0x1234000 | (1 << 12)
     assert _loaded_value_problems(Hit(1, WRITE, 0x1234000, user, 0, 0), user) == []
     assert _loaded_value_problems(Hit(1, WRITE, 0x1234000, user, 0, 0), user | (1 << 63)) == []  # NOFLUSH
-    assert "CR3 reads" in _loaded_value_problems(Hit(1, WRITE, 0x1234000, 0x1234000, 0, 0), user)[0]
+    assert "CR3 reads" in _loaded_value_problems(Hit(1, WRITE, 0x1234000, 0x1234000, 0, 0), user)[0].text
     assert _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 1), 1) == []
-    assert "went elsewhere" in _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 0), 1)[0]
+    assert "went elsewhere" in _loaded_value_problems(Hit(0, STORE, 0, 0, 0, 0), 1)[0].text
 
 
 def test_a_side_change_between_watched_instructions_is_a_missed_write() -> None:
@@ -80,7 +81,8 @@ def test_a_side_change_between_watched_instructions_is_a_missed_write() -> None:
     assert sides.continues(0, user, "c") == []
     sides.left(0, user)
     (problem,) = sides.continues(0, kernel, "paranoid_entry")
-    assert problem.startswith("vCPU 0 at paranoid_entry: CR3 went from the user to the kernel side")
+    assert problem.rule is Rule.UNLISTED_CR3_WRITE and problem.cpu == 0
+    assert problem.text.startswith("vCPU 0 at paranoid_entry: CR3 went from the user to the kernel side")
 
 
 def test_the_record_layout_matches_the_plugin() -> None:
@@ -132,7 +134,7 @@ def test_the_reference_kernel_passes(initrd: Path, qemu10: str) -> None:
         result = watch(g, pw, transitions=2000, nmi_every=100, min_per_cpu=10, max_seconds=60)
     finally:
         g.close()
-    assert not result.problems, "\n".join(result.problems[:10])
+    assert not result.problems, render(result.problems)
     assert result.transitions >= 2000
     assert set(result.hits_by_cpu) == {0, 1} and min(result.hits_by_cpu.values()) >= 10
     assert result.unreadable_signals == 0
@@ -146,8 +148,8 @@ def test_a_mutant_kernel_is_caught(initrd: Path, qemu10: str) -> None:
     finally:
         g.close()
     assert result.problems, f"plugin watch missed {MUTANT}:\n{result.table()}"
-    assert "syscall_return_via_sysret" in result.problems[0]
-    assert "loaded the user CR3 (kernel->user) with the signal 1" in result.problems[0]
+    assert "syscall_return_via_sysret" in result.problems[0].text
+    assert "loaded the user CR3 (kernel->user) with the signal 1" in result.problems[0].text
 
 
 def test_qemu_7_2_cannot_load_the_plugin(initrd: Path) -> None:

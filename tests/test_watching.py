@@ -7,6 +7,7 @@ The sites and CR3 values are those of reference-7.2 (kernel PGD 0x3dc000, user 0
 from __future__ import annotations
 
 from rig.machine.sites import Site
+from rig.observe.findings import Rule
 from rig.observe.transitions import Hit, TransitionChecker, agreed_signal
 from rig.observe.watching import SiteTally, WatchResult
 
@@ -52,13 +53,13 @@ def test_a_correct_round_trip_has_no_problems() -> None:
 def test_kernel_cr3_loaded_with_signal_0_fails() -> None:
     c = TransitionChecker(2, SITES)
     problems = c.check(Hit(1, ENTRY_CR3, USER, KERNEL, 0, 0))
-    assert len(problems) == 1 and "loaded the kernel CR3 (user->kernel) with the signal 0" in problems[0]
+    assert len(problems) == 1 and "loaded the kernel CR3 (user->kernel) with the signal 0" in problems[0].text
 
 
 def test_user_cr3_loaded_with_signal_1_fails() -> None:
     c = TransitionChecker(2, SITES)
     problems = c.check(Hit(0, EXIT_CR3, KERNEL, USER, 1, 1))
-    assert len(problems) == 1 and "vCPU 0 at syscall_return_via_sysret+0x91" in problems[0]
+    assert len(problems) == 1 and "vCPU 0 at syscall_return_via_sysret+0x91" in problems[0].text
 
 
 def test_signal_change_between_stops_without_a_store_fails() -> None:
@@ -66,7 +67,7 @@ def test_signal_change_between_stops_without_a_store_fails() -> None:
     assert c.check(Hit(1, ENTRY_STORE, USER, USER, 0, 1)) == []
     # the next stop of vCPU 1 finds 0 although no store ran on it in between
     problems = c.check(Hit(1, ENTRY_CR3, USER, KERNEL, 0, 0))
-    assert any("changed 1->0" in p for p in problems)
+    assert any("changed 1->0" in p.text and p.rule is Rule.UNLISTED_STORE for p in problems)
     # another vCPU's stream is independent
     assert c.check(Hit(0, EXIT_STORE, KERNEL, KERNEL, 1, 0)) == []
 
@@ -93,11 +94,11 @@ def test_paranoid_exit_that_clobbers_the_signal_fails() -> None:
     c.check(Hit(0, PARANOID_STORE, USER, USER, 1, 1))
     c.check(Hit(0, PARANOID_CR3, USER, KERNEL, 1, 1))
     stored = c.check(Hit(0, RESTORE_STORE, KERNEL, KERNEL, 1, 0))
-    assert stored and "the paranoid exit stored 0; its entry found 1" in stored[0]
+    assert stored and "the paranoid exit stored 0; its entry found 1" in stored[0].text
     restored = c.check(Hit(0, RESTORE_CR3, KERNEL, USER, 0, 0))
-    assert restored and "found the signal 0; its entry found 1" in restored[0]
+    assert restored and "found the signal 0; its entry found 1" in restored[0].text
     # and the interrupted entry then loads the kernel CR3 with the signal 0
-    assert any("kernel CR3" in p for p in c.check(Hit(0, ENTRY_CR3, USER, KERNEL, 0, 0)))
+    assert any("kernel CR3" in p.text for p in c.check(Hit(0, ENTRY_CR3, USER, KERNEL, 0, 0)))
 
 
 def test_paranoid_exit_on_the_kernel_cr3_ends_at_its_store() -> None:
@@ -156,7 +157,7 @@ def test_an_nmi_between_a_debug_exits_store_and_its_cr3_write() -> None:
     assert c.paranoid_entry(0, 0) == []
     assert c.check(Hit(0, PARANOID_STORE, KERNEL, KERNEL, 0, 1)) == []
     clobbered = c.check(Hit(0, RESTORE_NOTE, KERNEL, KERNEL, 1, 1))
-    assert clobbered and "the paranoid exit stored 1; its entry found 0" in clobbered[0]
+    assert clobbered and "the paranoid exit stored 1; its entry found 0" in clobbered[0].text
 
 
 def test_restore_whose_entry_was_not_seen_is_counted_not_judged() -> None:
@@ -200,7 +201,7 @@ def test_strict_restores_check_an_unmatched_restore_as_a_user_cr3_write() -> Non
     strict = TransitionChecker(2, SITES, strict_restores=True)
     problems = strict.check(hit)
     assert strict.unverified_restores == 0
-    assert len(problems) == 1 and "loaded the user CR3 (kernel->user) with the signal 1" in problems[0]
+    assert len(problems) == 1 and "loaded the user CR3 (kernel->user) with the signal 1" in problems[0].text
     assert not strict.restores_paranoid_entry(0, restore)
     strict.paranoid_entry(0, 1)
     assert strict.restores_paranoid_entry(0, restore)
