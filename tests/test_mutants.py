@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rig.observe.findings import FailureKind
 from rig.tools import mutants
 from rig.tools.mutants import (
     MUTANTS_DIR,
@@ -14,8 +15,8 @@ from rig.tools.mutants import (
     TestResults,
     UnknownMutantError,
     Verdict,
+    caught_by_lines,
     discover_mutants,
-    is_crash,
     judge,
     parse_junit,
     render_markdown,
@@ -30,16 +31,19 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
   <testcase classname="testcases.test_pti_entry" name="test_syscall_entry_flips_cr3_at_mov_to_cr3"
             time="3.1" />
   <testcase classname="testcases.test_cr3_signal" name="test_signal_tracks_cr3_over_a_syscall[iret-loop]">
+    <properties><property name="cr3rig.failure" value="finding" /></properties>
     <failure message="AssertionError: step 412: CR3 became the user CR3 with the signal still 1">
 trace...</failure>
   </testcase>
   <testcase classname="testcases.test_cr3_signal" name="test_signal_tracks_cr3_over_a_syscall[syscall-loop]">
+    <properties><property name="cr3rig.failure" value="finding" /></properties>
     <failure message="AssertionError: first">x</failure>
   </testcase>
   <testcase classname="testcases.test_cr3_signal" name="test_signal_tracks_cr3_over_a_syscall[syscall-loop]">
     <error message="failed on teardown with &quot;GdbError: boom&quot;">y</error>
   </testcase>
   <testcase classname="testcases.test_pti_tables" name="test_user_tables_map_cpu_entry_area">
+    <properties><property name="cr3rig.failure" value="kernel-crash" /></properties>
     <error message="failed on setup with &quot;rig.errors.GuestError: bzImage did not boot: {CRASHED}&quot;">
 tail</error>
   </testcase>
@@ -47,6 +51,7 @@ tail</error>
     <skipped type="pytest.skip" message="PTI is off">skip</skipped>
   </testcase>
   <testcase classname="testcases.test_pti_tables" name="test_gdb_hiccup">
+    <properties><property name="cr3rig.failure" value="rig-error" /></properties>
     <error message="failed on setup with &quot;rig.errors.GdbError: ^error timeout&quot;">z</error>
   </testcase>
 </testsuite></testsuites>
@@ -60,8 +65,11 @@ ENTRY = "testcases/test_pti_entry.py::test_syscall_entry_flips_cr3_at_mov_to_cr3
 
 
 def results(**outcomes: Outcome) -> TestResults:
-    """TestResults from keyword names (``t1=Outcome.FAILED``) -> ids ``t/x.py::t1``."""
-    return TestResults({f"t/x.py::{k}": v for k, v in outcomes.items()})
+    """TestResults from keyword names (``t1=Outcome.FAILED``) -> ids ``t/x.py::t1``; a
+    failure is a finding, an error a rig error."""
+    ids = {f"t/x.py::{k}": v for k, v in outcomes.items()}
+    kinds = {t: FailureKind.FINDING if o is Outcome.FAILED else FailureKind.RIG_ERROR for t, o in ids.items()}
+    return TestResults(ids, {}, {t: k for t, k in kinds.items() if ids[t] in (Outcome.FAILED, Outcome.ERROR)})
 
 
 # -- JUnit parsing ----------------------------------------------------------
@@ -92,7 +100,7 @@ def test_parse_junit_keeps_the_message_not_the_traceback() -> None:
         "</testcase></testsuite>"
     )
     assert res.messages == {"t/x.py::a": "GdbError: ^error", "t/x.py::b": "AssertionError: first line"}
-    assert judge("m", res).other_errors == ["t/x.py::a"]
+    assert judge("m", res).other_errors == ["t/x.py::a", "t/x.py::b"]  # unclassified: rig errors
 
 
 def test_parse_junit_reads_files_and_collection_errors(tmp_path: Path) -> None:
@@ -119,39 +127,52 @@ def test_parse_junit_missing_file(tmp_path: Path) -> None:
 # -- verdicts ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        "GuestError: /x/bzImage did not boot: the guest kernel crashed during boot",
-        "the guest kernel crashed while running 'uname -r'",
-        "GuestError: QEMU is gone: exit status 1",
-        "Kernel panic - not syncing: Attempted to kill init!",
-    ],
-)
-def test_crash_messages(message: str) -> None:
-    assert is_crash(message)
-
-
-@pytest.mark.parametrize("message", ["", "GdbError: ^error,msg=timeout", "ConfigError: no such file"])
-def test_non_crash_messages(message: str) -> None:
-    assert not is_crash(message)
-
-
-def test_a_failure_catches_the_mutant() -> None:
+def test_a_finding_or_a_kernel_crash_catches_the_mutant_a_rig_error_does_not() -> None:
     res = judge("m", parse_junit(JUNIT))
     assert res.verdict is Verdict.CAUGHT
     assert res.caught_by == [SIGNAL_IRET, SIGNAL_SYSCALL, CEA]
     assert res.other_errors == [GDB]
 
 
-def test_an_error_catches_only_if_it_reports_a_crash() -> None:
-    crash = TestResults({"a": Outcome.ERROR}, {"a": "x did not boot: the guest kernel crashed during boot"})
-    assert judge("m", crash).verdict is Verdict.CAUGHT
-    hiccup = TestResults({"a": Outcome.ERROR, "b": Outcome.PASSED}, {"a": "GdbError: ^error"})
+def test_a_failure_the_plugin_did_not_classify_is_a_rig_error() -> None:
+    res = parse_junit(
+        '<testsuite><testcase classname="t.x" name="a"><failure message="boom">x</failure></testcase>'
+        "</testsuite>"
+    )
+    assert res.kind("t/x.py::a") is FailureKind.RIG_ERROR
+    assert judge("m", res).verdict is Verdict.ERRORED
+
+
+def test_only_rig_errors_is_errored_never_caught() -> None:
+    hiccup = TestResults(
+        {"a": Outcome.ERROR, "b": Outcome.FAILED, "c": Outcome.PASSED},
+        {"a": "GdbError: ^error", "b": "ReplyTimeout: QEMU sent no reply"},
+        {"a": FailureKind.RIG_ERROR, "b": FailureKind.RIG_ERROR},
+    )
     res = judge("m", hiccup)
-    assert res.verdict is Verdict.SURVIVED
-    assert res.caught_by == []
-    assert res.other_errors == ["a"]
+    assert res.verdict is Verdict.ERRORED
+    assert res.caught_by == [] and res.other_errors == ["a", "b"]
+
+
+def test_the_named_testcases_must_catch_it() -> None:
+    ref = results(a=Outcome.PASSED, b=Outcome.PASSED, c=Outcome.PASSED)
+    both = results(a=Outcome.FAILED, b=Outcome.FAILED, c=Outcome.PASSED)
+    assert judge("m", both, ref, ["t/x.py::a", "t/x.py::b"]).verdict is Verdict.CAUGHT
+    elsewhere = judge("m", results(a=Outcome.PASSED, b=Outcome.PASSED, c=Outcome.FAILED), ref, ["t/x.py::a"])
+    assert elsewhere.verdict is Verdict.MISNAMED and "not caught by a" in elsewhere.detail
+    errored = judge("m", results(a=Outcome.ERROR, c=Outcome.FAILED), ref, ["t/x.py::a"])
+    assert errored.verdict is Verdict.ERRORED
+    assert judge("m", results(a=Outcome.PASSED), ref, ["t/x.py::a"]).verdict is Verdict.SURVIVED
+    # a name without parameters stands for all of them
+    params = TestResults({"t/x.py::p[1]": Outcome.FAILED}, {}, {"t/x.py::p[1]": FailureKind.FINDING})
+    assert judge("m", params, None, ["t/x.py::p"]).verdict is Verdict.CAUGHT
+
+
+def test_every_mutant_names_the_testcases_that_must_catch_it() -> None:
+    for name, patch in discover_mutants().items():
+        named = caught_by_lines(patch)
+        assert named, f"{name}: no Caught-by line"
+        assert all(n.startswith("testcases/") and "::" in n for n in named), (name, named)
 
 
 def test_all_passed_or_skipped_survives() -> None:
@@ -186,7 +207,11 @@ def _sample() -> tuple[MutantResult, list[MutantResult]]:
     ref = MutantResult(
         "reference", Verdict.SURVIVED, results=results(a=Outcome.PASSED, b=Outcome.PASSED, c=Outcome.SKIPPED)
     )
-    crash = TestResults({"t/y.py::boot": Outcome.ERROR}, {"t/y.py::boot": "kernel crashed during boot"})
+    crash = TestResults(
+        {"t/y.py::boot": Outcome.ERROR},
+        {"t/y.py::boot": "kernel crashed during boot"},
+        {"t/y.py::boot": FailureKind.KERNEL_CRASH},
+    )
     return ref, [
         judge("alpha", results(a=Outcome.FAILED, b=Outcome.PASSED), ref.results),
         judge("beta", results(a=Outcome.PASSED, b=Outcome.PASSED), ref.results),

@@ -7,14 +7,23 @@ The runner first runs ``pytest testcases/`` on the unmutated reference kernel,
 then on each mutant kernel, and gives each mutant a verdict:
 
 ``CAUGHT``
-    at least one testcase that did not fail on the reference failed, or errored
-    with a message that reports a guest crash (see :data:`CRASH_RE`);
+    every testcase its header names (``Caught-by:`` lines) failed on a finding (a check
+    about the kernel failed, or the guest kernel crashed: the plugin's
+    ``cr3rig.failure`` in the JUnit XML) and had passed on the reference;
+``MISNAMED``
+    a check caught it, but not in every testcase its header names;
+``ERRORED``
+    a testcase that would have judged it failed with a rig error (a transport, QEMU or
+    GDB failure, a timeout): the rig could not judge, so this is never a catch;
 ``SURVIVED``
     nothing caught it;
 ``BUILD-FAILED``
     the patch does not apply or the kernel does not build;
 ``NO-RESULT``
     pytest left no readable JUnit XML (it crashed or timed out).
+
+Each mutant's named testcases run first; if they do not all catch it, the whole of
+``testcases/`` runs (stopping at its first failure) to say what else does.
 
 Command line::
 
@@ -34,17 +43,17 @@ import argparse
 import contextlib
 import enum
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rig.observe.findings import FailureKind
+from rig.report.junit import Outcome, read_junit
 from rig.report.session import MUTANTS_MD, write_mutants_page
 from rig.supply.kernelbuild import (
     GUEST_DIR,
@@ -57,13 +66,14 @@ from rig.supply.kernelbuild import (
 )
 
 __all__ = [
-    "CRASH_RE",
+    "CAUGHT_BY",
     "MUTANTS_DIR",
     "MutantResult",
     "Outcome",
     "TestResults",
     "UnknownMutantError",
     "Verdict",
+    "caught_by_lines",
     "discover_mutants",
     "judge",
     "main",
@@ -78,11 +88,6 @@ __all__ = [
 MUTANTS_DIR = GUEST_DIR / "mutants"
 #: Default flavor the mutants apply to.
 DEFAULT_FLAVOR = "reference-7.2"
-#: An error whose message matches this reports a guest crash (it counts as caught).
-CRASH_RE = re.compile(
-    r"crash|kernel panic|did not boot|QEMU is gone|QEMU exited|console closed|triple fault",
-    re.IGNORECASE,
-)
 #: Seconds one pytest run may take before it is interrupted.
 DEFAULT_PYTEST_TIMEOUT = 1800.0
 #: Seconds between SIGINT (the rig cleans up QEMU/GDB) and SIGKILL on timeout.
@@ -91,19 +96,12 @@ _KILL_GRACE = 30.0
 LogFn = Callable[[str], None]
 
 
-class Outcome(enum.Enum):
-    """How one testcase ended, as recorded in JUnit XML."""
-
-    PASSED = "passed"
-    FAILED = "failed"
-    ERROR = "error"
-    SKIPPED = "skipped"
-
-
 class Verdict(enum.Enum):
     """The verdict on one mutant."""
 
     CAUGHT = "CAUGHT"
+    MISNAMED = "MISNAMED"
+    ERRORED = "ERRORED"
     SURVIVED = "SURVIVED"
     BUILD_FAILED = "BUILD-FAILED"
     NO_RESULT = "NO-RESULT"
@@ -115,12 +113,14 @@ class UnknownMutantError(ValueError):
 
 @dataclass
 class TestResults:
-    """Outcomes of one pytest run: test id -> outcome, and the messages of failures/errors."""
+    """Outcomes of one pytest run: test id -> outcome, the messages of failures/errors,
+    and what made each failure (:class:`~rig.observe.findings.FailureKind`)."""
 
     __test__ = False  # not a pytest test class
 
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, FailureKind] = field(default_factory=dict)
 
     def ids(self, outcome: Outcome) -> list[str]:
         """Return the ids with ``outcome``, in sorted order."""
@@ -146,6 +146,12 @@ class TestResults:
         """Ids of the tests that were skipped."""
         return self.ids(Outcome.SKIPPED)
 
+    def kind(self, tid: str) -> FailureKind | None:
+        """What made ``tid`` fail (a rig error if the plugin did not say); None if it did not."""
+        if self.outcomes.get(tid) not in (Outcome.FAILED, Outcome.ERROR):
+            return None
+        return self.kinds.get(tid, FailureKind.RIG_ERROR)
+
     def summary(self) -> str:
         """``N passed, N failed, N error, N skipped``."""
         return ", ".join(f"{len(self.ids(o))} {o.value}" for o in Outcome)
@@ -157,10 +163,12 @@ class MutantResult:
 
     name: str
     verdict: Verdict
-    #: Test ids that caught the mutant (failed, or errored with a crash message).
+    #: Test ids that caught the mutant (failed on a finding or a kernel crash).
     caught_by: list[str] = field(default_factory=list)
-    #: Test ids that errored without reporting a crash (not counted as caught).
+    #: Test ids that failed with a rig error (the rig could not judge: never a catch).
     other_errors: list[str] = field(default_factory=list)
+    #: The test ids its header names (``Caught-by:``); empty for the reference.
+    named: list[str] = field(default_factory=list)
     results: TestResults | None = None
     detail: str = ""
     build_seconds: float = 0.0
@@ -171,92 +179,78 @@ class MutantResult:
 # Pure logic
 
 
-_SEVERITY = {Outcome.PASSED: 0, Outcome.SKIPPED: 1, Outcome.ERROR: 2, Outcome.FAILED: 3}
-
-
-def _test_id(classname: str, name: str) -> str:
-    """``testcases.test_x`` + ``test_y[p]`` -> ``testcases/test_x.py::test_y[p]``.
-
-    A class in the classname (``testcases.test_x.TestZ``) is kept as ``::TestZ``
-    when its first letter is upper case.
-    """
-    if not classname:
-        return name
-    parts = classname.split(".")
-    classes: list[str] = []
-    while len(parts) > 1 and parts[-1][:1].isupper():
-        classes.insert(0, parts.pop())
-    return "::".join(["/".join(parts) + ".py", *classes, name])
-
-
 def parse_junit(source: str | Path) -> TestResults:
-    """Parse a pytest JUnit XML report (a path, or the XML text itself).
-
-    A testcase with a ``<failure>`` child failed, with an ``<error>`` child
-    errored, with a ``<skipped>`` child was skipped, otherwise it passed. A test
-    id that appears more than once (a failure in the call and an error in the
-    teardown) keeps its worst outcome; the messages are joined. The message of
-    a failure/error is its ``message`` attribute (the one-line summary), or the
-    first line of its text if that is missing.
+    """Parse a pytest JUnit XML report (a path, or the XML text itself) with
+    :func:`rig.report.junit.read_junit`.
 
     Raises :class:`ValueError` if the XML cannot be parsed.
     """
-    try:
-        root = ET.parse(source).getroot() if isinstance(source, Path) else ET.fromstring(source)
-    except (ET.ParseError, OSError) as e:
-        raise ValueError(f"unreadable JUnit XML: {e}") from None
     results = TestResults()
-    for case in root.iter("testcase"):
-        tid = _test_id(case.get("classname", ""), case.get("name", "?"))
-        outcome = Outcome.PASSED
-        texts: list[str] = []
-        for child in case:
-            tag = {"failure": Outcome.FAILED, "error": Outcome.ERROR, "skipped": Outcome.SKIPPED}.get(
-                child.tag
-            )
-            if tag is None:
-                continue
-            if _SEVERITY[tag] > _SEVERITY[outcome]:
-                outcome = tag
-            if tag is not Outcome.SKIPPED:
-                # the one-line message, not the traceback (whose console tail may say anything)
-                text = (child.text or "").strip()
-                texts.append(child.get("message") or (text.splitlines()[0] if text else ""))
-        old = results.outcomes.get(tid)
-        if old is None or _SEVERITY[outcome] > _SEVERITY[old]:
-            results.outcomes[tid] = outcome
-        if texts:
-            previous = results.messages.get(tid)
-            joined = "\n".join(texts)
-            results.messages[tid] = f"{previous}\n{joined}" if previous else joined
+    for tid, case in read_junit(source).items():
+        results.outcomes[tid] = case.outcome
+        if case.outcome in (Outcome.FAILED, Outcome.ERROR):
+            results.messages[tid] = case.message
+            kind = case.failure_kind
+            if kind is not None:
+                results.kinds[tid] = kind
     return results
 
 
-def is_crash(message: str) -> bool:
-    """True if an error message clearly reports a guest crash."""
-    return bool(CRASH_RE.search(message))
+#: The header line that names a testcase which must catch the mutant (one per line).
+CAUGHT_BY = "Caught-by:"
 
 
-def judge(name: str, results: TestResults, reference: TestResults | None = None) -> MutantResult:
-    """Give the verdict on mutant ``name`` from its test results.
+def caught_by_lines(patch: Path) -> list[str]:
+    """The test ids of the ``Caught-by:`` lines of a mutant's header (before its ``---``)."""
+    out = []
+    for line in patch.read_text(errors="replace").splitlines():
+        if line.strip() == "---":
+            break
+        if line.startswith(CAUGHT_BY):
+            out.append(line.removeprefix(CAUGHT_BY).strip())
+    return out
 
-    CAUGHT if a testcase failed, or errored with a crash message (:func:`is_crash`);
-    SURVIVED otherwise. With ``reference``, a testcase that already failed or
-    errored on the reference does not count as catching the mutant.
+
+def _matches(named: str, tid: str) -> bool:
+    """A ``Caught-by:`` id names ``tid`` exactly, or all of its parameters (``test_x``)."""
+    return tid == named or tid.startswith(named + "[")
+
+
+def judge(
+    name: str, results: TestResults, reference: TestResults | None = None, named: Sequence[str] = ()
+) -> MutantResult:
+    """Give the verdict on mutant ``name`` from its test results (see the module doc).
+
+    A testcase catches it when it failed on a finding or a kernel crash
+    (:attr:`FailureKind.caught`) and did not fail on ``reference``. With ``named`` (its
+    ``Caught-by:`` ids), each must have caught it: CAUGHT; caught elsewhere only:
+    MISNAMED; a named testcase that ended in a rig error: ERRORED. Without ``named``,
+    any catch is CAUGHT.
     """
     bad_on_reference = set(reference.failed + reference.errored) if reference else set()
     caught: list[str] = []
-    other: list[str] = []
-    for tid in results.failed:
-        if tid not in bad_on_reference:
-            caught.append(tid)
-    for tid in results.errored:
-        if tid not in bad_on_reference and is_crash(results.messages.get(tid, "")):
-            caught.append(tid)
-        else:
-            other.append(tid)
-    verdict = Verdict.CAUGHT if caught else Verdict.SURVIVED
-    return MutantResult(name, verdict, sorted(caught), sorted(other), results)
+    rig_errors: list[str] = []
+    for tid in results.failed + results.errored:
+        kind = results.kind(tid)
+        if tid in bad_on_reference or kind is None:
+            continue
+        (caught if kind.caught else rig_errors).append(tid)
+    res = MutantResult(
+        name, Verdict.SURVIVED, caught_by=sorted(caught), other_errors=sorted(rig_errors), results=results
+    )
+    res.named = list(named)
+    if not named:
+        res.verdict = Verdict.CAUGHT if caught else (Verdict.ERRORED if rig_errors else Verdict.SURVIVED)
+        return res
+    missing = [n for n in named if not any(_matches(n, t) for t in caught)]
+    if not missing:
+        res.verdict = Verdict.CAUGHT
+    elif any(_matches(n, t) for n in missing for t in rig_errors):
+        res.verdict = Verdict.ERRORED
+    elif caught:
+        res.verdict = Verdict.MISNAMED
+        res.detail = "not caught by " + ", ".join(short_name(n) for n in missing)
+    return res
 
 
 def short_name(test_id: str) -> str:
@@ -267,14 +261,15 @@ def short_name(test_id: str) -> str:
 def _describe(result: MutantResult) -> str:
     """The third column of the table: the testcases that caught it, or why not."""
     parts: list[str] = []
-    if result.verdict in (Verdict.BUILD_FAILED, Verdict.NO_RESULT):
+    if result.verdict in (Verdict.BUILD_FAILED, Verdict.NO_RESULT) or result.results is None:
         return result.detail
     for tid in result.caught_by:
-        outcome = result.results.outcomes.get(tid) if result.results else None
-        parts.append(short_name(tid) + (" (crash)" if outcome is Outcome.ERROR else ""))
+        kind = result.results.kind(tid) if result.results else None
+        parts.append(short_name(tid) + (" (crash)" if kind is FailureKind.KERNEL_CRASH else ""))
     for tid in result.other_errors:
-        parts.append(short_name(tid) + " (error)")
-    return ", ".join(parts) if parts else "-"
+        parts.append(short_name(tid) + " (rig error)")
+    text = ", ".join(parts) if parts else "-"
+    return f"{text}; {result.detail}" if result.detail else text
 
 
 def _reference_row(reference: MutantResult) -> tuple[str, str, str]:
@@ -374,8 +369,10 @@ def run_testcases(
     *,
     timeout: float = DEFAULT_PYTEST_TIMEOUT,
     extra_args: Sequence[str] = (),
+    targets: Sequence[str] = ("testcases/",),
 ) -> tuple[TestResults | None, str]:
-    """Run ``pytest testcases/`` on ``build`` in a subprocess (cwd = repo root).
+    """Run ``pytest testcases/`` (or the test ids ``targets``) on ``build`` in a
+    subprocess (cwd = repo root).
 
     Its output goes to ``log_file``. Returns the parsed JUnit results, or
     ``None`` and a one-line reason if there are none (pytest timed out or
@@ -387,7 +384,7 @@ def run_testcases(
             sys.executable,
             "-m",
             "pytest",
-            "testcases/",
+            *targets,
             "--kernel",
             str(build.bzimage),
             "--vmlinux",
@@ -468,13 +465,19 @@ def _build(
 
 
 def _test(
-    name: str, build: KernelBuild, logs: Path, timeout: float, log: LogFn, extra_args: Sequence[str] = ()
+    name: str,
+    build: KernelBuild,
+    logs: Path,
+    timeout: float,
+    log: LogFn,
+    extra_args: Sequence[str] = (),
+    targets: Sequence[str] = ("testcases/",),
 ) -> tuple[TestResults | None, str, float]:
     start = time.monotonic()
     # each kernel's traces, timelines and index.html in a directory of its own
     extra_args = ["--trace-dir", str(logs / name), *extra_args]
     results, reason = run_testcases(
-        build, logs / f"{name}.pytest.log", timeout=timeout, extra_args=extra_args
+        build, logs / f"{name}.pytest.log", timeout=timeout, extra_args=extra_args, targets=targets
     )
     seconds = time.monotonic() - start
     summary = results.summary() if results else reason
@@ -493,19 +496,20 @@ def run(
 ) -> tuple[MutantResult, list[MutantResult]]:
     """Test the reference kernel of ``flavor``, then each mutant; return all results.
 
-    Unless ``all_failures``, a mutant's pytest run stops at its first failure (``-x``)
-    when the reference passed everything: one failure is all a CAUGHT verdict needs.
+    Unless ``all_failures``, a mutant's named testcases (``Caught-by:``) run first, and
+    the whole of ``testcases/`` only if they did not all catch it, stopping at its first
+    failure (``-x``) when the reference passed everything.
     """
     build, reason, bsec = _build(flavor, "reference", [], logs, log)
     if build is None:
         ref = MutantResult("reference", Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec)
         return ref, []
-    results, reason, tsec = _test("reference", build, logs, timeout, log)
+    ref_results, reason, tsec = _test("reference", build, logs, timeout, log)
     # The reference's verdict only tells NO-RESULT apart; its row is made from its results.
     ref = MutantResult(
         "reference",
-        Verdict.NO_RESULT if results is None else Verdict.SURVIVED,
-        results=results,
+        Verdict.NO_RESULT if ref_results is None else Verdict.SURVIVED,
+        results=ref_results,
         detail=reason,
         build_seconds=bsec,
         test_seconds=tsec,
@@ -517,13 +521,35 @@ def run(
         if build is None:
             out.append(MutantResult(name, Verdict.BUILD_FAILED, detail=reason, build_seconds=bsec))
             continue
-        clean = ref.results is not None and not (ref.results.failed or ref.results.errored)
-        first = ["-x"] if clean and not all_failures else []
-        results, reason, tsec = _test(name, build, logs, timeout, log, first)
-        if results is None:
-            res = MutantResult(name, Verdict.NO_RESULT, detail=reason)
-        else:
-            res = judge(name, results, ref.results)
+        named = caught_by_lines(patch)
+        known = set(ref.results.outcomes) if ref.results is not None else set()
+        unknown = [n for n in named if not any(_matches(n, t) for t in known)]
+        if unknown:
+            detail = f"its Caught-by names no testcase of the reference run: {', '.join(unknown)}"
+            out.append(MutantResult(name, Verdict.MISNAMED, named=named, detail=detail, build_seconds=bsec))
+            log(f"mutants: {name}: {Verdict.MISNAMED.value}: {detail}")
+            continue
+        results: TestResults | None = None
+        tsec = 0.0
+        if named and not all_failures:
+            # the testcases the header names first: they must catch it
+            targets = sorted({n.split("[")[0] if n not in known else n for n in named})
+            results, reason, tsec = _test(name, build, logs, timeout, log, targets=targets)
+        res = judge(name, results, ref.results, named) if results is not None else None
+        if res is None or res.verdict is not Verdict.CAUGHT:
+            # what else catches it (or nothing): the whole of testcases/
+            clean = ref.results is not None and not (ref.results.failed or ref.results.errored)
+            first = ["-x"] if clean and not all_failures else []
+            full, reason, more = _test(f"{name}-all" if results else name, build, logs, timeout, log, first)
+            tsec += more
+            if full is not None:
+                if results is not None:  # the named run's outcomes stand for its testcases
+                    full.outcomes.update(results.outcomes)
+                    full.messages.update(results.messages)
+                    full.kinds.update(results.kinds)
+                res = judge(name, full, ref.results, named)
+        if res is None:
+            res = MutantResult(name, Verdict.NO_RESULT, detail=reason, named=named)
         res.build_seconds, res.test_seconds = bsec, tsec
         log(f"mutants: {name}: {res.verdict.value}")
         out.append(res)

@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from rig.report.junit import read_junit
 
 REPO = Path(__file__).resolve().parents[2]
 TAG_VARIABLE = "CR3RIG_SOAK_TAG"
@@ -45,6 +46,8 @@ class CaseResult:
     breaks: int = 0
     steps: list[int] = field(default_factory=list)  # of every Guest.step call, probes included
     message: str = ""
+    #: the tries the testcase discarded, each with its reason (each was judged first)
+    discarded: list[str] = field(default_factory=list)
 
     @property
     def try_steps(self) -> list[int]:
@@ -94,27 +97,22 @@ def processes_tagged(tag: str) -> list[tuple[int, str]]:
 
 
 def parse_junit(path: Path) -> list[CaseResult]:
-    """The testcases of a pytest JUnit XML report."""
+    """The testcases of a pytest JUnit XML report (:func:`rig.report.junit.read_junit`)."""
     cases = []
-    for tc in ET.parse(path).getroot().iter("testcase"):
-        name = f"{tc.get('classname', '')}::{tc.get('name', '')}".rsplit(".", 1)[-1]
-        outcome, message = "passed", ""
-        for kind in ("failure", "error", "skipped"):
-            el = tc.find(kind)
-            if el is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
-                message = (el.get("message") or "").splitlines()[0][:200] if el.get("message") else ""
-                break
-        props = {p.get("name"): p.get("value") or "" for p in tc.iter("property")}
+    for case in read_junit(path).values():
+        props = case.properties
         steps = [int(s) for s in props.get("cr3rig.steps", "").split(",") if s]
+        discarded = [d for d in props.get("cr3rig.discarded", "").split(" | ") if d]
+        first = case.messages[0].splitlines()[0][:200] if case.messages and case.messages[0] else ""
         cases.append(
             CaseResult(
-                name,
-                outcome,
-                float(tc.get("time", "0")),
-                int(props.get("cr3rig.breaks", "0")),
+                f"{Path(case.id.partition('::')[0]).stem}::{case.id.partition('::')[2]}",
+                case.outcome.value,
+                case.seconds,
+                int(props.get("cr3rig.breaks", "0") or 0),
                 steps,
-                message,
+                first if case.outcome.value in ("failed", "error") else "",
+                discarded,
             )
         )
     return cases
@@ -164,6 +162,7 @@ def describe_run(r: RunResult, total: int) -> str:
             lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
         if c.tries > 1:
             lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.try_steps}")
+        lines += [f"    discarded by {c.name}: {d}" for d in c.discarded]
     lines += [f"    LEFT BEHIND {p}" for p in r.leftovers]
     return "\n".join(lines)
 
