@@ -7,6 +7,7 @@ import pytest
 from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.observe.coverage import SiteCoverage
+from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 
 #: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
 SIGNAL = "kernel_cr3_loaded"
@@ -22,21 +23,31 @@ INTERRUPT_ENTRIES = (
 
 
 @pytest.fixture
-def signal_guest(pti_guest: Guest) -> Guest:
-    """The PTI guest, or a skip saying the kernel lacks the signal."""
+def signal_guest(pti_guest: Guest, rig_settings: RigSettings) -> Guest:
+    """The PTI guest, or a skip saying the kernel lacks the signal (an error on a
+    reference kernel: it is built with the signal)."""
     if SIGNAL not in pti_guest.symbols:
-        pytest.skip(
-            f"kernel {pti_guest.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch); "
-            f"symbols from {pti_guest.symbols.source}"
+        missing_on_reference(
+            rig_settings,
+            f"{SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch)",
+            f"kernel {pti_guest.release}, symbols from {pti_guest.symbols.source}",
         )
     return pti_guest
 
 
 @pytest.fixture
-def watch_sites(signal_guest: Guest, site_coverage: SiteCoverage | None) -> tuple[Site, ...]:
-    """The CR3 switch sites watch mode arms, or a skip saying why it cannot run."""
-    if not signal_guest.config.vmlinux or site_coverage is None:
-        pytest.skip("watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+def watch_sites(
+    signal_guest: Guest, site_coverage: SiteCoverage | None, rig_settings: RigSettings
+) -> tuple[Site, ...]:
+    """The CR3 switch sites watch mode arms, or a skip saying why it cannot run (an error
+    on a reference kernel, whose vmlinux the rig built)."""
+    if not signal_guest.config.vmlinux or site_coverage is None or not site_coverage.sites:
+        missing_on_reference(
+            rig_settings,
+            "a list of CR3 switch sites",
+            "watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites",
+        )
+    assert site_coverage is not None
     if signal_guest.config.smp < 2:
         pytest.skip(
             f"watch mode needs --smp 2 or more (other vCPUs read the signal); smp={signal_guest.config.smp}"

@@ -16,6 +16,7 @@ from rig.guest import Guest
 from rig.observe.coverage import SiteCoverage
 from rig.observe.exploration import NMI_CPU, Window, explore
 from rig.observe.findings import fail_on
+from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 WINDOWS = (
@@ -53,10 +54,13 @@ def test_nmi_at_every_boundary(
     exploration_report: list[str],
     window: Window,
     request: pytest.FixtureRequest,
+    rig_settings: RigSettings,
 ) -> None:
     g = signal_guest
-    if not g.config.vmlinux:
-        pytest.skip("exploration needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites")
+    if not g.config.vmlinux or site_coverage is None:
+        missing_on_reference(
+            rig_settings, "a list of CR3 switch sites", "exploration needs the kernel's vmlinux (--vmlinux)"
+        )
     assert site_coverage is not None
     g.start_workload(window.workload, NMI_CPU)
     result = explore(g, site_coverage.sites, window, signal=SIGNAL)

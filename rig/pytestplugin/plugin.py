@@ -47,7 +47,7 @@ from rig.pytestplugin.failfast import (
 from rig.report import hooks as report_hooks
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
-from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel
+from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel, is_reference_kernel
 from rig.transport.host import Host, sigterm_as_ctrl_c
 from rig.transport.qemu import check_cmdline_length
 from rig.transport.ssh import open_host
@@ -206,6 +206,9 @@ class RigSettings:
     trace_dir: Path
     host: Host
     site_coverage: str = "auto"
+    #: the kernel is one of the rig's reference builds (the default): a missing signal,
+    #: PTI or site list there is an error, never a skip (see :func:`missing_on_reference`)
+    reference: bool = False
 
 
 #: Ends the run with one line and a status (and the boot failure behind it, if any).
@@ -274,7 +277,13 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
     base = _options_config(
         opt, kernel=kernel.image, initrd=initrd, vmlinux=kernel.vmlinux, label=kernel.label, cache_dir=cache
     )
-    settings = RigSettings(base, opt.trace_dir or pytestconfig.rootpath / "results", host, opt.site_coverage)
+    settings = RigSettings(
+        base,
+        opt.trace_dir or pytestconfig.rootpath / "results",
+        host,
+        opt.site_coverage,
+        is_reference_kernel(opt.kernel and str(opt.kernel)),
+    )
     session_report(pytestconfig).directory = settings.trace_dir
     report_hooks.settings_resolved(pytestconfig, base)
     return settings
@@ -537,11 +546,39 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
             g.close()  # a guest in an unknown state is not reused
 
 
+#: Kernel parameters with which the user turns PTI off (a skip of the PTI testcases is theirs).
+PTI_OFF_PARAMETERS = ("nopti", "pti=off", "pti=auto", "mitigations=off")
+
+
+def pti_off_asked(cmdline: str) -> bool:
+    """True if the kernel command line turns PTI off (:data:`PTI_OFF_PARAMETERS`)."""
+    return any(word in PTI_OFF_PARAMETERS for word in cmdline.split())
+
+
+def missing_on_reference(settings: RigSettings, what: str, why: str) -> None:
+    """Skip a testcase that cannot run because the kernel lacks ``what`` (``why`` says
+    how that was seen), or, on a reference kernel (the default, which the rig builds with
+    the signal and PTI), fail it: there the lack is a broken build that a skip would hide.
+
+    Raises:
+        pytest.skip.Exception: on a kernel the user chose with ``--kernel``.
+        pytest.fail.Exception: on a reference kernel.
+    """
+    if settings.reference:
+        pytest.fail(
+            f"the reference kernel {settings.base.label} lacks {what} ({why}): its build is broken; "
+            "rebuild it (python -m rig.supply.kernelbuild) or check its config fragment",
+            pytrace=False,
+        )
+    pytest.skip(f"{what} missing: {why}")
+
+
 @pytest.fixture
-def pti_guest(guest: Guest) -> Guest:
-    """The guest, or a skip saying exactly why PTI testcases cannot run on it."""
+def pti_guest(guest: Guest, rig_settings: RigSettings) -> Guest:
+    """The guest, or a skip saying exactly why PTI testcases cannot run on it (an error
+    on a reference kernel whose command line did not turn PTI off)."""
     if not guest.pti_enabled:
-        pytest.skip(
+        why = (
             f"kernel {guest.release} runs without PTI ("
             + (
                 "its entry code is not mapped in the user half of the PGD pair"
@@ -550,6 +587,9 @@ def pti_guest(guest: Guest) -> Guest:
             )
             + f"; cmdline: {guest.config.cmdline()})"
         )
+        if pti_off_asked(guest.config.cmdline()):
+            pytest.skip(why)
+        missing_on_reference(rig_settings, "PTI", why)
     return guest
 
 

@@ -120,6 +120,12 @@ def is_named_kernel(spec: str | None) -> bool:
     return not spec or spec == DEBIAN or spec.startswith("reference")
 
 
+def is_reference_kernel(spec: str | None) -> bool:
+    """True for the kernels the rig builds with the CR3-signal series (the default and the
+    ``reference…`` flavors): on them a missing signal or PTI is a broken build, not a skip."""
+    return not spec or spec.startswith("reference")
+
+
 def resolve_kernel(spec: str | None, vmlinux: Path | None, cache_dir: Path) -> Kernel:
     """Turn ``--kernel``/``--vmlinux`` into a :class:`Kernel` (downloading if needed)."""
     if not spec:
