@@ -20,6 +20,7 @@ from rig.errors import RigError
 from rig.guest import Guest, GuestConfig
 from rig.machine.symbols import elf_build_id
 from rig.transport.host import Host
+from rig.transport.kvmprobe import KVM_CPU
 
 #: Property names, in report order.
 FIELDS = (
@@ -64,8 +65,11 @@ def host_description() -> str:
 
 
 def cpu_model(accel: str, cpu: str = "max") -> str:
-    """The ``-cpu`` QEMU runs with (KVM turns ``max`` into ``host``, as the rig's argv does)."""
-    return "host" if accel == "kvm" and cpu == "max" else cpu
+    """The ``-cpu`` QEMU is to start with (KVM turns ``max`` into ``host``, as the rig's
+    argv does). Before a boot this is the plan: where ``-cpu host`` aborts on
+    IA32_ARCH_CAPABILITIES (a nested KVM) QEMU runs ``host,-arch-capabilities``, which
+    :func:`guest_provenance` reports from the running machine."""
+    return KVM_CPU if accel == "kvm" and cpu == "max" else cpu
 
 
 def guest_provenance(guest: Guest) -> dict[str, str]:
@@ -79,7 +83,7 @@ def guest_provenance(guest: Guest) -> dict[str, str]:
         "kernel_cmdline": c.cmdline(),
         "qemu_version": guest.machine.version,
         "accel": c.accel,
-        "cpu_model": cpu_model(c.accel, guest.machine.config.cpu),
+        "cpu_model": guest.machine.cpu,  # the model QEMU runs (after any fallback at start)
         "host": host_description(),
     }
 

@@ -16,6 +16,12 @@ from typing import Any
 
 from rig.errors import ConfigError, GuestError
 from rig.transport.host import Host, HostProcess, describe_status, require_program
+from rig.transport.kvmprobe import (
+    ARCH_CAPABILITIES_CAUSE,
+    KVM_CPU,
+    arch_capabilities_abort,
+    kvm_cpu_retry,
+)
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
@@ -89,6 +95,15 @@ class QemuMachine:
         #: QEMU's ``-d cpu_reset`` log: "Triple fault" lands here (resets are rare, so it stays small).
         self.debug_log = self.dir / "qemu-debug.log"
         self.proc: HostProcess | None = None
+        #: The ``-cpu`` model QEMU runs with: under KVM ``max`` is the box's own CPU
+        #: (``host``); :meth:`start` moves to ``host,-arch-capabilities`` where ``host``
+        #: aborts on IA32_ARCH_CAPABILITIES (rig.transport.kvmprobe).
+        self.cpu = KVM_CPU if config.accel == "kvm" and config.cpu == "max" else config.cpu
+        #: Why :attr:`cpu` is not the configured model (empty if it is).
+        self.cpu_note = ""
+        #: QEMUs that aborted at start, killed by :meth:`close` (an SSH host's supervisor
+        #: removes the private directory, which the next start shares, when killed).
+        self._aborted: list[HostProcess] = []
         self.version = ""
         self._qmp: Any = None
 
@@ -96,12 +111,11 @@ class QemuMachine:
         """The QEMU command line (frozen at reset, everything on unix sockets)."""
         c = self.config
         accel = "kvm" if c.accel == "kvm" else "tcg"
-        cpu = "host" if accel == "kvm" and c.cpu == "max" else c.cpu  # KVM: the box's own CPU (PCID)
         h = self.host.host_path
         return [
             qemu_path,
             "-accel", accel,
-            "-cpu", cpu,
+            "-cpu", self.cpu,
             "-smp", str(c.smp),
             "-m", str(c.memory_mib),
             "-nodefaults", "-display", "none", "-no-reboot", "-S",
@@ -121,7 +135,11 @@ class QemuMachine:
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start QEMU frozen; return once its QMP socket answers."""
+        """Start QEMU frozen; return once its QMP socket answers. Under KVM a start with
+        ``-cpu host`` that aborts on IA32_ARCH_CAPABILITIES (a nested KVM) is made once
+        more with ``host,-arch-capabilities`` (:attr:`cpu` says which ran). Raises
+        :class:`ConfigError` if QEMU exits at start, :class:`GuestError` if QMP does not
+        answer within ``timeout`` seconds."""
         qemu_path = require_program(self.host, self.config.qemu, "qemu-system-x86")
         plugin = self.config.plugin
         if plugin is not None:
@@ -142,7 +160,15 @@ class QemuMachine:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise ConfigError(self.start_failure(qemu_path))
+                retry = kvm_cpu_retry(self.cpu, self.log_tail(20)) if self.config.accel == "kvm" else None
+                if retry is None:
+                    raise ConfigError(self.start_failure(qemu_path))
+                self.cpu_note = f"-cpu {self.cpu} made QEMU abort setting MSR 0x10a (IA32_ARCH_CAPABILITIES)"
+                self.cpu = retry
+                self._aborted.append(self.proc)
+                self.proc = self.host.spawn(self.argv(qemu_path), log=self.qemu_log)
+                deadline = time.monotonic() + timeout
+                continue
             if self.host.exists(self.qmp_socket):
                 qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
@@ -158,17 +184,19 @@ class QemuMachine:
             time.sleep(0.02)  # polling for a socket file to appear; not in any hot path
 
     def start_failure(self, qemu_path: str) -> str:
-        """One line on why QEMU exited at start: its own last error line and exit status."""
+        """One line on why QEMU exited at start: its own last error line (or the
+        IA32_ARCH_CAPABILITIES abort by name) and exit status."""
         assert self.proc is not None
         rc = self.proc.poll()  # it has exited: start() saw it
         status = "an unknown status" if rc is None else describe_status(rc)
-        said = self.log_tail(1)
+        said = ARCH_CAPABILITIES_CAUSE if arch_capabilities_abort(self.log_tail(20)) else self.log_tail(1)
+        how = f" with -cpu {self.cpu} ({self.cpu_note})" if self.cpu_note else ""
         if not said:
             return (
-                f"QEMU ({qemu_path}) exited at start with {status} and printed nothing; "
+                f"QEMU ({qemu_path}) exited at start{how} with {status} and printed nothing; "
                 "check --qemu (it must be qemu-system-x86_64)"
             )
-        return f"QEMU exited at start with {status}: {said}"
+        return f"QEMU exited at start{how} with {status}: {said}"
 
     def qmp(self, command: str, **args: object) -> Any:
         """Run one QMP command and return its ``return`` value."""
@@ -237,8 +265,9 @@ class QemuMachine:
         # Kill first: closing QMP runs its asyncio loop, which re-raises a Ctrl-C that
         # landed inside an earlier QMP call (a KeyboardInterrupt, not an Exception).
         try:
-            if self.proc is not None:
-                self.proc.kill()
+            for proc in [self.proc, *self._aborted]:
+                if proc is not None:
+                    proc.kill()
         finally:
             qmp, self._qmp = self._qmp, None
             try:
