@@ -7,8 +7,8 @@ listens on 127.0.0.1 and a free port only; the system's SSH configuration is not
 or touched. Every session it starts carries ``CR3RIG_SSHD_TAG=<tag>`` in its
 environment (sshd's ``SetEnv``), so a test can find what runs on the "remote" side.
 
-Run by hand: ``python -m rig.tools.private_sshd`` prints the ``--host`` options and
-serves until Ctrl-C.
+Run by hand: ``python -m rig.tools.private_sshd [--no-sftp]`` prints the ``--host``
+options and serves until Ctrl-C (``--no-sftp``: a server without SFTP).
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def _keygen(path: Path, comment: str) -> str:
 class PrivateSshd:
     """One private sshd. :meth:`start` it, then :meth:`close` (or use ``with``)."""
 
-    def __init__(self, extra_config: str = "") -> None:
+    def __init__(self, extra_config: str = "", *, sftp: bool = True) -> None:
+        """``extra_config``: more sshd_config lines; ``sftp=False``: no ``Subsystem sftp``
+        (a server where SFTP is disabled, as on hardened hosts). Raises
+        :class:`ConfigError` if sshd is not installed."""
         if not os.path.exists(SSHD):
             raise ConfigError(f"{SSHD} not found: install it with `apt-get install openssh-server`")
         self.dir = Path(tempfile.mkdtemp(prefix="cr3rig-sshd-"))
@@ -65,6 +68,7 @@ class PrivateSshd:
         self.config = self.dir / "sshd_config"
         self.log = self.dir / "sshd.log"
         self.extra_config = extra_config
+        self.sftp = sftp
         self.proc: subprocess.Popen[bytes] | None = None
         host_pub = _keygen(self.host_key, "cr3rig-test-host")
         client_pub = _keygen(self.client_key, "cr3rig-test-client")
@@ -98,7 +102,8 @@ class PrivateSshd:
                 "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "AllowStreamLocalForwarding yes\nX11Forwarding no\n"
-                f"Subsystem sftp internal-sftp\nSetEnv CR3RIG_SSHD_TAG={self.tag}\nLogLevel VERBOSE\n"
+                + ("Subsystem sftp internal-sftp\n" if self.sftp else "")
+                + f"SetEnv CR3RIG_SSHD_TAG={self.tag}\nLogLevel VERBOSE\n"
                 + self.extra_config
             )
             self.proc = subprocess.Popen(
@@ -163,10 +168,14 @@ class PrivateSshd:
         self.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--no-sftp"]):
+        print("usage: python -m rig.tools.private_sshd [--no-sftp]", file=sys.stderr)
+        return 2
     sigterm_as_ctrl_c()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`&`)
-    with PrivateSshd().start() as sshd:
+    with PrivateSshd(sftp=not args).start() as sshd:
         print(" ".join(sshd.options()), flush=True)
         try:
             assert sshd.proc is not None

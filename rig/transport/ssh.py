@@ -25,6 +25,10 @@ connection, which carries everything:
   bytes take one hop (sshd -> socket) instead of two.
 * **Files.** :meth:`SshHost.stage` uploads a file over SFTP once into a cache on the box
   named by its SHA-256 (checked with ``sha256sum`` there); a second run uploads nothing.
+  An sshd without SFTP (no ``Subsystem sftp`` in its sshd_config, as on hardened hosts)
+  is served over exec channels instead: uploads stream into ``cat`` (then the same
+  ``sha256sum`` check and a rename), reads are ``tail -c``, existence is ``test -e``.
+  What fails on that path says so and names the fix (:data:`NO_SFTP_FIX`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ from rig.transport.host import Host, HostProcess, remove_tree
 CONNECT_TIMEOUT = 10.0
 #: Where uploads are cached on the box, relative to the remote home directory.
 REMOTE_CACHE = ".cache/cr3rig-uploads"
+#: Seconds an upload over an exec channel may stall (no byte accepted) before it fails.
+UPLOAD_STALL_SECONDS = 60.0
+#: The fix named when a file operation over an exec channel (no SFTP on the box) fails.
+NO_SFTP_FIX = (
+    "the box's sshd offers no SFTP: add `Subsystem sftp internal-sftp` to its sshd_config "
+    "and reload sshd, or make cat, tail, test, wc, mv and sha256sum available to the login shell"
+)
 
 #: The remote supervisor: ``sh -c SUPERVISOR cr3rig-supervisor DIR ARGV...``. It starts
 #: ARGV with setsid (a process group of its own, stdout+stderr to the channel's stderr),
@@ -80,6 +91,12 @@ wait "$q"
 echo "exit $?"
 wait
 """
+
+
+def _said(status: int, err: str) -> str:
+    """What a failed command on the box said: its first stderr line, else its status."""
+    first = next((ln for ln in err.splitlines() if ln.strip()), "")
+    return first[:100] if first else f"status {status}"
 
 
 class SshError(ConfigError):
@@ -538,14 +555,19 @@ class SshHost(Host):
         self.transport: paramiko.Transport = transport
         self.transport.set_keepalive(15)
         self._lock = threading.Lock()
-        self.sftp = self.client.open_sftp()
-        home = self.sftp.normalize(".")
-        self.remote_cache = remote_cache or f"{home}/{REMOTE_CACHE}"
-        self.uploads = UploadStats()
         self._dirs: dict[Path, str] = {}
         self._forwarders: dict[Path, SocketForwarder] = {}
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._closed = False
+        #: the SFTP session; None if the box's sshd offers no SFTP (exec channels then)
+        self.sftp: Any = self._open_sftp()
+        try:
+            home = self.sftp.normalize(".") if self.sftp is not None else self._home()
+        except (paramiko.SSHException, OSError, EOFError, GuestError) as exc:
+            self.close()
+            raise SshError(f"{self.label}: cannot find the remote home directory: {exc}") from None
+        self.remote_cache = remote_cache or f"{home}/{REMOTE_CACHE}"
+        self.uploads = UploadStats()
 
     @classmethod
     def from_url(
@@ -564,6 +586,108 @@ class SshHost(Host):
             raise ConfigError(f"--ssh-known-hosts {known_hosts}: no such file")
         settings = resolve_settings(parse_ssh_url(url), identity, known_hosts, config_file)
         return cls(settings, remote_cache=remote_cache)
+
+    # -- SFTP, or exec channels where the box has none ---------------------------------
+    def _open_sftp(self) -> Any:
+        """An SFTP session, or None if the box's sshd refuses the ``sftp`` subsystem (it
+        closes the channel). Raises :class:`SshError` if the connection itself is lost."""
+        try:
+            return self.client.open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            if self.transport.is_active():
+                return None
+            self.client.close()
+            raise SshError(f"{self.label}: the connection was lost opening SFTP ({exc})") from None
+
+    def _home(self) -> str:
+        """The remote home directory (where an exec channel starts); :class:`GuestError`
+        naming :data:`NO_SFTP_FIX` if the box does not say."""
+        status, out = self.run(["pwd"])
+        home = out.strip()
+        if status != 0 or not home.startswith("/") or "\n" in home:
+            raise GuestError(f"`pwd` on {self.label} answered {status}: {home[:100]!r}; {NO_SFTP_FIX}")
+        return home
+
+    def _exec(
+        self, argv: Sequence[str], *, stdin: Path | None = None, timeout: float = 30.0
+    ) -> tuple[int, bytes, str]:
+        """Run ``argv`` on the box, ``stdin`` (a local file) streamed to it; (exit status,
+        stdout bytes, stderr text). Each send or read may wait ``timeout`` seconds.
+        Raises :class:`GuestError` (naming a lost connection) on SSH failures. The
+        commands run this way print little on stderr: it is read after stdout."""
+        command = " ".join(shlex.quote(a) for a in argv)
+        try:
+            chan = self.transport.open_session(timeout=timeout)
+            try:
+                chan.settimeout(timeout)
+                chan.exec_command(command)
+                if stdin is not None:
+                    with open(stdin, "rb") as f, contextlib.suppress(OSError, paramiko.SSHException):
+                        # a command that ends early closes the channel: its status and
+                        # stderr (read below) say why, or the lost connection does
+                        for chunk in iter(lambda: f.read(1 << 18), b""):
+                            chan.sendall(chunk)
+                with contextlib.suppress(OSError, paramiko.SSHException):
+                    chan.shutdown_write()
+                out = bytearray()
+                while data := chan.recv(1 << 16):
+                    out += data
+                err = bytearray()
+                while data := chan.recv_stderr(1 << 16):
+                    err += data
+                if not chan.status_event.wait(timeout):
+                    if not self.transport.is_active():
+                        raise EOFError("the connection ended")
+                    raise GuestError(
+                        f"`{command[:60]}` on {self.label} did not finish within {timeout:.0f} s"
+                    )
+                status = chan.recv_exit_status()
+            finally:
+                chan.close()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise self._lost(f"running `{command[:60]}`", exc) from None
+        return status, bytes(out), err.decode(errors="replace").strip()
+
+    def _remote_size(self, remote: str) -> int | None:
+        """The size of the box's regular file ``remote``, None if there is none."""
+        if self.sftp is not None:
+            try:
+                return int(self.sftp.stat(remote).st_size)
+            except FileNotFoundError:
+                return None
+        status, out, err = self._exec(["sh", "-c", '[ -f "$1" ] || exit 3; wc -c <"$1"', "sh", remote])
+        if status == 3:
+            return None
+        if status != 0 or not out.strip().isdigit():
+            raise GuestError(f"cannot size {remote} on {self.label} ({_said(status, err)}); {NO_SFTP_FIX}")
+        return int(out)
+
+    def _put(self, local_file: Path, remote: str) -> None:
+        """Copy ``local_file`` to the box as ``remote`` (mode 0600 there)."""
+        if self.sftp is not None:
+            self.sftp.put(str(local_file), remote)
+            return
+        status, _, err = self._exec(
+            ["sh", "-c", 'umask 077; cat >"$1" && exit; s=$?; rm -f -- "$1"; exit "$s"', "sh", remote],
+            stdin=local_file,
+            timeout=UPLOAD_STALL_SECONDS,
+        )
+        if status != 0:
+            why = _said(status, err)
+            raise GuestError(
+                f"upload of {local_file.name} to {self.label} by `cat` failed ({why}); {NO_SFTP_FIX}"
+            )
+
+    def _rename(self, old: str, new: str) -> None:
+        """Rename the box's file ``old`` to ``new``, replacing ``new`` (POSIX rename)."""
+        if self.sftp is not None:
+            self.sftp.posix_rename(old, new)
+            return
+        status, _, err = self._exec(["mv", "-f", "--", old, new])
+        if status != 0:
+            raise GuestError(
+                f"cannot rename {old} to {new} on {self.label} ({_said(status, err)}); {NO_SFTP_FIX}"
+            )
 
     # -- connection state ------------------------------------------------------------
     def lost_reason(self) -> str:
@@ -651,8 +775,18 @@ class SshHost(Host):
             )
 
     def exists(self, local: Path) -> bool:
+        """Whether the box has ``host_path(local)``; :class:`GuestError` if the connection
+        is lost (or, without SFTP, ``test`` fails: naming :data:`NO_SFTP_FIX`)."""
+        path = self.host_path(local)
+        if self.sftp is None:
+            status, _, err = self._exec(["test", "-e", path])
+            if status not in (0, 1):
+                raise GuestError(
+                    f"`test -e {path}` on {self.label} failed ({_said(status, err)}); {NO_SFTP_FIX}"
+                )
+            return status == 0
         try:
-            self.sftp.stat(self.host_path(local))
+            self.sftp.stat(path)
         except FileNotFoundError:
             return False
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -660,7 +794,15 @@ class SshHost(Host):
         return True
 
     def read_tail(self, local: Path, size: int) -> bytes:
+        """The last ``size`` bytes of the box's ``host_path(local)``; OSError if it cannot
+        be read (no such file, the connection lost, or without SFTP ``tail`` failing)."""
         try:
+            if self.sftp is None:
+                path = self.host_path(local)
+                status, out, err = self._exec(["tail", "-c", str(size), "--", path])
+                if status != 0:
+                    raise OSError(f"`tail` of {path} on {self.label} failed ({_said(status, err)})")
+                return out
             with self.sftp.open(self.host_path(local), "rb") as f:
                 end = f.stat().st_size or 0
                 f.seek(max(0, end - size))
@@ -669,6 +811,10 @@ class SshHost(Host):
             raise OSError(str(exc)) from None
 
     def stage(self, local_file: Path) -> str:
+        """Upload ``local_file`` once into the box's cache (by SHA-256, checked there);
+        its path on the box. Raises :class:`GuestError` if the upload is corrupt, the
+        connection is lost, or (without SFTP) a command on the box fails, naming
+        :data:`NO_SFTP_FIX`."""
         st = local_file.stat()
         key = (str(local_file.resolve()), st.st_size, st.st_mtime_ns)
         digest = self._hashes.get(key)
@@ -681,24 +827,21 @@ class SshHost(Host):
         remote = f"{self.remote_cache}/{digest}"
         try:
             with self._lock:
-                try:
-                    if self.sftp.stat(remote).st_size == st.st_size:
-                        self.uploads.cached.append(local_file.name)
-                        return remote
-                except FileNotFoundError:
-                    pass
+                if self._remote_size(remote) == st.st_size:
+                    self.uploads.cached.append(local_file.name)
+                    return remote
                 status, out = self.run(["mkdir", "-p", "-m", "0700", self.remote_cache])
                 if status != 0:
                     raise GuestError(f"cannot make {self.remote_cache} on {self.label}: {out.strip()}")
                 part = f"{remote}.part-{uuid.uuid4().hex[:8]}"
-                self.sftp.put(str(local_file), part)
+                self._put(local_file, part)
                 status, out = self.run(["sha256sum", part])
                 if status != 0 or out.split()[:1] != [digest]:
                     self.run(["rm", "-f", part])
                     raise GuestError(
                         f"upload of {local_file.name} to {self.label} is corrupt: {out.strip()[:100]}"
                     )
-                self.sftp.posix_rename(part, remote)
+                self._rename(part, remote)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise self._lost(f"uploading {local_file.name}", exc) from None
         self.uploads.uploaded.append(local_file.name)
@@ -733,8 +876,9 @@ class SshHost(Host):
         for fwd in self._forwarders.values():
             fwd.close()
         self._forwarders.clear()
-        with contextlib.suppress(Exception):
-            self.sftp.close()
+        if self.sftp is not None:
+            with contextlib.suppress(Exception):
+                self.sftp.close()
         self.client.close()
         for local in list(self._dirs):
             remove_tree(local)
