@@ -84,6 +84,7 @@ def from_user(
     property ``cr3rig.discarded``, the soak's table)."""
     names = (entry,) if isinstance(entry, str) else entry
     addresses = [guest.symbols.address(n) for n in names if n in guest.symbols]
+    assert addresses, f"kernel {guest.release} has none of the entry points {names}"
     hits: list[str] = []
     for _ in range(tries):
         guest.break_on(addresses, cpu, trigger=trigger)
@@ -142,11 +143,22 @@ def returned(trace: Trace) -> bool:
     return trace.stopped_because == "condition"
 
 
-@pytest.mark.parametrize("workload", ["syscall-loop", "iret-loop"])
+#: Workload -> the entry of its system call: the 64-bit SYSRET and IRET exits, and the
+#: 32-bit entries with their SYSRETL and IRET exits (the store-to-write rule on each).
+ROUND_TRIPS = {
+    "syscall-loop": "entry_SYSCALL_64",
+    "iret-loop": "entry_SYSCALL_64",
+    "compat-syscall-loop": "entry_SYSCALL_compat",
+    "compat-sysenter-loop": "entry_SYSENTER_compat",
+    "compat-int80-loop": "asm_int80_emulation",
+}
+
+
+@pytest.mark.parametrize("workload", list(ROUND_TRIPS))
 def test_signal_over_a_syscall_round_trip(signal_guest: Guest, workload: str) -> None:
     cpu = signal_guest.config.isolated
     signal_guest.start_workload(workload, cpu)
-    trace = from_user(signal_guest, cpu, "entry_SYSCALL_64", 20000, in_user_mode(cpu))
+    trace = from_user(signal_guest, cpu, ROUND_TRIPS[workload], 20000, in_user_mode(cpu))
     check(signal_guest, trace, round_trip=True)
 
 

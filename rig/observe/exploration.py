@@ -46,7 +46,7 @@ from rig.observe.checks import gs_symbol, signal_problems, window_findings
 from rig.observe.findings import Finding, Rule
 from rig.observe.runcontrol import step_over
 from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
-from rig.observe.transitions import PARANOID_RESTORE_FUNCTIONS, Hit, TransitionChecker
+from rig.observe.transitions import PARANOID_RESTORE_FUNCTIONS, CR3Sides, Hit, TransitionChecker
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: NMIs injected through QMP reach vCPU 0 only (LINT1 is masked on the APs).
@@ -268,6 +268,8 @@ class Explorer:
         self._thread = thread_id(cpu)
         self._armed: set[int] = set()
         self._seed: list[list[Any]] = []
+        self._sibling_checker = TransitionChecker(guest.config.smp, list(sites))
+        self._sibling_sides = CR3Sides(guest.config.smp)
         self.mismatch = ""
         #: single steps QEMU answered without executing the instruction (repeated)
         self.repeated_steps = 0
@@ -475,8 +477,36 @@ class Explorer:
             pc = hex_le(link.transact([f"Hg{thread_id(cpu)}", self.guest.regmap.packet("rip")])[1])
             if cpu == self.cpu:
                 return pc
-            self._step_over(link, cpu, pc)
+            if run is None:
+                self._step_over(link, cpu, pc)  # arriving: not every site is armed yet
+            else:
+                run.problems += self._sibling_hit(link, cpu, pc)
         raise GuestError(f"{window.name}: the siblings kept hitting switch sites")
+
+    def _sibling_hit(self, link: RspLink, cpu: int, pc: int) -> list[Finding]:
+        """A sibling stopped at ``pc`` during a fast-forward (every site armed): step it
+        over, and check a switch site it ran as watch mode does (its signal read through
+        the exploring vCPU; its CR3 side continuous since its last site)."""
+        site = self.sites.get(pc)
+        rm = self.guest.regmap
+        addr = self.guest.per_cpu(self.signal, cpu)
+        reads = [rm.packet("cr3"), f"Hg{self._thread}", f"m{addr:x},4"]
+        before = link.transact([f"Hg{thread_id(cpu)}", *reads])
+        replies, repeated = step_over(
+            link, self.guest.symbols, cpu, pc, rm.packet("rip"), armed=pc in self._armed, after=reads
+        )
+        self.repeated_steps += repeated
+        cr3, signal = hex_le(before[1]), None if is_error(before[3]) else hex_le(before[3])
+        where = self.guest.symbols.describe(pc)
+        found = self._sibling_sides.continues(cpu, cr3, where)
+        if pc == self.paranoid:
+            return found + self._sibling_checker.paranoid_entry(cpu, signal)
+        if site is None:
+            return found + self._sibling_checker.observe(cpu, signal, where)
+        cr3_after = hex_le(replies[2])
+        signal_after = None if is_error(replies[4]) else hex_le(replies[4])
+        self._sibling_sides.left(cpu, cr3_after)
+        return found + self._sibling_checker.check(Hit(cpu, site, cr3, cr3_after, signal, signal_after))
 
     def _fast_forward(self, link: RspLink, window: Window, run: BoundaryRun, pc_k: int) -> None:
         sym = self.guest.symbols
@@ -501,6 +531,12 @@ class Explorer:
         checker = TransitionChecker(self.guest.config.smp, list(self.sites.values()), strict_restores=True)
         checker.paranoid[self.cpu] = self._seed
         checker.last_signal[self.cpu] = run.signal
+        # between two stops only a listed CR3 write may change a vCPU's CR3 side; the
+        # siblings' sites are checked too, from their first hit in this run on
+        sides = CR3Sides(self.guest.config.smp)
+        sides.left(self.cpu, run.cr3)
+        self._sibling_checker = TransitionChecker(self.guest.config.smp, list(self.sites.values()))
+        self._sibling_sides = CR3Sides(self.guest.config.smp)
         for _ in range(MAX_STOPS):
             initial = first is not None
             pc = first if first is not None else self._continue(link, window, run)
@@ -509,6 +545,7 @@ class Explorer:
             _, cr3, rsp, signal = self._state(link)
             where = sym.describe(pc)
             run.problems += checker.observe(self.cpu, signal, where)
+            run.problems += sides.continues(self.cpu, cr3, where)
             kind = ""
             if initial:
                 pass  # the interrupted instruction itself, not an event's stop
@@ -587,6 +624,7 @@ class Explorer:
             paranoid_restore = checker.restores_paranoid_entry(self.cpu, site)
             self._step_over(link, self.cpu, pc)
             _, cr3_after, _, signal_after = self._state(link)
+            sides.left(self.cpu, cr3_after)
             self._record(run, site.kind, pc, where, depth, cr3, cr3_after, signal, signal_after)
             run.problems += checker.check(Hit(self.cpu, site, cr3, cr3_after, signal, signal_after))
             if site.kind == "cr3-write" and _user(cr3) and not _user(cr3_after):
