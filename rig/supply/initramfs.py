@@ -3,7 +3,9 @@
 The archive holds a busybox ``/init`` script (``guests/initramfs/init``), a
 static busybox with its applet symlinks under ``/bin``, and small static C
 workloads (``guests/initramfs/workloads/*.c``) that pin themselves to a CPU and
-exercise one kernel entry/exit path forever.
+exercise one kernel entry/exit path forever (``sb-litmus`` instead runs the
+store-buffering shape a given number of times on two CPUs and exits:
+rig.tools.tcgorder).
 
 The archive is written in pure Python (no root, no ``mknod``, no ``cpio``
 binary), with uid/gid 0 and mtime 0, so device nodes and modes are exact and
@@ -83,6 +85,7 @@ WORKLOADS: tuple[str, ...] = (
     "compat-sysenter-tf-loop",
     "compat-syscall-loop",
     "compat-int80-loop",
+    "sb-litmus",
 )
 #: The workloads of :data:`WORKLOADS` that are 32-bit (i386) programs, built
 #: freestanding with :data:`COMPAT_CFLAGS` (no 32-bit libc needed).
