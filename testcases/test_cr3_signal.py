@@ -20,16 +20,20 @@ from collections.abc import Callable
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import find_sites, unreachable_reason
+from rig.machine.storepaths import store_paths
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import (
     gs_symbol,
     memory_operands,
     signal_problems,
+    static_path_findings,
     store_windows,
     window_findings,
 )
-from rig.observe.findings import Finding, fail_on
+from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
+from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 
@@ -238,3 +242,36 @@ def test_signal_reads_the_same_through_every_view(signal_guest: Guest) -> None:
         assert virt is not None and phys == int.from_bytes(virt, "little"), (
             f"CPU {n}'s copy: physical {phys} != virtual {virt!r}"
         )
+
+
+def test_every_store_to_cr3_write_path_of_the_text(signal_guest: Guest, rig_settings: RigSettings) -> None:
+    """The store-to-write rule statically, on every path of the entry text from each
+    signal store to its CR3 write (both ways at each branch; rig.machine.storepaths),
+    including the paths TCG never runs; and every CR3 write TCG can reach has a store on
+    some path before it."""
+    g = signal_guest
+    if g.config.vmlinux is None:
+        missing_on_reference(
+            rig_settings, "a vmlinux", "the static check reads the kernel's text (--vmlinux)"
+        )
+    assert g.config.vmlinux is not None
+    paths = store_paths(g.config.vmlinux, g.symbols, SIGNAL)
+    sites = find_sites(g.config.vmlinux, g.symbols, SIGNAL)
+    findings = static_path_findings(paths, gs_symbol(g.symbols))
+    noted = {p.cr3_write.address for p in paths if p.cr3_write is not None}
+    for s in sites:
+        if (
+            s.kind == "cr3-write"
+            and s.address not in noted
+            and unreachable_reason(s, has_signal=True) is None
+        ):
+            text = f"the CR3 write at {s.where} `{s.insn}` has no signal store on any path before it"
+            findings.append(Finding(Rule.STORE_TO_WRITE_WINDOW, text, where=s.where))
+    table = [
+        f"{p.store.where} -> {p.cr3_write.where if p.cr3_write else '?'}: "
+        f"{[i.text for i in p.between if not i.mnemonic.startswith('nop')]}"
+        for p in paths
+    ]
+    print("\n".join(table))
+    assert paths, f"no path from a signal store to a CR3 write in {g.config.vmlinux}"
+    fail_on(findings, "\n".join(table))

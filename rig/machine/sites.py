@@ -134,8 +134,12 @@ def _is_signal_operand(dst: str, comment: str, targets: frozenset[int], sgdt_reg
     return any(f"({reg})" in dst for reg in sgdt_regs if reg != "<pending>")
 
 
-def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_loaded") -> list[Site]:
-    """Every CR3 write and signal store in ``vmlinux``'s entry and noinstr text, by address."""
+def entry_disassembly(vmlinux: Path, symbols: SymbolTable) -> str:
+    """``objdump -d --no-show-raw-insn`` of ``vmlinux``'s entry and noinstr text.
+
+    Raises:
+        ConfigError: no objdump, no entry-text symbols, or objdump failed.
+    """
     objdump = shutil.which("objdump")
     if objdump is None:
         raise ConfigError("objdump not found: install it with `apt-get install binutils`")
@@ -149,8 +153,13 @@ def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_lo
         if res.returncode != 0:
             raise ConfigError(f"objdump -d {vmlinux} failed: {res.stderr.strip()[:200]}")
         text.append(res.stdout)
+    return "\n".join(text)
+
+
+def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_loaded") -> list[Site]:
+    """Every CR3 write and signal store in ``vmlinux``'s entry and noinstr text, by address."""
     targets = frozenset(a for a in (symbols.get(signal), symbols.get(f"{signal}_page")) if a is not None)
-    found = parse_objdump("\n".join(text), targets)
+    found = parse_objdump(entry_disassembly(vmlinux, symbols), targets)
     named = []
     for s in found:  # name each by the symbol the rig uses everywhere (objdump picks any alias)
         where = symbols.describe(s.address)

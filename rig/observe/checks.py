@@ -5,9 +5,10 @@ every violation at once."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rig.machine.storepaths import StorePath
 from rig.machine.symbols import SymbolTable
 from rig.observe.findings import Finding, Rule
 from rig.observe.stepping import Trace
@@ -314,4 +315,44 @@ def store_windows(trace: Trace, observer: int, name: str) -> list[StoreWindow]:
         between = tuple((s.where, s.insn) for s in snaps[store_idx + 1 : flip - 1])
         addresses = tuple((snaps[j].pc, snaps[j + 1].pc) for j in range(store_idx + 1, flip - 1))
         out.append(StoreWindow(store.step, store.insn, write.step, write.insn, between, addresses))
+    return out
+
+
+def static_path_findings(
+    paths: Sequence[StorePath],
+    per_cpu: Callable[[int], str | None] | None = None,
+    max_window: int = MAX_STORE_TO_CR3_WINDOW,
+) -> list[Finding]:
+    """The store-to-write rule on every path of the text
+    (:func:`rig.machine.storepaths.store_paths`): at most ``max_window`` instructions, no
+    memory access but the stack and :data:`SCRATCH_PER_CPU` (absolute operands count),
+    every instruction decodable, no call. NOPs (alternatives' padding in the unpatched
+    text) do not count toward the length."""
+    out: list[Finding] = []
+    for p in paths:
+        head = f"{p.store.where} `{p.store.insn}`"
+        if p.cr3_write is None:
+            text = f"after the signal store at {head}, {p.unverifiable} before any CR3 write"
+            out.append(Finding(Rule.STORE_TO_WRITE_WINDOW, text, where=p.store.where))
+            continue
+        route = f"{head} -> {p.cr3_write.where}"
+        # an unpatched image pads its alternatives with NOPs: they do nothing, so they do not count
+        work = [i for i in p.between if not i.mnemonic.startswith("nop")]
+        if len(work) > max_window:
+            text = (
+                f"{route}: {len(work)} instructions (not counting NOPs) between the store and the "
+                f"CR3 write (at most {max_window})"
+            )
+            out.append(Finding(Rule.STORE_TO_WRITE_WINDOW, text, where=p.store.where))
+        for ins in p.between:
+            if not decodable(ins.text):
+                text = f"{route}: `{ins.text}` at {ins.where} cannot be decoded"
+                out.append(Finding(Rule.STORE_TO_WRITE_WINDOW, text, where=ins.where))
+                continue
+            bad = [
+                op for op in memory_operands(ins.text) if not allowed_scratch(op, per_cpu, ins.next_address)
+            ]
+            if bad:
+                text = f"{route}: `{ins.text}` at {ins.where} accesses {bad}"
+                out.append(Finding(Rule.STORE_TO_WRITE_WINDOW, text, where=ins.where))
     return out
