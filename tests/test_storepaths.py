@@ -89,3 +89,17 @@ def test_a_far_store_is_a_finding_and_nops_do_not_count() -> None:
     body += f"{address:x}:\tmov    %rdi,%cr3\n"
     found = static_path_findings(_paths(body), per_cpu)
     assert len(found) == 1 and "9 instructions (not counting NOPs)" in found[0].text
+
+
+def test_a_direct_jmp_is_walked_both_ways_the_unpatched_text_may_be_an_alternative() -> None:
+    # ALTERNATIVE "jmp .Lend", "", X86_FEATURE_PTI: the running kernel has NOPs there
+    paths = _paths(
+        "ffffffff81000000:\tmovl   $0x0,%gs:0x1000(%rip)        # ffffffff82000000 <kernel_cr3_loaded>\n"
+        "ffffffff8100000b:\tmov    0x8(%rsp),%rbx\n"
+        "ffffffff81000010:\tjmp    ffffffff8100001b <exit_path+0x1b>\n"
+        "ffffffff81000015:\tmov    %cr3,%r8\n"
+        "ffffffff81000018:\tmov    %r8,%cr3\n"
+        "ffffffff8100001b:\tsysretl\n"
+    )
+    assert [len(p.between) for p in paths] == [3]
+    assert static_path_findings(paths, per_cpu) == []

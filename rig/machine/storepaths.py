@@ -2,8 +2,10 @@
 
 The stepped checks see the paths TCG runs; this sees every path the text has. From each
 signal store site (:func:`rig.machine.sites.find_sites`) the instructions that follow are
-walked in the entry and noinstr text, both ways at a conditional branch and to the target
-of a direct jump, until a CR3 write: each walk that reaches one is a :class:`StorePath`,
+walked in the entry and noinstr text, both ways at a conditional branch and at a direct
+jump (the text is unpatched: a jump may be an alternative's original or a static branch
+that the running kernel replaces with NOPs, so its fall-through is a path too), until a
+CR3 write: each walk that reaches one is a :class:`StorePath`,
 the instructions between the store and the write in order. A walk also ends, without a
 path, at another signal store, a return, an indirect jump, a ``sysret``/``iret``, or
 after :data:`MAX_WALK` instructions (a store whose every walk ends so precedes no CR3
@@ -121,8 +123,9 @@ def walk_store_paths(instructions: list[Instruction], sites: list[Site]) -> list
                 continue  # an indirect jump: the walk cannot follow it
             if target is not None and target in index:
                 stack.append((index[target], (*between, ins)))
-            if mnemonic != "jmp" and not mnemonic.startswith("jmp"):
-                stack.append((pos + 1, (*between, ins)))
+            # on through a direct jmp too: in the unpatched text it may be an alternative's
+            # original or a static branch, which the running kernel replaces with NOPs
+            stack.append((pos + 1, (*between, ins)))
     return paths
 
 
