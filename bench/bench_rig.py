@@ -302,16 +302,29 @@ def watch_section(cfg: GuestConfig, args: argparse.Namespace) -> tuple[list[str]
     return lines, samples
 
 
+#: What each side of ``ratio transitions-watch-vs-step`` checks: they do different work,
+#: so the ratio is of CR3 transitions covered per second, not of the same checks.
+WATCH_RATIO_SIDES = (
+    "stepping (baseline): every instruction boundary of one vCPU's path, the signal read "
+    "through every vCPU at each; plugin watch: every CR3 write and signal store of every "
+    "vCPU, CR3 and the signal read before and after each through the hitting vCPU only, "
+    "nothing between two sites"
+)
+
+
 def watch_ratio(results: Results, lines: list[str], samples: dict[str, list[float]]) -> None:
-    """Print the watch lines and the ``ratio watch`` line (plugin watch / stepping)."""
+    """Print the watch lines and the ``ratio transitions-watch-vs-step`` line (CR3
+    transitions covered per second by plugin watch / by stepping; :data:`WATCH_RATIO_SIDES`
+    says what each side checks: not the same work)."""
     print("\n".join(lines))
+    print(f"what differs: {WATCH_RATIO_SIDES}")
     if not samples:
-        print("ratio watch n/a goal >= 100")
+        print("ratio transitions-watch-vs-step n/a goal >= 100")
         return
     med = statistics.median
     stepped, plugin = med(samples["stepped-transitions"]), med(samples["plugin-transitions"])
     results.ratio(
-        "watch",
+        "transitions-watch-vs-step",
         plugin / stepped,
         ">=",
         100,
@@ -322,6 +335,7 @@ def watch_ratio(results: Results, lines: list[str], samples: dict[str, list[floa
         },
         measure={"what": "plugin watch, every vCPU, CR3 transitions/s", "rate": round(plugin)},
         gdbstub_watch={"rate": round(med(samples["gdbstub-transitions"]), 1)},
+        differs=WATCH_RATIO_SIDES,
     )
 
 
