@@ -5,7 +5,11 @@ is made pending at k and the vCPU runs at full speed from switch site to switch 
 (every CR3 write and signal store of the kernel is a breakpoint) until it is back in
 user mode. The signal must be 1 whenever a CR3 write loads the kernel CR3 and while
 the NMI handler runs, 0 when an exit loads the user CR3, and the NMI must leave it as
-it found it. NMIs reach vCPU 0 only (QMP inject-nmi), so the windows run on vCPU 0.
+it found it. NMIs reach vCPU 0 only (QMP inject-nmi: LINT1 is masked on the other
+vCPUs), so the windows run on vCPU 0: in the default boot a housekeeping CPU, and in a
+second boot (``nohz_full=0``) the isolated CPU itself. A default run explores a
+deterministic sample of each window's boundaries and a sample of the windows on the
+isolated vCPU; ``--explore all`` explores every boundary of every window on both.
 """
 
 from __future__ import annotations
@@ -21,9 +25,22 @@ from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
 
 WINDOWS = (
     Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry"),
-    Window("sysret-exit", "syscall-loop", ("syscall_return_via_sysret",), "exit", from_user=False),
+    # exits from the last C return (do_syscall_64's) to user mode
     Window(
-        "iret-exit", "iret-loop", ("swapgs_restore_regs_and_return_to_usermode",), "exit", from_user=False
+        "sysret-exit",
+        "syscall-loop",
+        ("entry_SYSCALL_64",),
+        "exit",
+        from_user=False,
+        after_call_to="do_syscall_64",
+    ),
+    Window(
+        "iret-exit",
+        "iret-loop",
+        ("entry_SYSCALL_64",),
+        "exit",
+        from_user=False,
+        after_call_to="do_syscall_64",
     ),
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
     Window("interrupt-entry", "user-spin", INTERRUPT_ENTRIES, "entry"),
@@ -40,11 +57,48 @@ WINDOWS = (
     Window(
         "sysretl-exit",
         "compat-syscall-loop",
-        ("entry_SYSRETL_compat_unsafe_stack",),
+        ("entry_SYSCALL_compat",),
         "exit",
         from_user=False,
+        after_call_to="do_fast_syscall_32",
     ),
 )
+
+
+#: The windows explored on the isolated vCPU in a default (sampled) run; ``--explore all``
+#: explores every window there too.
+ISOLATED_SAMPLE = ("syscall-entry", "sysret-exit", "interrupt-entry", "nmi-entry", "debug-trap-entry")
+
+#: The boot whose isolated (nohz_full) CPU is vCPU 0, the one QMP's NMIs reach: LINT1,
+#: which ``inject-nmi`` raises, is masked on the other vCPUs.
+ISOLATED_VCPU0 = "nohz_full=0 isolcpus=nohz,domain,0"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ == "test_nmi_at_every_boundary_of_the_isolated_vcpu":
+        every = metafunc.config.getoption("explore") == "all"
+        chosen = [w for w in WINDOWS if every or w.name in ISOLATED_SAMPLE]
+        metafunc.parametrize("window", chosen, ids=[w.name for w in chosen])
+
+
+def explore_window(
+    g: Guest,
+    site_coverage: SiteCoverage | None,
+    exploration_report: list[str],
+    window: Window,
+    request: pytest.FixtureRequest,
+    rig_settings: RigSettings,
+) -> None:
+    if not g.config.vmlinux or site_coverage is None:
+        missing_on_reference(
+            rig_settings, "a list of CR3 switch sites", "exploration needs the kernel's vmlinux (--vmlinux)"
+        )
+    assert site_coverage is not None
+    g.start_workload(window.workload, NMI_CPU)
+    result = explore(g, site_coverage.sites, window, signal=SIGNAL, every=rig_settings.explore == "all")
+    site_coverage.record(request.node.nodeid, result.executed())
+    exploration_report.append(result.table())
+    fail_on(result.problems(), result.table())
 
 
 @pytest.mark.parametrize("window", WINDOWS, ids=[w.name for w in WINDOWS])
@@ -56,14 +110,25 @@ def test_nmi_at_every_boundary(
     request: pytest.FixtureRequest,
     rig_settings: RigSettings,
 ) -> None:
+    """vCPU 0 of the default boot (a housekeeping CPU; the isolated one is the last)."""
+    explore_window(signal_guest, site_coverage, exploration_report, window, request, rig_settings)
+
+
+@pytest.mark.cmdline(ISOLATED_VCPU0)
+def test_nmi_at_every_boundary_of_the_isolated_vcpu(
+    signal_guest: Guest,
+    site_coverage: SiteCoverage | None,
+    exploration_report: list[str],
+    window: Window,
+    request: pytest.FixtureRequest,
+    rig_settings: RigSettings,
+) -> None:
+    """The same on a boot whose nohz_full, isolated CPU is vCPU 0 (the CPU the signal
+    exists for takes the NMIs)."""
     g = signal_guest
-    if not g.config.vmlinux or site_coverage is None:
-        missing_on_reference(
-            rig_settings, "a list of CR3 switch sites", "exploration needs the kernel's vmlinux (--vmlinux)"
-        )
-    assert site_coverage is not None
-    g.start_workload(window.workload, NMI_CPU)
-    result = explore(g, site_coverage.sites, window, signal=SIGNAL)
-    site_coverage.record(request.node.nodeid, result.executed())
-    exploration_report.append(result.table())
-    fail_on(result.problems(), result.table())
+    nohz, _ = g.shell("cat /sys/devices/system/cpu/nohz_full")
+    assert nohz.strip() == "0", (
+        f"booted with {ISOLATED_VCPU0}, the kernel reports nohz_full={nohz.strip()!r}: "
+        "vCPU 0 is not the isolated (nohz_full) CPU"
+    )
+    explore_window(g, site_coverage, exploration_report, window, request, rig_settings)

@@ -39,7 +39,8 @@ from typing import Any, Literal
 
 from rig.errors import GuestError
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import Site, entry_disassembly
+from rig.machine.storepaths import Instruction, parse_instructions
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
 from rig.observe.checks import gs_symbol, signal_problems, window_findings
@@ -54,6 +55,9 @@ NMI_CPU = 0
 #: Most switch-site stops one boundary's run may take before it is declared stuck (a
 #: single-stepped SYSENTER takes ~40 #DBs of 3 stops each before it is back in user mode).
 MAX_STOPS = 400
+#: How many instructions from an entry symbol :meth:`Explorer.entry_addresses` searches
+#: for the call whose return starts an exit window.
+CALL_SEARCH = 200
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
 
@@ -76,7 +80,9 @@ class Window:
     ``before``/``after``: boundaries tried before the signal store and past the CR3
     write; boundary 0 (the first instruction) is always tried; ``nmi_arrival``: the
     path is itself an NMI's (one is injected for each arrival); ``kernel_mode_only``: the
-    entry (an exception without error code) must have interrupted kernel mode.
+    entry (an exception without error code) must have interrupted kernel mode;
+    ``after_call_to``: the path starts where the call to that function inside ``entry``
+    returns (an exit window from the last C return to user mode).
     """
 
     name: str
@@ -89,6 +95,9 @@ class Window:
     scout_steps: int = 400
     nmi_arrival: bool = False
     kernel_mode_only: bool = False
+    #: start at the instruction after the call to this function inside the ``entry``
+    #: symbols (an exit window from its last C return), not at the symbols themselves
+    after_call_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,7 @@ class Explorer:
         self._thread = thread_id(cpu)
         self._armed: set[int] = set()
         self._seed: list[list[Any]] = []
+        self._text: list[Instruction] | None = None
         self._sibling_checker = TransitionChecker(guest.config.smp, list(sites))
         self._sibling_sides = CR3Sides(guest.config.smp)
         self.mismatch = ""
@@ -343,11 +353,13 @@ class Explorer:
             link.transact([f"z0,{addr:x},1"])
             self._armed.discard(addr)
 
-    def arrive_on_link(self, link: RspLink, window: Window, tries: int = 200) -> None:
+    def arrive_on_link(
+        self, link: RspLink, window: Window, tries: int = 200, *, at: int | None = None
+    ) -> None:
         """Run the guest until vCPU ``cpu`` reaches the window's entry on the wanted CR3
         side (on the raw link: every vCPU runs, siblings' hits are stepped over)."""
         g = self.guest
-        entries = {g.symbols.address(n) for n in window.entry if n in g.symbols}
+        entries = {at} if at is not None else self.entry_addresses(window)
         self._arm(link, entries)
         try:
             seen: list[str] = []
@@ -387,6 +399,36 @@ class Explorer:
             f"(last: {seen})"
         )
 
+    def entry_addresses(self, window: Window) -> set[int]:
+        """Where the window's path starts: its entry symbols, or the return addresses of
+        the calls to ``window.after_call_to`` inside them (from the vmlinux's text).
+
+        Raises:
+            GuestError: no vmlinux, or no such call in the entry symbols.
+        """
+        sym = self.guest.symbols
+        names = [n for n in window.entry if n in sym]
+        if not window.after_call_to:
+            return {sym.address(n) for n in names}
+        if self._text is None:
+            vmlinux = self.guest.config.vmlinux
+            if vmlinux is None:
+                raise GuestError(
+                    f"{window.name}: finding the return of {window.after_call_to} needs a vmlinux"
+                )
+            self._text = parse_instructions(entry_disassembly(vmlinux, sym))
+        index = {ins.address: i for i, ins in enumerate(self._text)}
+        found = set()
+        for n in names:  # the first such call within the symbol's first instructions
+            start = index.get(sym.address(n))
+            for ins in self._text[start : start + CALL_SEARCH] if start is not None else ():
+                if ins.mnemonic.startswith("call") and f"<{window.after_call_to}>" in ins.text:
+                    found.add(ins.next_address)
+                    break
+        if not found:
+            raise GuestError(f"{window.name}: no call to {window.after_call_to} in {names}")
+        return found
+
     def _mode_ok(self, link: RspLink, window: Window) -> bool:
         """For ``kernel_mode_only`` windows: the IRET frame at %rsp returns to kernel mode."""
         if not window.kernel_mode_only:
@@ -422,13 +464,17 @@ class Explorer:
                 self._step_over(link, self.cpu, hex_le(r[3]))
         raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
 
-    def run_boundary(self, link: RspLink, window: Window, k: int, scout: Snapshot) -> BoundaryRun | None:
-        """Arrive, step to boundary ``k``, inject an NMI there and fast-forward.
+    def run_boundary(
+        self, link: RspLink, window: Window, k: int, scout: Snapshot, *, start: int | None = None
+    ) -> BoundaryRun | None:
+        """Arrive (at ``start``, the scout's first instruction, if given: of a window with
+        several entries, the one the scout took), step to boundary ``k``, inject an NMI
+        there and fast-forward.
 
         None if this arrival took another path (its pc at ``k`` is not the scout's).
         """
         t0 = time.monotonic()
-        self.arrive_on_link(link, window)
+        self.arrive_on_link(link, window, at=start)
         stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
         stepped = stepper.run(link, max_steps=k).snapshots
         at = stepped[-1]
@@ -698,11 +744,24 @@ class Explorer:
         run.stops.append(Stop(kind, pc, where, depth, cr3_before, cr3_after, sig_before, sig_after))
 
 
-def boundaries_of(window: Window, store: int, cr3_write: int, last: int) -> list[int]:
-    """Boundary 0, then ``before`` boundaries ahead of the store through ``after`` past the
-    CR3 write (clamped to the scouted trace, whose last index is ``last``)."""
-    ks = {0, *range(max(0, store - window.before), min(last, cr3_write + window.after) + 1)}
-    return sorted(ks)
+#: In a sampled exploration, every how many boundaries outside the race window one is tried.
+SAMPLE_EVERY = 4
+
+
+def boundaries_of(window: Window, store: int, cr3_write: int, last: int, *, every: bool = False) -> list[int]:
+    """The boundaries of a scouted path (last index ``last``) that get an event.
+
+    ``every``: all of them, from the first instruction to ``after`` boundaries past the
+    CR3 write (an exit's scout ends in user mode: its user-mode boundaries are skipped
+    by the caller). Otherwise a deterministic sample: boundary 0, ``before`` boundaries
+    ahead of the store through ``after`` past the CR3 write (the race window, always
+    whole), and every :data:`SAMPLE_EVERY`-th boundary of the rest.
+    """
+    end = min(last, cr3_write + window.after)
+    if every:
+        return list(range(end + 1))
+    race = set(range(max(0, store - window.before), end + 1))
+    return sorted({0, *race, *range(0, end + 1, SAMPLE_EVERY)})
 
 
 def explore(
@@ -713,15 +772,17 @@ def explore(
     signal: str,
     cpu: int = NMI_CPU,
     tries: int = 5,
+    every: bool = False,
 ) -> Exploration:
-    """Explore ``window`` on vCPU ``cpu``: an NMI at each of its boundaries (see the module doc).
+    """Explore ``window`` on vCPU ``cpu``: an NMI at each of its boundaries (see the module
+    doc; ``every``: all of them, else the sample of :func:`boundaries_of`).
 
     The window's workload must already run on ``cpu``. Each boundary's arrival is retried
     up to ``tries`` times when the path differs from the scouted one.
     """
     t0 = time.monotonic()
     with quiet_console(guest):
-        result = _explore(guest, sites, window, signal, cpu, tries)
+        result = _explore(guest, sites, window, signal, cpu, tries, every=every)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -748,7 +809,15 @@ def quiet_console(guest: Guest) -> Iterator[None]:
 
 
 def _explore(
-    guest: Guest, sites: Sequence[Site], window: Window, signal: str, cpu: int, tries: int, scouts: int = 3
+    guest: Guest,
+    sites: Sequence[Site],
+    window: Window,
+    signal: str,
+    cpu: int,
+    tries: int,
+    scouts: int = 3,
+    *,
+    every: bool = False,
 ) -> Exploration:
     """Scout, then explore; a scout whose path the arrivals do not follow (it took a rare
     branch) is replaced by a new one, up to ``scouts`` times."""
@@ -771,13 +840,16 @@ def _explore(
         last = len(scout.snapshots) - 1
         guest.stop()
         with guest.link() as link:
-            for k in boundaries_of(window, store, cr3_write, last):
+            for k in boundaries_of(window, store, cr3_write, last, every=every):
                 if scout.snapshots[k].pc < 1 << 63:
                     continue  # user mode: not part of the window
                 run = next(
                     (
                         r
-                        for r in (ex.run_boundary(link, window, k, scout.snapshots[k]) for _ in range(tries))
+                        for r in (
+                            ex.run_boundary(link, window, k, scout.snapshots[k], start=scout.snapshots[0].pc)
+                            for _ in range(tries)
+                        )
                         if r
                     ),
                     None,

@@ -102,6 +102,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "against a kernel with the CR3 signal, else report)",
     )
     g.addoption(
+        "--explore",
+        default="sample",
+        choices=("sample", "all"),
+        help="which boundaries of each exploration window get an event: 'all' (every boundary "
+        "from the entry to past the CR3 write, from the exit to user mode) or 'sample' (default: "
+        "boundary 0, the store-to-write race window and every 4th other boundary, the same each run)",
+    )
+    g.addoption(
         "--host", default="local", help="where QEMU runs: 'local' (default) or ssh://[user@]box[:port]"
     )
     g.addoption("--ssh-identity", default=None, type=Path, help="private key for --host ssh://...")
@@ -209,6 +217,8 @@ class RigSettings:
     #: the kernel is one of the rig's reference builds (the default): a missing signal,
     #: PTI or site list there is an error, never a skip (see :func:`missing_on_reference`)
     reference: bool = False
+    #: which boundaries the exploration windows take an event at (``--explore``)
+    explore: str = "sample"
 
 
 #: Ends the run with one line and a status (and the boot failure behind it, if any).
@@ -283,6 +293,7 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
         host,
         opt.site_coverage,
         is_reference_kernel(opt.kernel and str(opt.kernel)),
+        opt.explore,
     )
     session_report(pytestconfig).directory = settings.trace_dir
     report_hooks.settings_resolved(pytestconfig, base)
