@@ -80,5 +80,9 @@ def test_coverage_missing_and_recorded() -> None:
 
 def test_window_boundaries() -> None:
     w = Window("w", "syscall-loop", ("entry_SYSCALL_64",), "entry", before=2, after=3)
-    assert boundaries_of(w, store=8, cr3_write=9, last=20) == [0, 6, 7, 8, 9, 10, 11, 12]
+    # the sample: boundary 0, the race window (2 before the store to 3 past the write), every 4th
+    assert boundaries_of(w, store=8, cr3_write=9, last=20) == [0, 4, 6, 7, 8, 9, 10, 11, 12]
     assert boundaries_of(w, store=1, cr3_write=2, last=3) == [0, 1, 2, 3]
+    # every boundary: the first instruction to 3 past the CR3 write
+    assert boundaries_of(w, store=8, cr3_write=9, last=20, every=True) == list(range(13))
+    assert boundaries_of(w, store=8, cr3_write=9, last=10, every=True) == list(range(11))
