@@ -18,18 +18,21 @@ from tests.conftest import REPO
 RECORDING_TESTS = """
 import pytest
 
+KERNEL = "asm_sysvec_apic_timer_interrupt+0x0: from kernel mode, not stepped"
+REJECTED = "asm_sysvec_apic_timer_interrupt+0x0: 12000 steps judged, no findings; stopped by max_steps at x"
 CASES = [
-    ("clean-first-try", 1, "0,3127"),  # probe, then the stepped trace
-    ("kernel-mode-hit-first", 3, "0,57,0,3127"),  # probe, run back to user; probe, trace
-    ("accept-rejected-first", 2, "0,12000,0,3098"),  # ran out of steps; then returned
-    ("one-scout", 1, "812"),  # no probe (an exploration window)
-    ("no-stepping", 0, ""),  # a guest, but nothing stepped
+    ("clean-first-try", 1, "0,3127", ""),  # probe, then the stepped trace
+    ("kernel-mode-hit-first", 3, "0,57,0,3127", KERNEL),  # probe, run back to user; probe, trace
+    ("accept-rejected-first", 2, "0,12000,0,3098", REJECTED),  # ran out of steps; then returned
+    ("one-scout", 1, "812", ""),  # no probe (an exploration window)
+    ("no-stepping", 0, "", ""),  # a guest, but nothing stepped
 ]
 
-@pytest.mark.parametrize(("breaks", "steps"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_effort(record_property, breaks, steps):
+@pytest.mark.parametrize(("breaks", "steps", "discarded"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_effort(record_property, breaks, steps, discarded):
     record_property("cr3rig.breaks", breaks)
     record_property("cr3rig.steps", steps)
+    record_property("cr3rig.discarded", discarded)
 """
 
 
@@ -48,8 +51,8 @@ def test_soak_prints_verdict_steps_and_leftovers(tag: str, tmp_path: Path) -> No
     assert "run 1/1: PASS" in out and "2 passed, 0 failed, 0 error" in out, out
     assert "leftover processes: 0" in out, out
     row = next(ln for ln in out.splitlines() if "test_syscall_entry_flips_cr3_at_mov_to_cr3" in ln)
-    fail, tries_max, _, max_steps, _ = row.split()[1:]
-    assert (fail, tries_max) == ("0", "1") and int(max_steps) > 10, row
+    fail, tries_max, _, max_steps, _, discarded = row.split()[1:]
+    assert (fail, tries_max, discarded) == ("0", "1", "0") and int(max_steps) > 10, row
     assert (tmp_path / "run-1.xml").exists() and (tmp_path / "run-1.log").exists()
 
 
@@ -91,9 +94,15 @@ def test_soak_counts_tries_not_probes(tmp_path: Path) -> None:
     rows = {
         ln.split("[")[1].split("]")[0]: ln.split("]")[1].split()
         for ln in summary([RunResult(1, 0, 1.0, list(cases.values()), [])]).splitlines()
-        if "test_effort[" in ln
+        if "test_effort[" in ln and not ln.startswith("  ")
     }
-    # fail, tries max, tries mean, max steps/try, max s
+    # fail, tries max, tries mean, max steps/try, max s, discarded
     assert rows["clean-first-try"][:4] == ["0", "1", "1.00", "3127"], rows
+    assert rows["kernel-mode-hit-first"][5] == "1" and rows["clean-first-try"][5] == "0", rows
+    assert (
+        "discarded by test_effort::test_effort[accept-rejected-first]: "
+        "asm_sysvec_apic_timer_interrupt+0x0: 12000 steps judged"
+        in run
+    ), run
     assert rows["kernel-mode-hit-first"][:4] == ["0", "2", "2.00", "3127"], rows
     assert rows["no-stepping"][:4] == ["0", "0", "0.00", "0"], rows

@@ -177,7 +177,8 @@ def summary(runs: Sequence[RunResult]) -> str:
     ]
     names = sorted({c.name for r in runs for c in r.cases})
     lines.append(
-        f"{'testcase':<70} {'fail':>4} {'tries max':>9} {'tries mean':>10} {'max steps/try':>13} {'max s':>6}"
+        f"{'testcase':<70} {'fail':>4} {'tries max':>9} {'tries mean':>10} {'max steps/try':>13} "
+        f"{'max s':>6} {'discarded':>9}"
     )
     for name in names:
         cs = [c for r in runs for c in r.cases if c.name == name]
@@ -186,8 +187,13 @@ def summary(runs: Sequence[RunResult]) -> str:
         fails = sum(c.outcome in ("failed", "error") for c in cs)
         lines.append(
             f"{name[-70:]:<70} {fails:>4} {max(tries):>9} {sum(tries) / len(tries):>10.2f} "
-            f"{max(steps, default=0):>13} {max(c.seconds for c in cs):>6.1f}"
+            f"{max(steps, default=0):>13} {max(c.seconds for c in cs):>6.1f} "
+            f"{sum(len(c.discarded) for c in cs):>9}"
         )
+    reasons = [f"  {c.name}: {d}" for r in runs for c in r.cases for d in c.discarded]
+    if reasons:
+        lines.append("discarded tries (each judged by every check first), with their reasons:")
+        lines += reasons
     return "\n".join(lines)
 
 
