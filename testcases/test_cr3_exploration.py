@@ -43,7 +43,9 @@ WINDOWS = (
         after_call_to="do_syscall_64",
     ),
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
-    Window("interrupt-entry", "user-spin", INTERRUPT_ENTRIES, "entry"),
+    # timer-spin's 1 ms interval timer interrupts it in user mode (even on a nohz_full
+    # CPU, whose tick stops while it runs alone there)
+    Window("interrupt-entry", "timer-spin", INTERRUPT_ENTRIES, "entry"),
     Window("nmi-entry", "user-spin", ("asm_exc_nmi",), "entry", nmi_arrival=True),
     # an IRET to user mode that faults: #GP from kernel mode on the user CR3, error_entry's
     # .Lerror_bad_iret path switches CR3

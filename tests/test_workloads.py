@@ -263,3 +263,19 @@ def test_compat_usage_errors(compat_binaries: Path, name: str) -> None:
     assert (usage.returncode, usage.stdout, usage.stderr) == (2, "", f"usage: {name} <cpu>\n")
     bad = subprocess.run([exe, "12x"], capture_output=True, text=True, timeout=10)
     assert (bad.returncode, bad.stderr) == (2, f"{name}: bad cpu number 12x\n")
+
+
+def test_timer_spin_takes_timer_interrupts_from_user_mode_on_a_nohz_full_cpu(wl_guest: Guest) -> None:
+    """timer-spin's interval timer interrupts it in user mode on the isolated (nohz_full)
+    CPU, where user-spin's tick stops: the exploration's interrupt window arrives there."""
+    cpu = wl_guest.config.isolated
+    nohz, _ = wl_guest.shell("cat /sys/devices/system/cpu/nohz_full")
+    assert nohz.strip() == str(cpu), nohz
+    wl_guest.start_workload("timer-spin", cpu)
+    modes = []
+    for _ in range(8):
+        seconds = timed_break(wl_guest, "asm_sysvec_apic_timer_interrupt", cpu)
+        assert seconds < 5, f"{seconds:.2f} s to the next timer interrupt"
+        modes.append("user" if wl_guest.step(cpu, max_steps=0).snapshots[0].user_tables(cpu) else "kernel")
+    # some land while the SIGALRM of the previous one is delivered, in kernel mode
+    assert "user" in modes, modes

@@ -58,6 +58,8 @@ MAX_STOPS = 400
 #: How many instructions from an entry symbol :meth:`Explorer.entry_addresses` searches
 #: for the call whose return starts an exit window.
 CALL_SEARCH = 200
+#: Seconds one arrival at a window's entry may take, all its hits together.
+ARRIVAL_SECONDS = 60.0
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
 
@@ -363,7 +365,14 @@ class Explorer:
         self._arm(link, entries)
         try:
             seen: list[str] = []
+            deadline = time.monotonic() + ARRIVAL_SECONDS
             for _ in range(tries):
+                if time.monotonic() > deadline:
+                    raise GuestError(
+                        f"{window.name}: vCPU {self.cpu} did not arrive at {window.entry} from the "
+                        f"{'user' if window.from_user else 'kernel'} CR3 within {ARRIVAL_SECONDS:.0f} s "
+                        f"(is {window.workload} running there? last hits: {seen})"
+                    )
                 if window.nmi_arrival:
                     self._to_user_mode(link, window)
                     self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary

@@ -79,6 +79,7 @@ WORKLOADS: tuple[str, ...] = (
     "fault-loop",
     "iret-loop",
     "user-spin",
+    "timer-spin",
     "poke",
     "bad-iret-loop",
     "compat-sysenter-loop",
