@@ -15,15 +15,25 @@ from rig.guest import Guest, GuestConfig
 from rig.machine.sites import Site
 from rig.observe.findings import Rule, render
 from rig.observe.pluginwatch import (
+    F_AT_NEXT,
+    F_CR3_AFTER_BAD,
+    F_CR3_BEFORE_BAD,
+    F_SIG_AFTER,
+    F_SIG_BEFORE,
+    REC_PARANOID,
+    REC_SITE,
     RECORD,
     CR3Sides,
     PluginWatch,
+    PluginWatchResult,
+    RecordChecker,
     _loaded_value_problems,
     operand,
     sites_file,
     watch,
 )
-from rig.observe.transitions import Hit
+from rig.observe.transitions import Hit, TransitionChecker
+from rig.observe.watching import SiteTally
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.kernelbuild import build_kernel
@@ -199,3 +209,38 @@ def test_a_qemu_refusing_the_plugin_api_version_is_named(qemu10: str, tmp_path: 
         == "plugin requires API version 99, but this QEMU supports only up to version 4"
     )
     assert api_refusal(qemu10, build_plugin(default_cache_dir())) is None
+
+
+def _record(
+    rtype: int, flags: int, cpu: int, index: int, cr3s: tuple[int, int], sigs: tuple[int, int]
+) -> tuple[int, ...]:
+    """One plugin record as RecordChecker.feed receives it (RECORD unpacked)."""
+    raw = RECORD.pack(rtype, flags, cpu, index, cr3s[0], 0, cr3s[1], sigs[0], sigs[1])
+    return RECORD.unpack(raw)
+
+
+def test_plugin_records_fail_closed() -> None:
+    """A signal or CR3 the plugin could not read is a finding (a None read never passes)."""
+    kernel, user = 0x1234000, 0x1235000
+    ok = F_SIG_BEFORE | F_SIG_AFTER | F_AT_NEXT
+    checker = TransitionChecker(2, [WRITE])
+    clean = PluginWatchResult("k", 2, {WRITE.address: SiteTally(WRITE)})
+    RecordChecker([WRITE], 2).feed(_record(REC_SITE, ok, 1, 0, (kernel, user), (0, 0)), clean, checker)
+    assert clean.problems == [] and clean.unreadable_signals == 0
+    for flags, rule in (
+        (F_SIG_AFTER | F_AT_NEXT, Rule.SIGNAL_UNREADABLE),  # the read before failed
+        (F_SIG_BEFORE | F_AT_NEXT, Rule.SIGNAL_UNREADABLE),  # the read after failed
+        (ok | F_CR3_BEFORE_BAD, Rule.RIG_PREMISE),
+        (ok | F_CR3_AFTER_BAD, Rule.RIG_PREMISE),
+    ):
+        result = PluginWatchResult("k", 2, {WRITE.address: SiteTally(WRITE)})
+        checker = TransitionChecker(2, [WRITE])
+        RecordChecker([WRITE], 2).feed(
+            _record(REC_SITE, flags, 1, 0, (kernel, user), (0, 0)), result, checker
+        )
+        assert rule in [f.rule for f in result.problems], (flags, result.problems)
+    paranoid = PluginWatchResult("k", 2, {WRITE.address: SiteTally(WRITE)})
+    RecordChecker([WRITE], 2).feed(
+        _record(REC_PARANOID, 0, 0, 1, (kernel, 0), (0, 0)), paranoid, TransitionChecker(2, [WRITE])
+    )
+    assert [f.rule for f in paranoid.problems] == [Rule.SIGNAL_UNREADABLE]

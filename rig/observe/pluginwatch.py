@@ -153,52 +153,27 @@ class PluginWatchResult(WatchResult):
         return head + "\n" + super().table()
 
 
-class PluginWatcher:
-    """Consumes the plugin's records of one booted ``guest`` and checks them."""
+class RecordChecker:
+    """The checks of the plugin's records (pure, no guest): the transition rules, CR3-side
+    continuity per vCPU, the value each instruction wrote, and fail-closed reads (a signal
+    or CR3 the plugin could not read is a finding, never a pass)."""
 
-    def __init__(self, guest: Guest, watch: PluginWatch) -> None:
-        if guest.config.plugin != watch.plugin:
-            raise GuestError("the guest was not booted with this PluginWatch's plugin (GuestConfig.plugin)")
-        if guest.config.smp > 64:
-            raise ConfigError(f"plugin watch handles at most 64 vCPUs, not {guest.config.smp}")
-        self.guest = guest
-        self.watch = watch
-        self.ncpus = guest.config.smp
-        self.signal_addresses = [guest.per_cpu(watch.signal, n) for n in range(self.ncpus)]
-        self._masks = [(1 << _operand_bits(s)) - 1 for s in watch.sites]
-        self._sides = CR3Sides(self.ncpus)
+    def __init__(self, sites: Sequence[Site], ncpus: int) -> None:
+        self.sites = tuple(sites)
+        self.ncpus = ncpus
+        self._masks = [(1 << _operand_bits(s)) - 1 for s in self.sites]
+        self._sides = CR3Sides(ncpus)
 
-    def _connect(self) -> socket.socket:
-        path = self.guest.machine.dir / SOCKET
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(RECORD_TIMEOUT)
-            sock.connect(str(path))
-            sock.sendall(struct.pack(f"<I{self.ncpus}Q", self.ncpus, *self.signal_addresses))
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = sock.recv(1)
-                if not chunk:
-                    raise GuestError(f"the watch plugin closed {path} without answering")
-                line += chunk
-            said = line.decode(errors="replace").strip()
-            if said != "OK":
-                raise GuestError(f"the watch plugin refused the watch: {said}")
-        except OSError as exc:
-            sock.close()
-            why = self.guest.machine.exit_reason()
-            raise GuestError(f"cannot reach the watch plugin at {path}: {exc} ({why})") from exc
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def feed(self, rec: tuple[int, ...], result: PluginWatchResult, checker: TransitionChecker) -> None:
+        """Check one record of the plugin (:data:`RECORD` unpacked) and count it in ``result``.
 
-    def _feed(self, rec: tuple[int, ...], result: PluginWatchResult, checker: TransitionChecker) -> None:
-        """Check one record of the plugin and count it."""
+        Raises:
+            GuestError: a malformed record (unknown type, site or vCPU).
+        """
         rtype, flags, cpu, index, cr3_before, op, cr3_after, sig_before, sig_after = rec
         result.records += 1
         before = sig_before if flags & F_SIG_BEFORE else None
-        sites = self.watch.sites
+        sites = self.sites
         if (
             cpu >= self.ncpus
             or rtype not in (REC_SITE, REC_PARANOID)
@@ -246,6 +221,46 @@ class PluginWatcher:
         result.problems += checker.check(hit)
         if flags & F_OPERAND:
             result.problems += _loaded_value_problems(hit, op & self._masks[index])
+
+
+class PluginWatcher:
+    """Consumes the plugin's records of one booted ``guest`` and checks them."""
+
+    def __init__(self, guest: Guest, watch: PluginWatch) -> None:
+        if guest.config.plugin != watch.plugin:
+            raise GuestError("the guest was not booted with this PluginWatch's plugin (GuestConfig.plugin)")
+        if guest.config.smp > 64:
+            raise ConfigError(f"plugin watch handles at most 64 vCPUs, not {guest.config.smp}")
+        self.guest = guest
+        self.watch = watch
+        self.ncpus = guest.config.smp
+        self.signal_addresses = [guest.per_cpu(watch.signal, n) for n in range(self.ncpus)]
+        self.records = RecordChecker(watch.sites, self.ncpus)
+
+    def _connect(self) -> socket.socket:
+        path = self.guest.machine.dir / SOCKET
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(RECORD_TIMEOUT)
+            sock.connect(str(path))
+            sock.sendall(struct.pack(f"<I{self.ncpus}Q", self.ncpus, *self.signal_addresses))
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = sock.recv(1)
+                if not chunk:
+                    raise GuestError(f"the watch plugin closed {path} without answering")
+                line += chunk
+            said = line.decode(errors="replace").strip()
+            if said != "OK":
+                raise GuestError(f"the watch plugin refused the watch: {said}")
+        except OSError as exc:
+            sock.close()
+            why = self.guest.machine.exit_reason()
+            raise GuestError(f"cannot reach the watch plugin at {path}: {exc} ({why})") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def run(
         self, transitions: int, *, nmi_every: int = 0, max_seconds: float = 120.0, min_per_cpu: int = 0
@@ -297,7 +312,7 @@ class PluginWatcher:
                 whole = len(data) - len(data) % size
                 pending = data[whole:]
                 for rec in RECORD.iter_unpack(data[:whole]):
-                    self._feed(rec, result, checker)
+                    self.records.feed(rec, result, checker)
                 if nmi_every and result.hits >= next_nmi:
                     g.machine.inject_nmi()
                     result.nmis += 1
