@@ -29,8 +29,8 @@ def signal_guest(pti_guest: Guest, rig_settings: RigSettings) -> Guest:
     if SIGNAL not in pti_guest.symbols:
         missing_on_reference(
             rig_settings,
-            f"{SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch)",
-            f"kernel {pti_guest.release}, symbols from {pti_guest.symbols.source}",
+            f"kernel {pti_guest.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch); "
+            f"symbols from {pti_guest.symbols.source}",
         )
     return pti_guest
 
@@ -43,9 +43,7 @@ def watch_sites(
     on a reference kernel, whose vmlinux the rig built)."""
     if not signal_guest.config.vmlinux or site_coverage is None or not site_coverage.sites:
         missing_on_reference(
-            rig_settings,
-            "a list of CR3 switch sites",
-            "watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites",
+            rig_settings, "watch mode needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites"
         )
     assert site_coverage is not None
     if signal_guest.config.smp < 2:

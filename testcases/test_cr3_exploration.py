@@ -43,7 +43,7 @@ WINDOWS = (
         after_call_to="do_syscall_64",
     ),
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
-    # timer-spin's 1 ms interval timer interrupts it in user mode (even on a nohz_full
+    # timer-spin's 10 ms interval timer interrupts it in user mode (even on a nohz_full
     # CPU, whose tick stops while it runs alone there)
     Window("interrupt-entry", "timer-spin", INTERRUPT_ENTRIES, "entry"),
     Window("nmi-entry", "user-spin", ("asm_exc_nmi",), "entry", nmi_arrival=True),
@@ -93,7 +93,7 @@ def explore_window(
 ) -> None:
     if not g.config.vmlinux or site_coverage is None:
         missing_on_reference(
-            rig_settings, "a list of CR3 switch sites", "exploration needs the kernel's vmlinux (--vmlinux)"
+            rig_settings, "exploration needs the kernel's vmlinux (--vmlinux) to find its CR3 switch sites"
         )
     assert site_coverage is not None
     g.start_workload(window.workload, NMI_CPU)

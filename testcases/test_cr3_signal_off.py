@@ -57,8 +57,8 @@ def off_guest(guest: Guest, rig_settings: RigSettings, off: str) -> Guest:
     if SIGNAL not in guest.symbols:
         missing_on_reference(
             rig_settings,
-            f"{SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch)",
-            f"kernel {guest.release}, symbols from {guest.symbols.source}",
+            f"kernel {guest.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch); "
+            f"symbols from {guest.symbols.source}",
         )
     cmdline = guest.config.cmdline()
     if off == "gate-off":

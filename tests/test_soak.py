@@ -101,8 +101,7 @@ def test_soak_counts_tries_not_probes(tmp_path: Path) -> None:
     assert rows["kernel-mode-hit-first"][5] == "1" and rows["clean-first-try"][5] == "0", rows
     assert (
         "discarded by test_effort::test_effort[accept-rejected-first]: "
-        "asm_sysvec_apic_timer_interrupt+0x0: 12000 steps judged"
-        in run
+        "asm_sysvec_apic_timer_interrupt+0x0: 12000 steps judged" in run
     ), run
     assert rows["kernel-mode-hit-first"][:4] == ["0", "2", "2.00", "3127"], rows
     assert rows["no-stepping"][:4] == ["0", "0", "0.00", "0"], rows

@@ -566,10 +566,10 @@ def pti_off_asked(cmdline: str) -> bool:
     return any(word in PTI_OFF_PARAMETERS for word in cmdline.split())
 
 
-def missing_on_reference(settings: RigSettings, what: str, why: str) -> None:
-    """Skip a testcase that cannot run because the kernel lacks ``what`` (``why`` says
-    how that was seen), or, on a reference kernel (the default, which the rig builds with
-    the signal and PTI), fail it: there the lack is a broken build that a skip would hide.
+def missing_on_reference(settings: RigSettings, reason: str) -> None:
+    """Skip a testcase that cannot run on this kernel (``reason`` says what it lacks and how
+    that was seen), or, on a reference kernel (the default, which the rig builds with the
+    signal and PTI), fail it: there the lack is a broken build that a skip would hide.
 
     Raises:
         pytest.skip.Exception: on a kernel the user chose with ``--kernel``.
@@ -577,11 +577,11 @@ def missing_on_reference(settings: RigSettings, what: str, why: str) -> None:
     """
     if settings.reference:
         pytest.fail(
-            f"the reference kernel {settings.base.label} lacks {what} ({why}): its build is broken; "
-            "rebuild it (python -m rig.supply.kernelbuild) or check its config fragment",
+            f"the reference kernel {settings.base.label} is broken: {reason}; rebuild it "
+            "(cr3rig kernel) or check its config fragment",
             pytrace=False,
         )
-    pytest.skip(f"{what} missing: {why}")
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -600,7 +600,7 @@ def pti_guest(guest: Guest, rig_settings: RigSettings) -> Guest:
         )
         if pti_off_asked(guest.config.cmdline()):
             pytest.skip(why)
-        missing_on_reference(rig_settings, "PTI", why)
+        missing_on_reference(rig_settings, why)
     return guest
 
 

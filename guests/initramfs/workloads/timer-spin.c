@@ -1,5 +1,5 @@
 /*
- * timer-spin <cpu>: pin to <cpu>, arm a 1 ms interval timer (ITIMER_REAL, an
+ * timer-spin <cpu>: pin to <cpu>, arm a 10 ms interval timer (ITIMER_REAL, an
  * hrtimer of the CPU that armed it), then spin in user mode like user-spin.
  * Each expiry is a local APIC timer interrupt taken from user mode on <cpu>,
  * then a SIGALRM whose handler does nothing.  On a nohz_full CPU, whose tick
@@ -19,13 +19,13 @@ static void on_alarm(int sig)
 int main(int argc, char **argv)
 {
 	int cpu = cr3rig_setup("timer-spin", argc, argv, "");
-	struct itimerval every_ms = { { 0, 1000 }, { 0, 1000 } };
+	struct itimerval every_10ms = { { 0, 10000 }, { 0, 10000 } };
 	struct sigaction sa;
 	volatile unsigned long counter = 0;
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_alarm;
-	if (sigaction(SIGALRM, &sa, NULL) != 0 || setitimer(ITIMER_REAL, &every_ms, NULL) != 0) {
+	if (sigaction(SIGALRM, &sa, NULL) != 0 || setitimer(ITIMER_REAL, &every_10ms, NULL) != 0) {
 		perror("timer-spin: sigaction/setitimer");
 		return 2;
 	}
