@@ -104,7 +104,7 @@ def from_user(
             guest.effort.discarded.append(f"{first.where or hex(first.pc)}: from kernel mode, not stepped")
             exits = [guest.symbols.address(n) for n in EXITS_TO_USER if n in guest.symbols]
             guest.break_on(exits, cpu)
-            back = guest.step(cpu, max_steps=400, stop=in_user_mode(cpu))
+            back = step_watching(guest, cpu, 400, in_user_mode(cpu))
             # the way back is stepped too: judged like any trace before it is dropped
             fail_on(judge(guest, back, complete=False), "the run back to user mode after a kernel-mode hit")
             guest.traces.pop()
