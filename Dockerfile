@@ -23,6 +23,8 @@ RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
         printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/cr3rig-site.crt && update-ca-certificates; \
     fi
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+# scripts/setup.sh: no container tools inside the image
+ENV CR3RIG_IN_IMAGE=1
 WORKDIR /cr3rig
 # the package step first, from only the files it reads, so that a source change
 # reuses this layer

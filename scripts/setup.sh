@@ -30,8 +30,11 @@ pkgs="$pkgs chromium chromium-driver"
 pkgs="$pkgs openssh-server openssh-client"
 # (package shellcheck) actionlint checks the workflow's run: scripts with it (tests/test_workflow.py)
 pkgs="$pkgs shellcheck"
-# on a host (not inside the matrix's own containers): what the container matrix needs
-if [ ! -e /run/.containerenv ] && [ ! -e /.dockerenv ]; then
+# on a host (not inside the matrix's own images, whose Dockerfile sets CR3RIG_IN_IMAGE;
+# podman builds also have /run/.containerenv): what the container matrix needs. A host
+# may itself carry a /.dockerenv (a CI machine made from a container image) and still run
+# podman, so that file says nothing.
+if [ -z "${CR3RIG_IN_IMAGE:-}" ] && [ ! -e /run/.containerenv ]; then
     pkgs="$pkgs podman runc debootstrap"
 fi
 # what building the watch-mode TCG plugin needs (rig/supply/qemuplugin.py; its header comes from
