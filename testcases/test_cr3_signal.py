@@ -31,6 +31,7 @@ from rig.observe.checks import (
     store_windows,
     window_findings,
 )
+from rig.observe.exploration import NMI_CPU, quiet_console
 from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
@@ -275,3 +276,86 @@ def test_every_store_to_cr3_write_path_of_the_text(signal_guest: Guest, rig_sett
     print("\n".join(table))
     assert paths, f"no path from a signal store to a CR3 write in {g.config.vmlinux}"
     fail_on(findings, "\n".join(table))
+
+
+def kernel_mode_return(guest: Guest, cpu: int, cs_offset: int = 8) -> int | None:
+    """At an exception entry: the address the frame at %rsp returns to, if it returns to
+    kernel mode (its CS has RPL 0); None if it returns to user mode."""
+    v = guest.vcpu(cpu)
+    with guest.stopped(), guest.link() as link:
+        rsp = v.registers(link, ["rsp"])["rsp"]
+        rip = v.read_u64(link, rsp + cs_offset - 8)
+        cs = v.read_u64(link, rsp + cs_offset)
+    assert rip is not None and cs is not None, f"vCPU {cpu}: the exception frame at {rsp:#x} cannot be read"
+    return rip if cs & 3 == 0 else None
+
+
+def test_signal_over_a_debug_trap_in_kernel_mode(signal_guest: Guest) -> None:
+    """A #DB taken in kernel mode on the user CR3 (the single-step trap at the first
+    instruction of a SYSENTER with EFLAGS.TF), stepped from the exception entry through
+    paranoid_entry, the handler and paranoid_exit's restore of the user CR3 back to the
+    interrupted instruction: the paranoid entry's and exit's stores and CR3 writes are
+    held to every stepped rule. (Later #DBs of the same SYSENTER nest inside the entry's
+    store-to-write window: the exploration's debug-trap-entry window checks those.)"""
+    g = signal_guest
+    cpu = g.config.isolated
+    g.start_workload("compat-sysenter-tf-loop", cpu)
+    entry = g.symbols.address("entry_SYSENTER_compat")
+    for _ in range(20):
+        g.break_on(g.symbols.address("asm_exc_debug"), cpu)
+        at = g.step(cpu, max_steps=0)
+        g.traces.pop()
+        back = kernel_mode_return(g, cpu)
+        if at.snapshots[0].user_tables(cpu) and back == entry:
+            break
+        g.effort.discarded.append(
+            f"asm_exc_debug: returning to {g.symbols.describe(back) if back else 'user mode'}, "
+            "not to the first instruction of entry_SYSENTER_compat; not stepped"
+        )
+    else:
+        raise AssertionError("20 #DBs in a row were not the single-step trap at entry_SYSENTER_compat")
+    trace = step_watching(g, cpu, 30000, lambda s: s.pc == entry)
+    assert trace.stopped_because == "condition", f"the #DB did not return: {trace.stopped_because}"
+    assert any(s.where.startswith("paranoid_exit") for s in trace.snapshots), (
+        "it did not leave through paranoid_exit"
+    )
+    check(g, trace, round_trip=False)
+
+
+def test_signal_over_an_nmi_in_kernel_mode(signal_guest: Guest) -> None:
+    """An NMI taken at the first instruction of entry_SYSCALL_64 (kernel mode, user CR3):
+    stepped from asm_exc_nmi through paranoid_entry to the C handler, and from the
+    handler's return in end_repeat_nmi through its restore of the user CR3 back to the
+    interrupted instruction. The handler between runs at full speed (an unknown NMI's report is ~19,000
+    boundaries of printk): CR3 and the signal must be as the first part left them when the
+    second begins. NMIs reach vCPU 0 only, so this runs there."""
+    g = signal_guest
+    cpu = NMI_CPU
+    obs = observer_of(g, cpu)
+    g.start_workload("syscall-loop", cpu)
+    entry = g.symbols.address("entry_SYSCALL_64")
+    handler = g.symbols.address("exc_nmi")
+    with quiet_console(g):
+        g.break_on(entry, cpu)
+        g.machine.inject_nmi()  # pending while stopped: taken at this boundary on the next continue
+        g.break_on(g.symbols.address("asm_exc_nmi"), cpu)
+        assert kernel_mode_return(g, cpu) == entry, "the NMI was not taken at entry_SYSCALL_64"
+        into = step_watching(g, cpu, 2000, lambda s: s.pc == handler)
+        assert into.stopped_because == "condition", f"the NMI did not reach exc_nmi: {into.stopped_because}"
+        with g.stopped(), g.link() as link:  # exc_nmi's return address, in end_repeat_nmi
+            v = g.vcpu(cpu)
+            back = v.read_u64(link, v.registers(link, ["rsp"])["rsp"])
+        assert back is not None and g.symbols.describe(back).startswith("end_repeat_nmi"), back
+        g.break_on(back, cpu)
+        out = step_watching(g, cpu, 2000, lambda s: s.pc == entry)
+    assert out.stopped_because == "condition", f"the NMI did not return: {out.stopped_because}"
+    assert any(s.where.startswith("paranoid_entry") for s in into.snapshots), (
+        "it did not enter paranoid_entry"
+    )
+    last, first = into.snapshots[-1], out.snapshots[0]
+    assert (last.cr3[cpu], last.words[SIGNAL][obs]) == (first.cr3[cpu], first.words[SIGNAL][obs]), (
+        f"CR3/signal changed in the handler: {last.cr3[cpu]:#x}/{last.words[SIGNAL][obs]} at exc_nmi, "
+        f"{first.cr3[cpu]:#x}/{first.words[SIGNAL][obs]} at its return"
+    )
+    fail_on(judge(g, into, complete=False) + judge(g, out))
+    assert into.cr3_flips() and out.cr3_flips(), "no CR3 switch in the NMI's entry or exit"
