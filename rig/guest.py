@@ -34,7 +34,7 @@ from rig.machine.symbols import (
     vmlinux_problem,
 )
 from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
-from rig.machine.x86 import PTI_USER_PGTABLE_BIT, X86_CR4_LA57, Translation, decode_cr3, walk
+from rig.machine.x86 import X86_CR4_LA57, Translation, decode_cr3, user_cr3, walk
 from rig.observe.stepping import Stepper, StopCondition, Trace, Watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import WORKLOAD_MARKER
@@ -343,7 +343,7 @@ class Guest:
             return int.from_bytes(read_physical(link, addr, 8), "little")
 
         kernel = walk(cr3.kernel_pgd, entry, read_u64, five_level=five)
-        user = walk(cr3.kernel_pgd | (1 << PTI_USER_PGTABLE_BIT), entry, read_u64, five_level=five)
+        user = walk(cr3.user_pgd, entry, read_u64, five_level=five)
         return kernel.present and user.physical == kernel.physical
 
     def _load_kallsyms(self) -> SymbolTable:
@@ -374,7 +374,7 @@ class Guest:
         cpus = range(self.config.smp)
         for cpu in cpus:
             regs = self.vcpu(cpu).registers(link, ("cr3",))
-            if not regs.get("cr3", 0) & (1 << 12):
+            if not user_cr3(regs.get("cr3", 0)):
                 return self.vcpu(cpu)
         if banner is not None:
             for cpu in cpus:
@@ -491,7 +491,7 @@ class Guest:
         with self.stopped(), self.link() as link:
             regs = self.vcpu(cpu).registers(link, ("cr3", "cr4"))
             cr3 = decode_cr3(regs["cr3"], regs["cr4"])
-            pgd = cr3.kernel_pgd | ((1 << PTI_USER_PGTABLE_BIT) if user_tables else 0)
+            pgd = cr3.user_pgd if user_tables else cr3.kernel_pgd
 
             def read_u64(addr: int) -> int:
                 return int.from_bytes(read_physical(link, addr, 8), "little")

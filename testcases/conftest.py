@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.coverage import SiteCoverage
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-
-#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
-SIGNAL = "kernel_cr3_loaded"
 
 #: Interrupt entries a CPU spinning in user mode takes: its tick, and the IPIs a wake-up
 #: of a task pinned to it sends.

@@ -17,11 +17,12 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
 from rig.observe.coverage import SiteCoverage
 from rig.observe.exploration import NMI_CPU, Window, explore
 from rig.observe.findings import fail_on
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
+from testcases.conftest import INTERRUPT_ENTRIES
 
 WINDOWS = (
     Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry"),

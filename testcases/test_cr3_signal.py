@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from rig.guest import Guest
-from rig.machine.sites import find_sites, unreachable_reason
+from rig.machine.sites import SIGNAL, find_sites, unreachable_reason
 from rig.machine.storepaths import store_paths
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import (
@@ -34,7 +34,7 @@ from rig.observe.checks import (
 from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
+from testcases.conftest import INTERRUPT_ENTRIES
 
 
 def observer_of(guest: Guest, cpu: int) -> int:

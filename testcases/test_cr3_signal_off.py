@@ -14,12 +14,12 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
 from rig.observe.coverage import SiteCoverage
 from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.offwatch import watch_off
 from rig.observe.stepping import Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import SIGNAL
 
 #: The two ways the signal is off: the gate (no isolation), and PTI (isolation on).
 OFF = [

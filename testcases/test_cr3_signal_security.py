@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
 from rig.machine.x86 import PAGE_SIZE, US
 from rig.observe.stepping import Watch, in_user_mode
-from testcases.conftest import SIGNAL
 
 
 def test_signal_page_is_mapped_kernel_only_rw_nx(signal_guest: Guest) -> None:

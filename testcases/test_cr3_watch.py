@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import fail_on
 from rig.observe.watching import watch
-from testcases.conftest import SIGNAL
 
 #: CR3 transitions (side changes) to check, across all vCPUs. The default keeps the whole
 #: default `pytest testcases/` near a minute (watching checks ~100 transitions/s here);

@@ -25,12 +25,17 @@ import re
 import pytest
 
 from rig.guest import Guest
-from rig.machine.x86 import PTI_USER_PCID_BIT, PTI_USER_PGTABLE_BIT, X86_CR4_PCIDE
+from rig.machine.x86 import (
+    PTI_USER_PCID_MASK,
+    PTI_USER_PGTABLE_MASK,
+    X86_CR3_PCID_NOFLUSH,
+    X86_CR4_PCIDE,
+)
 from rig.observe.stepping import Trace, in_user_mode
 
-NOFLUSH = 1 << 63
-USER_PCID = 1 << PTI_USER_PCID_BIT
-USER_PGTABLE = 1 << PTI_USER_PGTABLE_BIT
+NOFLUSH = X86_CR3_PCID_NOFLUSH
+USER_PCID = PTI_USER_PCID_MASK
+USER_PGTABLE = PTI_USER_PGTABLE_MASK
 ASID_MASK = 0x7FF
 SYSCALL_STEPS = 20000
 _MOV_TO_CR3 = re.compile(r"mov\s+%(\w+),\s*%cr3")

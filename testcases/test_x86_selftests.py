@@ -31,13 +31,12 @@ import pytest
 
 from rig.errors import RigError
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import fail_on
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.kernel import DEBIAN, resolve_kernel
 from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
-from testcases.conftest import SIGNAL
 
 #: Seconds one selftest may take under watch mode (then it is killed: verdict TIMEOUT);
 #: ``CR3RIG_SELFTEST_SECONDS`` (environment) overrides it.

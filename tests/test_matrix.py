@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from rig.machine.sites import SIGNAL
 from rig.tools import matrix
 from rig.tools.matrix import Cell, CellResult, Engine, MatrixError, Outcome
 from rig.transport.host import processes_with_env
@@ -269,7 +270,7 @@ def test_the_expected_skip_texts_are_the_testcases_own() -> None:
     """The rule's texts must match what the testcases say, or every stock cell would fail."""
     testcases = Path(matrix.REPO_ROOT) / "testcases"
     conftest = (testcases / "conftest.py").read_text()
-    assert 'SIGNAL = "kernel_cr3_loaded"' in conftest
+    assert "from rig.machine.sites import SIGNAL" in conftest and SIGNAL == "kernel_cr3_loaded"
     assert matrix.NO_SIGNAL.replace("kernel_cr3_loaded", "{SIGNAL}") in conftest
     assert f'f"{matrix.PCID_OFF}' in (testcases / "test_pcid.py").read_text()
     qemuplugin = Path(matrix.REPO_ROOT) / "rig" / "supply" / "qemuplugin.py"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rig.machine.sites import SIGNAL
 from rig.observe.stepping import Snapshot, Trace
 from rig.report.provenance import FIELDS
 from rig.report.session import (
@@ -40,7 +41,6 @@ from rig.tools import mutants
 
 USER = 0x1234000 | (1 << 12)
 KERNEL = 0x1234000
-SIGNAL = "kernel_cr3_loaded"
 
 
 def syscall_like(n: int, *, late_clear: bool = False) -> Trace:

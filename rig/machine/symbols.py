@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rig.errors import ConfigError
-
-#: The lowest kernel-half address on x86-64 (4- and 5-level paging alike).
-KERNEL_HALF = 0xFF00_0000_0000_0000
+from rig.machine.x86 import in_user_half
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class SymbolTable:
         self._by_name: dict[str, Symbol] = {}
         for s in symbols:
             self._by_name.setdefault(s.name, s)
-        located = sorted((s.address, s.name) for s in self._by_name.values() if s.address >= KERNEL_HALF)
+        located = sorted((s.address, s.name) for s in self._by_name.values() if not in_user_half(s.address))
         self._addrs = [a for a, _ in located]
         self._names = [n for _, n in located]
 
@@ -60,7 +58,7 @@ class SymbolTable:
 
     def describe(self, address: int) -> str:
         """``name+0xoff`` for a kernel address, hex for anything else."""
-        if address < KERNEL_HALF:
+        if in_user_half(address):
             return f"{address:#x}"
         i = bisect.bisect_right(self._addrs, address) - 1
         if i < 0:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rig.machine.sites import SIGNAL
 from rig.machine.storepaths import StorePath
 from rig.machine.symbols import SymbolTable
 from rig.observe.findings import Finding, Rule
@@ -138,7 +139,7 @@ def signal_problems(
 #: Per-CPU variables the entry code may touch between a signal store and its CR3 write:
 #: the TSS (its ``sp2`` is the SYSCALL entry's scratch slot, ``sp0``/``sp1`` the stacks) and
 #: the signal itself. Any other ``%gs:`` operand there is a finding naming the variable.
-SCRATCH_PER_CPU = ("cpu_tss_rw", "kernel_cr3_loaded")
+SCRATCH_PER_CPU = ("cpu_tss_rw", SIGNAL)
 
 #: Mnemonics whose bare numeric operand is a branch target, not a memory address.
 _BRANCHES = ("j", "call", "loop", "xbegin")

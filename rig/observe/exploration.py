@@ -42,7 +42,7 @@ from rig.guest import Guest
 from rig.machine.sites import Site, entry_disassembly
 from rig.machine.storepaths import Instruction, parse_instructions
 from rig.machine.vcpu import stopped_cpu, thread_id
-from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
+from rig.machine.x86 import cr3_side, in_user_half, may_leave_kernel_half, may_write_cr3, user_cr3
 from rig.observe.checks import gs_symbol, signal_problems, window_findings
 from rig.observe.findings import Finding, Rule
 from rig.observe.runcontrol import step_over
@@ -60,14 +60,6 @@ MAX_STOPS = 400
 CALL_SEARCH = 200
 #: Seconds one continue may run before the vCPU is interrupted and the run fails.
 CONTINUE_TIMEOUT = 10.0
-
-
-def _user(cr3: int) -> bool:
-    return bool(cr3 & (1 << PTI_USER_PGTABLE_BIT))
-
-
-def _side(cr3: int) -> str:
-    return "user" if _user(cr3) else "kernel"
 
 
 @dataclass(frozen=True)
@@ -118,9 +110,9 @@ class Stop:
     signal_after: int | None
 
     def render(self) -> str:
-        change = f"cr3 {_side(self.cr3_before)}"
-        if _side(self.cr3_after) != _side(self.cr3_before):
-            change += f"->{_side(self.cr3_after)}"
+        change = f"cr3 {cr3_side(self.cr3_before)}"
+        if cr3_side(self.cr3_after) != cr3_side(self.cr3_before):
+            change += f"->{cr3_side(self.cr3_after)}"
         sig = f"signal {self.signal_before}"
         if self.signal_after != self.signal_before:
             sig += f"->{self.signal_after}"
@@ -168,7 +160,7 @@ class ScoutStop:
         self.seen = s.step
         if self.flipped is None and s.user_tables(self.cpu) == self.want_user:
             self.flipped = s.step
-        return self.flipped is not None and (s.step - self.flipped >= self.after or s.pc < KERNEL_HALF)
+        return self.flipped is not None and (s.step - self.flipped >= self.after or in_user_half(s.pc))
 
     def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
         """Before the switch only a CR3 write can make it hold; after it, the step count
@@ -221,7 +213,7 @@ class Exploration:
                 out.append(
                     p.prefixed(
                         f"{self.window.name}: {r.event} at boundary {r.k} ({r.where} `{r.insn}`, "
-                        f"{_side(r.cr3)} CR3, signal {r.signal}), path {r.path}: "
+                        f"{cr3_side(r.cr3)} CR3, signal {r.signal}), path {r.path}: "
                     )
                 )
         return out
@@ -243,7 +235,7 @@ class Exploration:
         lines = [head, f"{'k':>3} {'where':<36} {'instruction':<32} {'cr3':<6} sig event path verdict"]
         for r in self.runs:
             lines.append(
-                f"{r.k:>3} {r.where:<36.36} {r.insn:<32.32} {_side(r.cr3):<6} {r.signal!s:>3} "
+                f"{r.k:>3} {r.where:<36.36} {r.insn:<32.32} {cr3_side(r.cr3):<6} {r.signal!s:>3} "
                 f"{r.event} {r.path} {r.verdict}{'' if not r.problems else ': ' + r.problems[0].text}"
             )
         for why in self.abandoned:
@@ -369,7 +361,7 @@ class Explorer:
                     self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
                 pc = self._continue(link, window, None)
                 cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
-                if pc in entries and _user(cr3) == window.from_user and self._mode_ok(link, window):
+                if pc in entries and user_cr3(cr3) == window.from_user and self._mode_ok(link, window):
                     return
                 r = link.transact([g.regmap.packet("rsp")])
                 frame = link.transact([f"m{hex_le(r[0]):x},8"])[0]
@@ -380,7 +372,7 @@ class Explorer:
                 )
                 seen = [*seen[-4:], f"{g.symbols.describe(pc)} on {cr3:#x} from {came}"]
                 self._step_over(link, self.cpu, pc)
-                if window.from_user and not _user(cr3):
+                if window.from_user and not user_cr3(cr3):
                     # taken in kernel mode: run to user mode with the entries disarmed, so
                     # that kernel-mode events run at full speed. Stopping at each of them
                     # can livelock the vCPU in kernel mode: every stop lets the guest's
@@ -435,7 +427,7 @@ class Explorer:
             return True
         rsp = hex_le(link.transact([f"Hg{self._thread}", self.guest.regmap.packet("rsp")])[1])
         frame = link.transact([f"m{rsp:x},8"])[0]
-        return not is_error(frame) and int.from_bytes(bytes.fromhex(frame), "little") >= 1 << 63
+        return not is_error(frame) and not in_user_half(int.from_bytes(bytes.fromhex(frame), "little"))
 
     def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
         """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write of an exit
@@ -459,7 +451,7 @@ class Explorer:
                     self._disarm(link, a)
             for _ in range(max_steps):
                 r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet, rip_packet])
-                if hex_le(r[1]) & 3 or not _user(hex_le(r[2])):
+                if hex_le(r[1]) & 3 or not user_cr3(hex_le(r[2])):
                     break
                 self._step_over(link, self.cpu, hex_le(r[3]))
         raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
@@ -515,7 +507,7 @@ class Explorer:
                 last = run.stops[-1].where if run is not None and run.stops else k
                 raise GuestError(
                     f"{window.name} {k}: vCPU {self.cpu} hit no switch site after {last} "
-                    f"({exc}); it is at {sym.describe(pc)} on the {_side(cr3)} CR3, signal {signal}"
+                    f"({exc}); it is at {sym.describe(pc)} on the {cr3_side(cr3)} CR3, signal {signal}"
                 ) from None
             cpu = stopped_cpu(reply)
             if not reply.startswith("T05") or cpu is None:
@@ -605,7 +597,7 @@ class Explorer:
                     delivered = True
                     return_to, return_rsp = ret, ret_rsp
                     found_signal, found_cr3 = signal, cr3  # as the event found them
-                    if ret < 1 << 63:
+                    if in_user_half(ret):
                         run.path = "from user"
                     elif ret != pc_k:
                         run.path = f"latched, taken at {sym.describe(ret)}"
@@ -614,14 +606,15 @@ class Explorer:
                 kind = "paranoid_entry"
                 run.problems += checker.paranoid_entry(self.cpu, signal)  # its exit must put it back
                 if not run.path or depth > 0:
-                    run.path = f"paranoid_entry on the {_side(cr3)} CR3"
+                    run.path = f"paranoid_entry on the {cr3_side(cr3)} CR3"
             elif pc == self.handler:
                 kind = "handler"
-                if _user(cr3) or signal != 1:
+                if user_cr3(cr3) or signal != 1:
                     run.problems.append(
                         Finding(
                             Rule.EVENT_LEFT_STATE,
-                            f"the NMI handler exc_nmi ran on the {_side(cr3)} CR3 with the signal {signal}",
+                            f"the NMI handler exc_nmi ran on the {cr3_side(cr3)} CR3 "
+                            f"with the signal {signal}",
                             cpu=self.cpu,
                             where=where,
                         )
@@ -659,7 +652,7 @@ class Explorer:
                     )
                 if pc not in fixed:
                     self._disarm(link, pc)
-                if pc < 1 << 63 or (window.direction == "exit" and _user(cr3) and pc == pc_k):
+                if in_user_half(pc) or (window.direction == "exit" and user_cr3(cr3) and pc == pc_k):
                     return  # back in user mode, or back past the exit's CR3 write
             elif kind:
                 self._record(run, kind, pc, where, depth, cr3, cr3, signal, signal)
@@ -673,16 +666,16 @@ class Explorer:
             sides.left(self.cpu, cr3_after)
             self._record(run, site.kind, pc, where, depth, cr3, cr3_after, signal, signal_after)
             run.problems += checker.check(Hit(self.cpu, site, cr3, cr3_after, signal, signal_after))
-            if site.kind == "cr3-write" and _user(cr3) and not _user(cr3_after):
+            if site.kind == "cr3-write" and user_cr3(cr3) and not user_cr3(cr3_after):
                 if signal != 1:
                     wrong_kernel_since = where
-            elif site.kind == "cr3-write" and not _user(cr3) and _user(cr3_after):
+            elif site.kind == "cr3-write" and not user_cr3(cr3) and user_cr3(cr3_after):
                 if not paranoid_restore and returned:
                     # an exit to user mode: every frame is unwound (an unexpected event taken
                     # in user mode after ours returned leaves that way too)
                     depth = 0
                     after_return_user_write = True
-                if depth == 1 and return_to is not None and return_to < 1 << 63:
+                if depth == 1 and return_to is not None and in_user_half(return_to):
                     # an event taken in user mode leaves for user mode here (swapgs, iretq
                     # follow; a breakpoint on the user address is not reliable under TCG)
                     if signal_after != found_signal:
@@ -841,7 +834,7 @@ def _explore(
         guest.stop()
         with guest.link() as link:
             for k in boundaries_of(window, store, cr3_write, last, every=every):
-                if scout.snapshots[k].pc < 1 << 63:
+                if in_user_half(scout.snapshots[k].pc):
                     continue  # user mode: not part of the window
                 run = next(
                     (

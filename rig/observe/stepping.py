@@ -57,7 +57,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from rig.errors import GuestError
 from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
-from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
+from rig.machine.x86 import in_user_half, may_leave_kernel_half, may_write_cr3, user_cr3
 from rig.observe.findings import Finding, Rule
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
 
@@ -101,7 +101,7 @@ class Snapshot:
 
     def user_tables(self, cpu: int) -> bool:
         """True if vCPU ``cpu`` has the PTI user page tables loaded at this boundary."""
-        return bool(self.cr3[cpu] & (1 << PTI_USER_PGTABLE_BIT))
+        return user_cr3(self.cr3[cpu])
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -608,7 +608,7 @@ class InUserMode:
     cpu: int
 
     def __call__(self, s: Snapshot) -> bool:
-        return s.rip[self.cpu] < KERNEL_HALF
+        return in_user_half(s.rip[self.cpu])
 
     def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
         """Only the stepping vCPU's rip moves, and only returns, indirect and far transfers

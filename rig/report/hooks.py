@@ -16,13 +16,12 @@ import pytest
 
 from rig.errors import RigError
 from rig.guest import Guest, GuestConfig
-from rig.machine.sites import find_sites
+from rig.machine.sites import SIGNAL, find_sites
 from rig.report.provenance import guest_provenance, planned_provenance, qemu_version
 from rig.report.session import TraceFiles, session_report, write_index, write_traces
 from rig.transport.host import Host
 
-#: The CR3 signal's name (the plugin's SIGNAL); its stores are marked from the kernel's sites.
-SIGNAL = "kernel_cr3_loaded"
+#: The signal stores of each vmlinux seen, by path and mtime (marked on the timelines).
 _STORE_SITES: dict[tuple[Path, int], dict[int, str]] = {}
 
 

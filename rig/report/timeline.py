@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rig.machine.x86 import cr3_side, in_user_half
 from rig.observe.stepping import Snapshot, Trace
 
 #: Boundaries kept at full resolution on each side of a change or marker (at most).
@@ -144,7 +145,7 @@ def locate(violation: Violation, trace: Trace) -> Violation:
 
 
 def _cr3_side(s: Snapshot, cpu: int) -> str:
-    return "user" if s.user_tables(cpu) else "kernel"
+    return cr3_side(s.cr3[cpu])
 
 
 def _cr3_text(s: Snapshot, cpu: int) -> str:
@@ -160,7 +161,7 @@ def _word_text(v: int | None) -> str:
 
 
 def _function(s: Snapshot) -> str:
-    if s.pc < 0x8000_0000_0000_0000:
+    if in_user_half(s.pc):
         return "user"
     if not s.where or s.where.startswith("0x"):
         return "?"
