@@ -61,7 +61,8 @@ from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.transport.console import Console
-from rig.transport.host import Host, LocalHost
+from rig.transport.host import Host
+from rig.transport.local import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
 from rig.transport.rsp import RspLink, frame
 

@@ -31,24 +31,24 @@ from rig.machine.symbols import (
     notes_build_id,
     parse_kallsyms,
     per_cpu_address,
-    vmlinux_problem,
 )
 from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
 from rig.machine.x86 import X86_CR4_LA57, Translation, decode_cr3, user_cr3, walk
 from rig.observe.stepping import Stepper, StopCondition, Trace, Watch
+from rig.protocol import WORKLOAD_MARKER
 from rig.supply.cache import default_cache_dir
-from rig.supply.initramfs import WORKLOAD_MARKER
+from rig.supply.images import is_kernel_image, vmlinux_problem
 from rig.transport.console import Console
 from rig.transport.gdbmi import GdbMi
 from rig.transport.gdbproxy import GdbRelay
-from rig.transport.host import Host, LocalHost, require_program
+from rig.transport.host import Host, require_program
+from rig.transport.local import LocalHost
 from rig.transport.qemu import (
     QemuConfig,
     QemuMachine,
     QemuPlugin,
     check_accel,
     check_cmdline_length,
-    is_kernel_image,
 )
 from rig.transport.rsp import RspLink
 

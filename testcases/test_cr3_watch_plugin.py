@@ -33,7 +33,7 @@ from rig.observe.findings import fail_on
 from rig.observe.pluginwatch import PluginWatch, watch
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.qemuplugin import plugin_qemu
-from rig.transport.host import LocalHost
+from rig.transport.local import LocalHost
 from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU
 
 #: CR3 transitions (side changes) to check across all vCPUs (CR3RIG_WATCH_TRANSITIONS overrides).

@@ -30,7 +30,7 @@ from rig.supply.kernelbuild import build_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.supply.qemuplugin import api_refusal, build_plugin, plugin_header, plugin_support
 from rig.tools.mutants import DEFAULT_FLAVOR, MUTANTS_DIR
-from rig.transport.host import LocalHost
+from rig.transport.local import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine, QemuPlugin
 
 #: The mutant the plugin must catch: its SYSRET exit loads the user CR3 with the signal still 1.

@@ -30,7 +30,7 @@ from rig.machine.vcpu import stopped_cpu
 from rig.observe.exploration import quiet_console
 from rig.observe.transitions import TransitionChecker
 from rig.observe.watching import Watcher, WatchResult
-from rig.supply.initramfs import SELFTESTS_DIR
+from rig.protocol import SELFTESTS_DIR
 from rig.transport.rsp import RspLink
 
 #: Printed by the wrapper once the selftest has exited: ``… <name> <status>``.

@@ -63,23 +63,6 @@ class QemuConfig:
     plugin: QemuPlugin | None = None
 
 
-def is_kernel_image(path: Path) -> str | None:
-    """None if ``path`` looks like an x86 bzImage or an ELF vmlinux, else why not."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(0x210)
-    except OSError as exc:
-        return f"cannot read it ({exc.strerror})"
-    if head[:4] == b"\x7fELF":
-        from rig.machine.symbols import x86_64_elf_problem
-
-        why = x86_64_elf_problem(path)
-        return None if why is None else f"it is {why}"
-    if len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
-        return None
-    return "it is neither a bzImage (no 'HdrS' boot header) nor an ELF vmlinux"
-
-
 class QemuMachine:
     """One QEMU process. Use :meth:`start`, then :meth:`close` (or ``with``)."""
 

@@ -57,6 +57,8 @@ from paramiko.message import Message
 
 from rig.errors import ConfigError, GuestError
 from rig.transport.host import Host, HostProcess, remove_tree
+from rig.transport.kvmprobe import kvm_problem
+from rig.transport.local import LocalHost
 
 #: Seconds to wait for the TCP connection, the SSH banner and authentication.
 CONNECT_TIMEOUT = 10.0
@@ -858,8 +860,6 @@ class SshHost(Host):
         remove_tree(local)
 
     def kvm_usable(self, qemu: str = "qemu-system-x86_64") -> str | None:
-        from rig.transport.kvmprobe import kvm_problem
-
         return kvm_problem(self, qemu)
 
     def summary(self) -> str | None:
@@ -887,8 +887,6 @@ class SshHost(Host):
 
 def open_host(spec: str, *, identity: Path | None = None, known_hosts: Path | None = None) -> Host:
     """The host ``--host`` names: ``local`` or ``ssh://[user@]box[:port]``."""
-    from rig.transport.host import LocalHost
-
     if spec in ("", "local"):
         if identity is not None or known_hosts is not None:
             raise ConfigError("--ssh-identity/--ssh-known-hosts need --host ssh://[user@]box[:port]")
