@@ -22,6 +22,8 @@ from pathlib import Path
 
 from rig.errors import ConfigError, GdbError, GuestError, RigError
 from rig.machine.disasm import disassemble
+from rig.machine.stepper import Stepper
+from rig.machine.stops import StopCondition
 from rig.machine.symbols import (
     Symbol,
     SymbolTable,
@@ -32,9 +34,9 @@ from rig.machine.symbols import (
     parse_kallsyms,
     per_cpu_address,
 )
+from rig.machine.trace import Trace, WatchedWord
 from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, read_physical, thread_id
 from rig.machine.x86 import X86_CR4_LA57, Translation, decode_cr3, user_cr3, walk
-from rig.observe.stepping import Stepper, StopCondition, Trace, Watch
 from rig.protocol import WORKLOAD_MARKER
 from rig.supply.cache import default_cache_dir
 from rig.supply.images import is_kernel_image, vmlinux_problem
@@ -577,7 +579,7 @@ class Guest:
         self,
         cpu: int,
         *,
-        watches: tuple[Watch, ...] | list[Watch] = (),
+        words: tuple[WatchedWord, ...] | list[WatchedWord] = (),
         max_steps: int,
         stop: StopCondition | None = None,
     ) -> Trace:
@@ -588,7 +590,7 @@ class Guest:
         """
         if self.running:
             raise GuestError("stop the guest (e.g. with break_on) before stepping")
-        stepper = Stepper(self.regmap, self.config.smp, cpu, watches)
+        stepper = Stepper(self.regmap, self.config.smp, cpu, words)
         with self.link() as link:
             trace = stepper.run(link, max_steps=max_steps, stop=stop)
         self.traces.append(trace)

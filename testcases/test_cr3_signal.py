@@ -21,9 +21,12 @@ import pytest
 
 from rig.guest import Guest
 from rig.machine.sites import SIGNAL, find_sites, unreachable_reason
+from rig.machine.stops import AnyOf, Spinning, StopCondition, in_user_mode
 from rig.machine.storepaths import store_paths
+from rig.machine.trace import Trace, WatchedWord
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import (
+    frozen_violations,
     gs_symbol,
     memory_operands,
     signal_problems,
@@ -32,7 +35,6 @@ from rig.observe.checks import (
     window_findings,
 )
 from rig.observe.findings import Finding, Rule, fail_on
-from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 from testcases.conftest import INTERRUPT_ENTRIES
 
@@ -42,8 +44,8 @@ def observer_of(guest: Guest, cpu: int) -> int:
 
 
 def step_watching(guest: Guest, cpu: int, max_steps: int, stop: StopCondition) -> Trace:
-    watch = Watch(SIGNAL, guest.per_cpu(SIGNAL, cpu), 4)
-    return guest.step(cpu, watches=[watch], max_steps=max_steps, stop=stop)
+    word = WatchedWord(SIGNAL, guest.per_cpu(SIGNAL, cpu), 4)
+    return guest.step(cpu, words=[word], max_steps=max_steps, stop=stop)
 
 
 def judge(guest: Guest, trace: Trace, *, complete: bool = True) -> list[Finding]:
@@ -53,7 +55,7 @@ def judge(guest: Guest, trace: Trace, *, complete: bool = True) -> list[Finding]
     obs = observer_of(guest, trace.cpu)
     findings = signal_problems(trace, obs, SIGNAL, complete=complete)
     findings += window_findings(trace, obs, SIGNAL, gs_symbol(guest.symbols))
-    return findings + trace.frozen_violations()
+    return findings + frozen_violations(trace)
 
 
 def check(guest: Guest, trace: Trace, *, round_trip: bool) -> None:

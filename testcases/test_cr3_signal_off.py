@@ -15,10 +15,12 @@ import pytest
 
 from rig.guest import Guest
 from rig.machine.sites import SIGNAL
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import WatchedWord
+from rig.observe.checks import frozen_violations
 from rig.observe.coverage import SiteCoverage
 from rig.observe.findings import Finding, Rule, fail_on
 from rig.observe.offwatch import watch_off
-from rig.observe.stepping import Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 
 #: The two ways the signal is off: the gate (no isolation), and PTI (isolation on).
@@ -78,8 +80,8 @@ def test_signal_stays_1_over_a_stepped_path(
     cpu = g.config.isolated
     g.start_workload(workload, cpu)
     g.break_on(g.symbols.address(STEPPED[workload]), cpu)
-    watches = [Watch(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
-    trace = g.step(cpu, watches=watches, max_steps=20000, stop=in_user_mode(cpu))
+    words = [WatchedWord(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
+    trace = g.step(cpu, words=words, max_steps=20000, stop=in_user_mode(cpu))
     assert trace.stopped_because == "condition", f"did not get back to user mode: {trace.stopped_because}"
     findings = [
         Finding(
@@ -90,12 +92,12 @@ def test_signal_stays_1_over_a_stepped_path(
             s.where,
         )
         for s in trace.snapshots
-        for n, w in enumerate(watches)
+        for n, w in enumerate(words)
         for r in range(g.config.smp)
         if s.words[w.name][r] != 1
     ]
     fail_on(
-        findings + trace.frozen_violations(),
+        findings + frozen_violations(trace),
         f"{off}: {workload} from {STEPPED[workload]}, {len(trace.snapshots)} boundaries",
     )
 

@@ -25,13 +25,14 @@ import re
 import pytest
 
 from rig.guest import Guest
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import Trace
 from rig.machine.x86 import (
     PTI_USER_PCID_MASK,
     PTI_USER_PGTABLE_MASK,
     X86_CR3_PCID_NOFLUSH,
     X86_CR4_PCIDE,
 )
-from rig.observe.stepping import Trace, in_user_mode
 
 NOFLUSH = X86_CR3_PCID_NOFLUSH
 USER_PCID = PTI_USER_PCID_MASK

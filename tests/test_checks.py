@@ -8,6 +8,7 @@ import pytest
 
 from rig.errors import GuestError
 from rig.machine.sites import SIGNAL
+from rig.machine.trace import Snapshot, Trace
 from rig.observe.checks import (
     allowed_scratch,
     decodable,
@@ -16,7 +17,6 @@ from rig.observe.checks import (
     window_findings,
 )
 from rig.observe.findings import FailureKind, Finding, FindingsFailure, Rule, fail_on, failure_kind
-from rig.observe.stepping import Snapshot, Trace
 
 KERNEL = 0x2000000
 USER = KERNEL | (1 << 12)

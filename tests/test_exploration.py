@@ -10,9 +10,9 @@ import pytest
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
+from rig.machine.trace import Snapshot, Trace
 from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, ScoutStop, Window, explore
 from rig.observe.findings import Rule, render
-from rig.observe.stepping import Snapshot, Trace
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rig.machine.sites import SIGNAL
-from rig.observe.stepping import Snapshot, Trace
+from rig.machine.trace import Snapshot, Trace
 from rig.report.provenance import FIELDS
 from rig.report.session import (
     SessionReport,

@@ -40,13 +40,13 @@ from typing import Any, Literal
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site, entry_disassembly
+from rig.machine.stepper import Stepper, step_over
 from rig.machine.storepaths import Instruction, parse_instructions
+from rig.machine.trace import Snapshot, Trace, WatchedWord
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import cr3_side, in_user_half, may_leave_kernel_half, may_write_cr3, user_cr3
-from rig.observe.checks import gs_symbol, signal_problems, window_findings
+from rig.observe.checks import frozen_violations, gs_symbol, signal_problems, window_findings
 from rig.observe.findings import Finding, Rule
-from rig.observe.runcontrol import step_over
-from rig.observe.stepping import Snapshot, Stepper, Trace, Watch
 from rig.observe.transitions import PARANOID_RESTORE_FUNCTIONS, CR3Sides, Hit, TransitionChecker
 from rig.transport.rsp import RspLink, hex_le, is_error
 
@@ -141,7 +141,7 @@ class BoundaryRun:
 
 @dataclass
 class ScoutStop:
-    """A scout's stop condition (a :class:`~rig.observe.stepping.ForeseeingStop`): holds
+    """A scout's stop condition (a :class:`~rig.machine.stops.ForeseeingStop`): holds
     ``after`` boundaries past the first one on the wanted CR3 side (user tables if
     ``want_user``), or at a user-mode boundary once there.
 
@@ -291,15 +291,15 @@ class Explorer:
         with self.guest.link() as link:
             self.arrive_on_link(link, window)
 
-    def _watch(self) -> Watch:
-        return Watch(self.signal, self.signal_address, 4)
+    def _word(self) -> WatchedWord:
+        return WatchedWord(self.signal, self.signal_address, 4)
 
     def scout(self, window: Window) -> tuple[Trace, int, int]:
         """Step the window's path once; return (trace, store index, CR3-write index)."""
         want_user = window.direction == "exit"
         stop = ScoutStop(self.cpu, want_user, window.after)
         self._arrive(window)
-        trace = self.guest.step(self.cpu, watches=[self._watch()], max_steps=window.scout_steps, stop=stop)
+        trace = self.guest.step(self.cpu, words=[self._word()], max_steps=window.scout_steps, stop=stop)
         snaps = trace.snapshots
         flip = next((i for i in range(1, len(snaps)) if snaps[i].user_tables(self.cpu) == want_user), None)
         if flip is None:
@@ -467,7 +467,7 @@ class Explorer:
         """
         t0 = time.monotonic()
         self.arrive_on_link(link, window, at=start)
-        stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._watch()])
+        stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._word()])
         stepped = stepper.run(link, max_steps=k).snapshots
         at = stepped[-1]
         # paranoid entries the window's own path took before k: their exits must put back
@@ -823,7 +823,7 @@ def _explore(
         # the scout is a stepped trace: held to the stepped rules, the store-to-write rule too
         problems = signal_problems(scout, ex.observer, signal, complete=False)
         problems += window_findings(scout, ex.observer, signal, gs_symbol(guest.symbols))
-        problems += scout.frozen_violations()
+        problems += frozen_violations(scout)
         if problems:
             result.runs.append(
                 BoundaryRun(

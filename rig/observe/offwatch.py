@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.machine.stepper import step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.observe.exploration import quiet_console
 from rig.observe.findings import Finding, Rule
-from rig.observe.runcontrol import step_over
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 __all__ = ["EVENTS", "EVENT_ENTRIES", "OffResult", "OffWatcher", "watch_off"]

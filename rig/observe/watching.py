@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.machine.stepper import step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import user_cr3
 from rig.observe.exploration import NMI_CPU, quiet_console
 from rig.observe.findings import Finding, Rule
-from rig.observe.runcontrol import step_over
 from rig.observe.transitions import CR3Sides, Hit, TransitionChecker, agreed_signal
 from rig.transport.rsp import RspLink, hex_le, is_error
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from rig.observe.stepping import Trace
+from rig.machine.trace import Trace
 from rig.report.timeline import Violation, locate, write_timeline
 
 #: Name of the report in the results directory.

@@ -9,7 +9,7 @@ x is the instruction boundary (the step). Lanes, top to bottom:
 Markers: CR3 writes; stores to a watched word (an instruction at a known store site,
 e.g. the kernel's signal stores from :mod:`rig.machine.sites`, or whose destination
 names the word; and any change of a word's value); entries into an exception or
-interrupt vector; the trace's own :class:`~rig.observe.stepping.Mark` s (kind
+interrupt vector; the trace's own :class:`~rig.machine.trace.Mark` s (kind
 ``"event"``, e.g. "NMI injected", draws as an event); and the first violation with its
 message (``step N`` or ``at steps [N, ...]``). Hovering a column shows its step,
 ``symbol+offset``, the instruction about to execute and every vCPU's CR3 (SVG ``<title>``).
@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rig.machine.trace import Snapshot, Trace
 from rig.machine.x86 import cr3_side, in_user_half
-from rig.observe.stepping import Snapshot, Trace
 
 #: Boundaries kept at full resolution on each side of a change or marker (at most).
 WINDOW = 12
