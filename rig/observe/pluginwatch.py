@@ -44,7 +44,6 @@ from rig.guest import Guest
 from rig.machine.sites import Site, find_sites
 from rig.machine.symbols import SymbolTable, elf_symbols
 from rig.machine.x86 import X86_CR3_PCID_NOFLUSH
-from rig.observe.exploration import quiet_console
 from rig.observe.findings import Finding, Rule
 from rig.observe.transitions import CR3Sides, Hit, TransitionChecker
 from rig.observe.watching import MAX_PROBLEMS, SiteTally, WatchResult
@@ -351,6 +350,6 @@ def watch(
     meanwhile; the guest runs on afterwards, the plugin no longer recording.
     """
     watcher = PluginWatcher(guest, plugin_watch)
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         guest.resume()
         return watcher.run(transitions, nmi_every=nmi_every, max_seconds=max_seconds, min_per_cpu=min_per_cpu)

@@ -42,9 +42,9 @@ from rig.machine.sites import Site
 from rig.machine.stepper import step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import user_cr3
-from rig.observe.exploration import NMI_CPU, quiet_console
 from rig.observe.findings import Finding, Rule
 from rig.observe.transitions import CR3Sides, Hit, TransitionChecker, agreed_signal
+from rig.transport.qemu import NMI_CPU
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Seconds one ``vCont;c`` may run without any vCPU hitting a switch site.
@@ -326,7 +326,7 @@ def watch(
     The workloads must already run. Kernel messages are kept off the serial console
     meanwhile; every breakpoint is removed again and the guest runs on afterwards.
     """
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         guest.stop()
         with guest.link() as link:
             result = Watcher(guest, sites, signal=signal).run(

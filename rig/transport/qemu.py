@@ -25,6 +25,9 @@ from rig.transport.kvmprobe import (
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
+#: The vCPU an NMI injected through QMP (:meth:`QemuMachine.inject_nmi`) is taken on: vCPU 0
+#: only (LINT1 is masked on the APs).
+NMI_CPU = 0
 
 
 @dataclass(frozen=True)
