@@ -230,10 +230,33 @@ def test_signal_reads_the_same_through_every_view(signal_guest: Guest) -> None:
     obs = observer_of(g, cpu)
     g.start_workload("syscall-loop", cpu)
     trace = from_user(g, cpu, "entry_SYSCALL_64", 20000, in_user_mode(cpu))
-    unreadable = [s.step for s in trace.snapshots if s.words[SIGNAL][cpu] is None]
-    assert not unreadable, f"vCPU {cpu} cannot read {SIGNAL} at steps {unreadable[:10]} (not mapped?)"
-    differ = [s.step for s in trace.snapshots if s.words[SIGNAL][cpu] != s.words[SIGNAL][obs]]
-    assert not differ, f"the two vCPUs read different values at steps {differ[:10]}"
+    fail_on(
+        [
+            Finding(
+                Rule.SIGNAL_UNREADABLE,
+                f"step {s.step} at {s.where}: vCPU {cpu} cannot read {SIGNAL} (not mapped?)",
+                s.step,
+                cpu,
+                s.where,
+            )
+            for s in trace.snapshots
+            if s.words[SIGNAL][cpu] is None
+        ]
+    )
+    fail_on(
+        [
+            Finding(
+                Rule.VIEWS_DISAGREE,
+                f"step {s.step} at {s.where}: vCPU {cpu} reads {s.words[SIGNAL][cpu]}, "
+                f"vCPU {obs} reads {s.words[SIGNAL][obs]}",
+                s.step,
+                cpu,
+                s.where,
+            )
+            for s in trace.snapshots
+            if s.words[SIGNAL][cpu] != s.words[SIGNAL][obs]
+        ]
+    )
     for n in range(g.config.smp):
         addr = g.per_cpu(SIGNAL, n)
         t = g.translate(addr, user_tables=False)

@@ -33,6 +33,7 @@ from rig.machine.x86 import (
     X86_CR3_PCID_NOFLUSH,
     X86_CR4_PCIDE,
 )
+from rig.observe.findings import Finding, Rule, fail_on
 
 NOFLUSH = X86_CR3_PCID_NOFLUSH
 USER_PCID = PTI_USER_PCID_MASK
@@ -100,8 +101,9 @@ def test_user_cr3_carries_the_user_pcid_bit(pcid_guest: Guest) -> None:
         cr3 = s.cr3[cpu]
         asids.add(cr3 & ASID_MASK)
         if bool(cr3 & USER_PGTABLE) != bool(cr3 & USER_PCID):
-            problems.append(f"step {s.step} at {s.where}: CR3 {cr3:#x} has bit 12 and bit 11 disagreeing")
-    assert not problems, "\n".join(problems[:10])
+            text = f"step {s.step} at {s.where}: CR3 {cr3:#x} has bit 12 and bit 11 disagreeing"
+            problems.append(Finding(Rule.CR3_SWITCH, text, s.step, cpu, s.where))
+    fail_on(problems)
     assert len(asids) == 1, f"the ASID (bits 0-10) changed over one syscall: {sorted(asids)}"
 
 

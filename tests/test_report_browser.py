@@ -31,6 +31,7 @@ pytestmark = pytest.mark.boots
 STAGED = """
 from rig.machine.stops import on_kernel_tables
 from rig.machine.trace import WatchedWord
+from rig.observe.findings import Finding, Rule, fail_on
 
 
 def test_fails_at_the_first_kernel_cr3_boundary(guest):
@@ -44,7 +45,8 @@ def test_fails_at_the_first_kernel_cr3_boundary(guest):
             break
         guest.traces.pop()
     first_kernel = trace.snapshots[-1].step
-    raise AssertionError(f"step {first_kernel}: deliberate failure at the first kernel-CR3 boundary")
+    text = "deliberate failure at the first kernel-CR3 boundary"
+    fail_on([Finding(Rule.CR3_SWITCH, text, first_kernel, cpu)])
 
 
 def test_passes_without_a_guest():

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rig.machine.disasm import MOV_TO_CR3
 from rig.machine.sites import SIGNAL
 from rig.machine.storepaths import StorePath
 from rig.machine.symbols import SymbolTable
@@ -17,9 +18,6 @@ from rig.observe.findings import Finding, Rule
 #: Most boundaries allowed between a signal store and the CR3 write it precedes
 #: (NOTE_CR3_SWITCH sits immediately before the switch; the SGDT idiom adds a few).
 MAX_STORE_TO_CR3_WINDOW = 8
-
-#: AT&T text of a write to CR3 (``mov %reg,%cr3``).
-MOV_TO_CR3 = re.compile(r"^mov\s+%\w+,%cr3$")
 
 
 def frozen_violations(trace: Trace) -> list[Finding]:
