@@ -19,8 +19,9 @@ from rig.machine.stops import in_user_mode
 from rig.machine.trace import WatchedWord
 from rig.observe.checks import frozen_violations
 from rig.observe.coverage import SiteCoverage
-from rig.observe.findings import Finding, Rule, fail_on
+from rig.observe.findings import Finding, Rule, SkipKind, fail_on
 from rig.observe.offwatch import watch_off
+from rig.pytestplugin.caseoptions import note_skip
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
 
 #: The two ways the signal is off: the gate (no isolation), and PTI (isolation on).
@@ -55,8 +56,9 @@ PHASES = (
 )
 
 
-def off_guest(guest: Guest, rig_settings: RigSettings, off: str) -> Guest:
+def off_guest(guest: Guest, rig_settings: RigSettings, off: str, node: pytest.Item) -> Guest:
     if SIGNAL not in guest.symbols:
+        note_skip(node, SkipKind.NO_SIGNAL)
         missing_on_reference(
             rig_settings,
             f"{SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch)",
@@ -74,9 +76,9 @@ def off_guest(guest: Guest, rig_settings: RigSettings, off: str) -> Guest:
 @pytest.mark.parametrize("off", OFF)
 @pytest.mark.parametrize("workload", list(STEPPED))
 def test_signal_stays_1_over_a_stepped_path(
-    guest: Guest, rig_settings: RigSettings, off: str, workload: str
+    guest: Guest, rig_settings: RigSettings, off: str, workload: str, request: pytest.FixtureRequest
 ) -> None:
-    g = off_guest(guest, rig_settings, off)
+    g = off_guest(guest, rig_settings, off, request.node)
     cpu = g.config.isolated
     g.start_workload(workload, cpu)
     g.break_on(g.symbols.address(STEPPED[workload]), cpu)
@@ -109,8 +111,9 @@ def test_signal_stays_1_through_events(
     site_coverage: SiteCoverage | None,
     exploration_report: list[str],
     off: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    g = off_guest(guest, rig_settings, off)
+    g = off_guest(guest, rig_settings, off, request.node)
     if site_coverage is None or not site_coverage.sites:
         missing_on_reference(
             rig_settings, "a list of CR3 switch sites", "needs the kernel's vmlinux (--vmlinux)"

@@ -33,7 +33,8 @@ from rig.machine.x86 import (
     X86_CR3_PCID_NOFLUSH,
     X86_CR4_PCIDE,
 )
-from rig.observe.findings import Finding, Rule, fail_on
+from rig.observe.findings import Finding, Rule, SkipKind, fail_on
+from rig.pytestplugin.caseoptions import skip
 
 NOFLUSH = X86_CR3_PCID_NOFLUSH
 USER_PCID = PTI_USER_PCID_MASK
@@ -51,16 +52,18 @@ FLUSH_EXITS = 12
 
 
 @pytest.fixture
-def pcid_guest(pti_guest: Guest) -> Guest:
+def pcid_guest(pti_guest: Guest, request: pytest.FixtureRequest) -> Guest:
     """The PTI guest with PCID on, or a skip saying the PCID sites are not covered."""
     cpu = pti_guest.config.isolated
     with pti_guest.stopped(), pti_guest.link() as link:
         cr4 = pti_guest.vcpu(cpu).registers(link, ("cr4",)).get("cr4", 0)
     if not cr4 & X86_CR4_PCIDE:
-        pytest.skip(
+        skip(
+            request.node,
+            SkipKind.PCID_OFF,
             f"NOT COVERED: PCID is off in this guest (CR4.PCIDE=0, accel={pti_guest.config.accel}; TCG has "
             "no PCID), so the PCID CR3 sites (user-PCID bit 11, NOFLUSH, user_pcid_flush_mask) are not "
-            "tested by this run; run with --accel kvm on a VT-x/AMD-V host"
+            "tested by this run; run with --accel kvm on a VT-x/AMD-V host",
         )
     return pti_guest
 
