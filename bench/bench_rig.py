@@ -19,7 +19,7 @@
    (the ``ssh-step`` goal is on this one; the condition foresees most instructions, and
    the round trips a step are printed); and with an opaque condition (two round trips
    a step).
-4. Watch mode, on one guest booted with QEMU >= 9.2 (default: bookworm-backports' 10.0)
+4. WatchedWord mode, on one guest booted with QEMU >= 9.2 (default: bookworm-backports' 10.0)
    and the watch plugin: CR3 transitions checked per second by plugin watching
    (rig.observe.pluginwatch: a TCG plugin reads every CR3 write and signal store inside
    QEMU, the guest never stops) against those checked by full stepping (the Stepper,
@@ -50,18 +50,22 @@ from pathlib import Path
 from typing import Any
 
 from rig.guest import Guest, GuestConfig
-from rig.machine.sites import find_sites
+from rig.machine.sites import SIGNAL, find_sites
+from rig.machine.stepper import Stepper
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import WatchedWord
 from rig.machine.vcpu import thread_id
+from rig.observe.checks import frozen_violations
 from rig.observe.pluginwatch import PluginWatch
 from rig.observe.pluginwatch import watch as plugin_watch
-from rig.observe.stepping import Stepper, Watch, in_user_mode
 from rig.observe.watching import watch
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.transport.console import Console
-from rig.transport.host import Host, LocalHost
+from rig.transport.host import Host
+from rig.transport.local import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
 from rig.transport.rsp import RspLink, frame
 
@@ -142,7 +146,7 @@ def checked_step_rate(g: Guest, steps: int, *, stop: str = "none") -> tuple[floa
     step: the reads that decide, then the step).
     """
     cpu = g.config.isolated
-    w = Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
+    w = WatchedWord("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     condition = {"none": None, "in-user-mode": in_user_mode(cpu), "opaque": _never}[stop]
     done = ahead = 0
     elapsed = 0.0
@@ -150,7 +154,7 @@ def checked_step_rate(g: Guest, steps: int, *, stop: str = "none") -> tuple[floa
         if done:
             rebreak(g)
         t0 = time.monotonic()
-        trace = g.step(cpu, watches=[w], max_steps=steps - done, stop=condition)
+        trace = g.step(cpu, words=[w], max_steps=steps - done, stop=condition)
         elapsed += time.monotonic() - t0
         g.traces.clear()
         if stop != "in-user-mode" and len(trace.snapshots) != steps + 1:
@@ -193,9 +197,9 @@ def step_rates(g: Guest, steps: int, block: int) -> dict[str, float]:
     """
     cpu = g.config.isolated
     watch = (
-        Watch(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)
+        WatchedWord(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)
         if SIGNAL in g.symbols
-        else Watch("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
+        else WatchedWord("tss_sp0", g.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     )
     stepper = Stepper(g.regmap, g.config.smp, cpu, [watch])
     seconds = {"raw": 0.0, "stepper": 0.0, "stepper-stop": 0.0}
@@ -209,7 +213,7 @@ def step_rates(g: Guest, steps: int, block: int) -> dict[str, float]:
             t0 = time.monotonic()
             trace = stepper.run(link, max_steps=n, stop=_never if kind == "stepper-stop" else None)
             dt = time.monotonic() - t0
-            moved = trace.frozen_violations()
+            moved = frozen_violations(trace)
             if moved or len(trace.snapshots) != n + 1:
                 got = len(trace.snapshots)
                 raise RuntimeError(f"the Stepper's trace is wrong: {moved[:3]}, {got} boundaries")
@@ -230,14 +234,11 @@ def step_rates(g: Guest, steps: int, block: int) -> dict[str, float]:
     return out
 
 
-SIGNAL = "kernel_cr3_loaded"
-
-
 def stepped_transition_rate(g: Guest, steps: int) -> tuple[float, int]:
     """CR3 side changes per second of the isolated vCPU under the Stepper (every boundary
     checked: rip and CR3 of every vCPU, the signal through every vCPU); (rate, count)."""
     cpu = g.config.isolated
-    stepper = Stepper(g.regmap, g.config.smp, cpu, [Watch(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)])
+    stepper = Stepper(g.regmap, g.config.smp, cpu, [WatchedWord(SIGNAL, g.per_cpu(SIGNAL, cpu), 4)])
     with g.link() as link:
         t0 = time.monotonic()
         trace = stepper.run(link, max_steps=steps)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.coverage import SiteCoverage
+from rig.observe.findings import SkipKind
+from rig.pytestplugin.caseoptions import note_skip
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-
-#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
-SIGNAL = "kernel_cr3_loaded"
 
 #: Interrupt entries a CPU spinning in user mode takes: its tick, and the IPIs a wake-up
 #: of a task pinned to it sends.
@@ -23,10 +22,11 @@ INTERRUPT_ENTRIES = (
 
 
 @pytest.fixture
-def signal_guest(pti_guest: Guest, rig_settings: RigSettings) -> Guest:
+def signal_guest(pti_guest: Guest, rig_settings: RigSettings, request: pytest.FixtureRequest) -> Guest:
     """The PTI guest, or a skip saying the kernel lacks the signal (an error on a
     reference kernel: it is built with the signal)."""
     if SIGNAL not in pti_guest.symbols:
+        note_skip(request.node, SkipKind.NO_SIGNAL)
         missing_on_reference(
             rig_settings,
             f"kernel {pti_guest.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch); "

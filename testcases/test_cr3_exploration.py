@@ -17,11 +17,14 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
 from rig.observe.coverage import SiteCoverage
-from rig.observe.exploration import NMI_CPU, Window, explore
+from rig.observe.exploration import explore
 from rig.observe.findings import fail_on
+from rig.observe.windows import Window
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
+from rig.transport.qemu import NMI_CPU
+from testcases.conftest import INTERRUPT_ENTRIES
 
 WINDOWS = (
     Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry"),

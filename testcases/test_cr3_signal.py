@@ -20,10 +20,13 @@ from collections.abc import Callable
 import pytest
 
 from rig.guest import Guest
-from rig.machine.sites import find_sites, unreachable_reason
+from rig.machine.sites import SIGNAL, find_sites, unreachable_reason
+from rig.machine.stops import AnyOf, Spinning, StopCondition, in_user_mode
 from rig.machine.storepaths import store_paths
+from rig.machine.trace import Trace, WatchedWord
 from rig.machine.vcpu import read_physical
 from rig.observe.checks import (
+    frozen_violations,
     gs_symbol,
     memory_operands,
     signal_problems,
@@ -31,11 +34,10 @@ from rig.observe.checks import (
     store_windows,
     window_findings,
 )
-from rig.observe.exploration import NMI_CPU, quiet_console
 from rig.observe.findings import Finding, Rule, fail_on
-from rig.observe.stepping import AnyOf, Spinning, StopCondition, Trace, Watch, in_user_mode
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import INTERRUPT_ENTRIES, SIGNAL
+from rig.transport.qemu import NMI_CPU
+from testcases.conftest import INTERRUPT_ENTRIES
 
 
 def observer_of(guest: Guest, cpu: int) -> int:
@@ -43,8 +45,8 @@ def observer_of(guest: Guest, cpu: int) -> int:
 
 
 def step_watching(guest: Guest, cpu: int, max_steps: int, stop: StopCondition) -> Trace:
-    watch = Watch(SIGNAL, guest.per_cpu(SIGNAL, cpu), 4)
-    return guest.step(cpu, watches=[watch], max_steps=max_steps, stop=stop)
+    word = WatchedWord(SIGNAL, guest.per_cpu(SIGNAL, cpu), 4)
+    return guest.step(cpu, words=[word], max_steps=max_steps, stop=stop)
 
 
 def judge(guest: Guest, trace: Trace, *, complete: bool = True) -> list[Finding]:
@@ -54,7 +56,7 @@ def judge(guest: Guest, trace: Trace, *, complete: bool = True) -> list[Finding]
     obs = observer_of(guest, trace.cpu)
     findings = signal_problems(trace, obs, SIGNAL, complete=complete)
     findings += window_findings(trace, obs, SIGNAL, gs_symbol(guest.symbols))
-    return findings + trace.frozen_violations()
+    return findings + frozen_violations(trace)
 
 
 def check(guest: Guest, trace: Trace, *, round_trip: bool) -> None:
@@ -229,10 +231,33 @@ def test_signal_reads_the_same_through_every_view(signal_guest: Guest) -> None:
     obs = observer_of(g, cpu)
     g.start_workload("syscall-loop", cpu)
     trace = from_user(g, cpu, "entry_SYSCALL_64", 20000, in_user_mode(cpu))
-    unreadable = [s.step for s in trace.snapshots if s.words[SIGNAL][cpu] is None]
-    assert not unreadable, f"vCPU {cpu} cannot read {SIGNAL} at steps {unreadable[:10]} (not mapped?)"
-    differ = [s.step for s in trace.snapshots if s.words[SIGNAL][cpu] != s.words[SIGNAL][obs]]
-    assert not differ, f"the two vCPUs read different values at steps {differ[:10]}"
+    fail_on(
+        [
+            Finding(
+                Rule.SIGNAL_UNREADABLE,
+                f"step {s.step} at {s.where}: vCPU {cpu} cannot read {SIGNAL} (not mapped?)",
+                s.step,
+                cpu,
+                s.where,
+            )
+            for s in trace.snapshots
+            if s.words[SIGNAL][cpu] is None
+        ]
+    )
+    fail_on(
+        [
+            Finding(
+                Rule.VIEWS_DISAGREE,
+                f"step {s.step} at {s.where}: vCPU {cpu} reads {s.words[SIGNAL][cpu]}, "
+                f"vCPU {obs} reads {s.words[SIGNAL][obs]}",
+                s.step,
+                cpu,
+                s.where,
+            )
+            for s in trace.snapshots
+            if s.words[SIGNAL][cpu] != s.words[SIGNAL][obs]
+        ]
+    )
     for n in range(g.config.smp):
         addr = g.per_cpu(SIGNAL, n)
         t = g.translate(addr, user_tables=False)
@@ -335,7 +360,7 @@ def test_signal_over_an_nmi_in_kernel_mode(signal_guest: Guest) -> None:
     g.start_workload("syscall-loop", cpu)
     entry = g.symbols.address("entry_SYSCALL_64")
     handler = g.symbols.address("exc_nmi")
-    with quiet_console(g):
+    with g.userspace.quiet_console():
         g.break_on(entry, cpu)
         g.machine.inject_nmi()  # pending while stopped: taken at this boundary on the next continue
         g.break_on(g.symbols.address("asm_exc_nmi"), cpu)

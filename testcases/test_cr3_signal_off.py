@@ -14,12 +14,15 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import WatchedWord
+from rig.observe.checks import frozen_violations
 from rig.observe.coverage import SiteCoverage
-from rig.observe.findings import Finding, Rule, fail_on
+from rig.observe.findings import Finding, Rule, SkipKind, fail_on
 from rig.observe.offwatch import watch_off
-from rig.observe.stepping import Watch, in_user_mode
+from rig.pytestplugin.caseoptions import note_skip
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference
-from testcases.conftest import SIGNAL
 
 #: The two ways the signal is off: the gate (no isolation), and PTI (isolation on).
 OFF = [
@@ -53,8 +56,9 @@ PHASES = (
 )
 
 
-def off_guest(guest: Guest, rig_settings: RigSettings, off: str) -> Guest:
+def off_guest(guest: Guest, rig_settings: RigSettings, off: str, node: pytest.Item) -> Guest:
     if SIGNAL not in guest.symbols:
+        note_skip(node, SkipKind.NO_SIGNAL)
         missing_on_reference(
             rig_settings,
             f"kernel {guest.release} lacks {SIGNAL} (CONFIG_TRACK_CR3, the CR3-signal patch); "
@@ -72,14 +76,14 @@ def off_guest(guest: Guest, rig_settings: RigSettings, off: str) -> Guest:
 @pytest.mark.parametrize("off", OFF)
 @pytest.mark.parametrize("workload", list(STEPPED))
 def test_signal_stays_1_over_a_stepped_path(
-    guest: Guest, rig_settings: RigSettings, off: str, workload: str
+    guest: Guest, rig_settings: RigSettings, off: str, workload: str, request: pytest.FixtureRequest
 ) -> None:
-    g = off_guest(guest, rig_settings, off)
+    g = off_guest(guest, rig_settings, off, request.node)
     cpu = g.config.isolated
     g.start_workload(workload, cpu)
     g.break_on(g.symbols.address(STEPPED[workload]), cpu)
-    watches = [Watch(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
-    trace = g.step(cpu, watches=watches, max_steps=20000, stop=in_user_mode(cpu))
+    words = [WatchedWord(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
+    trace = g.step(cpu, words=words, max_steps=20000, stop=in_user_mode(cpu))
     assert trace.stopped_because == "condition", f"did not get back to user mode: {trace.stopped_because}"
     findings = [
         Finding(
@@ -90,12 +94,12 @@ def test_signal_stays_1_over_a_stepped_path(
             s.where,
         )
         for s in trace.snapshots
-        for n, w in enumerate(watches)
+        for n, w in enumerate(words)
         for r in range(g.config.smp)
         if s.words[w.name][r] != 1
     ]
     fail_on(
-        findings + trace.frozen_violations(),
+        findings + frozen_violations(trace),
         f"{off}: {workload} from {STEPPED[workload]}, {len(trace.snapshots)} boundaries",
     )
 
@@ -107,8 +111,9 @@ def test_signal_stays_1_through_events(
     site_coverage: SiteCoverage | None,
     exploration_report: list[str],
     off: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    g = off_guest(guest, rig_settings, off)
+    g = off_guest(guest, rig_settings, off, request.node)
     if site_coverage is None or not site_coverage.sites:
         missing_on_reference(
             rig_settings, "a list of CR3 switch sites", "needs the kernel's vmlinux (--vmlinux)"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 
 from rig.guest import Guest
+from rig.machine.sites import SIGNAL
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import WatchedWord
 from rig.machine.x86 import PAGE_SIZE, US
-from rig.observe.stepping import Watch, in_user_mode
-from testcases.conftest import SIGNAL
+from rig.observe.findings import Finding, Rule, fail_on
 
 
 def test_signal_page_is_mapped_kernel_only_rw_nx(signal_guest: Guest) -> None:
@@ -66,14 +68,20 @@ def test_signal_gate_off_without_isolation(signal_guest: Guest) -> None:
     assert "nohz_full" not in g.config.cmdline()
     g.start_workload("syscall-loop", cpu)
     g.break_on(g.symbols.address("entry_SYSCALL_64"), cpu)
-    watches = [Watch(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
-    trace = g.step(cpu, watches=watches, max_steps=20000, stop=in_user_mode(cpu))
+    words = [WatchedWord(f"{SIGNAL}[{n}]", g.per_cpu(SIGNAL, n), 4) for n in range(g.config.smp)]
+    trace = g.step(cpu, words=words, max_steps=20000, stop=in_user_mode(cpu))
     assert trace.cr3_flips(), "no CR3 switch in the syscall"
     wrong = [
-        f"step {s.step} at {s.where}: CPU {w.name}'s copy reads {s.words[w.name][n]} through vCPU {n}"
+        Finding(
+            Rule.SIGNAL_WRITTEN_WHILE_OFF,
+            f"step {s.step} at {s.where}: CPU {w.name}'s copy reads {s.words[w.name][n]} through vCPU {n}",
+            s.step,
+            cpu,
+            s.where,
+        )
         for s in trace.snapshots
-        for w in watches
+        for w in words
         for n in range(g.config.smp)
         if s.words[w.name][n] != 1
     ]
-    assert not wrong, f"without isolation the signal must read 1 everywhere: {wrong[:10]}"
+    fail_on(wrong, "without isolation the signal must read 1 everywhere")

@@ -9,23 +9,21 @@ paranoid restore: the value its paranoid entry found), the signal changes only a
 store, and every other vCPU reads the same signal. The count per site goes to the
 session's `cr3rig: explorations` section.
 
-``CR3RIG_WATCH_TRANSITIONS`` (environment) sets how many CR3 transitions to check
-(default ``WATCH_TRANSITIONS``).
+``--watch-transitions N`` sets how many CR3 transitions to check (default
+``WATCH_TRANSITIONS``).
 """
 
 from __future__ import annotations
 
-import os
-
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import fail_on
 from rig.observe.watching import watch
-from testcases.conftest import SIGNAL
+from rig.pytestplugin.caseoptions import CaseSettings
 
 #: CR3 transitions (side changes) to check, across all vCPUs. The default keeps the whole
 #: default `pytest testcases/` near a minute (watching checks ~100 transitions/s here);
-#: CR3RIG_WATCH_TRANSITIONS=10000 is the long run (about 2 minutes on 2 cores).
+#: --watch-transitions 10000 is the long run (about 2 minutes on 2 cores).
 WATCH_TRANSITIONS = 1_000
 #: Inject an NMI (vCPU 0) before every this many continues.
 NMI_EVERY = 50
@@ -50,9 +48,10 @@ def test_every_cr3_transition_on_every_vcpu(
     signal_guest: Guest,
     watch_sites: tuple[Site, ...],
     exploration_report: list[str],
+    case_settings: CaseSettings,
 ) -> None:
     g = signal_guest
-    transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", WATCH_TRANSITIONS))
+    transitions = case_settings.transitions(WATCH_TRANSITIONS)
     for cpu in range(g.config.smp):
         for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
             g.start_workload(name, cpu)

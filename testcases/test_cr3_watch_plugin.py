@@ -20,7 +20,6 @@ and when no such QEMU can be had, saying why.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -28,15 +27,16 @@ import pytest
 
 from rig.errors import ConfigError
 from rig.guest import Guest
-from rig.observe.findings import fail_on
+from rig.machine.sites import SIGNAL
+from rig.observe.findings import SkipKind, fail_on
 from rig.observe.pluginwatch import PluginWatch, watch
+from rig.pytestplugin.caseoptions import CaseSettings, skip
 from rig.pytestplugin.plugin import RigSettings
-from rig.supply.qemuplugin import plugin_qemu
-from rig.transport.host import LocalHost
-from testcases.conftest import SIGNAL
+from rig.supply.qemuplugin import PluginRefused, plugin_qemu
+from rig.transport.local import LocalHost
 from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU
 
-#: CR3 transitions (side changes) to check across all vCPUs (CR3RIG_WATCH_TRANSITIONS overrides).
+#: CR3 transitions (side changes) to check across all vCPUs (``--watch-transitions`` overrides).
 PLUGIN_TRANSITIONS = 20_000
 #: Inject an NMI every this many site hits.
 NMI_EVERY = 200
@@ -45,7 +45,9 @@ MAX_SECONDS = 300.0
 
 
 @pytest.fixture
-def plugin_guest(signal_guest: Guest, rig_settings: RigSettings) -> Iterator[tuple[Guest, PluginWatch]]:
+def plugin_guest(
+    signal_guest: Guest, rig_settings: RigSettings, request: pytest.FixtureRequest
+) -> Iterator[tuple[Guest, PluginWatch]]:
     """A guest of the session's configuration booted with the watch plugin (closed after).
 
     The session's guest (``signal_guest``) says first whether this kernel has PTI and the
@@ -59,6 +61,8 @@ def plugin_guest(signal_guest: Guest, rig_settings: RigSettings) -> Iterator[tup
         pytest.skip("plugin watch runs QEMU with a plugin built here: not run with --host")
     try:
         qemu, note = plugin_qemu(base.qemu, base.cache_dir)
+    except PluginRefused as exc:
+        skip(request.node, SkipKind.PLUGIN_REFUSED, str(exc))
     except ConfigError as exc:
         pytest.skip(str(exc))
     if note:
@@ -77,11 +81,11 @@ def plugin_guest(signal_guest: Guest, rig_settings: RigSettings) -> Iterator[tup
 
 
 def test_every_cr3_transition_on_every_vcpu_in_qemu(
-    plugin_guest: tuple[Guest, PluginWatch], exploration_report: list[str]
+    plugin_guest: tuple[Guest, PluginWatch], exploration_report: list[str], case_settings: CaseSettings
 ) -> None:
     g, pw = plugin_guest
     assert g.pti_enabled and SIGNAL in g.symbols, "the plugin guest differs from the session's guest"
-    transitions = int(os.environ.get("CR3RIG_WATCH_TRANSITIONS", PLUGIN_TRANSITIONS))
+    transitions = case_settings.transitions(PLUGIN_TRANSITIONS)
     for cpu in range(g.config.smp):
         for name in EVERY_CPU + (CPU0_ONLY if cpu == 0 else ()):
             g.start_workload(name, cpu)

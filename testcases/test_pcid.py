@@ -25,12 +25,20 @@ import re
 import pytest
 
 from rig.guest import Guest
-from rig.machine.x86 import PTI_USER_PCID_BIT, PTI_USER_PGTABLE_BIT, X86_CR4_PCIDE
-from rig.observe.stepping import Trace, in_user_mode
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import Trace
+from rig.machine.x86 import (
+    PTI_USER_PCID_MASK,
+    PTI_USER_PGTABLE_MASK,
+    X86_CR3_PCID_NOFLUSH,
+    X86_CR4_PCIDE,
+)
+from rig.observe.findings import Finding, Rule, SkipKind, fail_on
+from rig.pytestplugin.caseoptions import skip
 
-NOFLUSH = 1 << 63
-USER_PCID = 1 << PTI_USER_PCID_BIT
-USER_PGTABLE = 1 << PTI_USER_PGTABLE_BIT
+NOFLUSH = X86_CR3_PCID_NOFLUSH
+USER_PCID = PTI_USER_PCID_MASK
+USER_PGTABLE = PTI_USER_PGTABLE_MASK
 ASID_MASK = 0x7FF
 SYSCALL_STEPS = 20000
 _MOV_TO_CR3 = re.compile(r"mov\s+%(\w+),\s*%cr3")
@@ -44,16 +52,18 @@ FLUSH_EXITS = 12
 
 
 @pytest.fixture
-def pcid_guest(pti_guest: Guest) -> Guest:
+def pcid_guest(pti_guest: Guest, request: pytest.FixtureRequest) -> Guest:
     """The PTI guest with PCID on, or a skip saying the PCID sites are not covered."""
     cpu = pti_guest.config.isolated
     with pti_guest.stopped(), pti_guest.link() as link:
         cr4 = pti_guest.vcpu(cpu).registers(link, ("cr4",)).get("cr4", 0)
     if not cr4 & X86_CR4_PCIDE:
-        pytest.skip(
+        skip(
+            request.node,
+            SkipKind.PCID_OFF,
             f"NOT COVERED: PCID is off in this guest (CR4.PCIDE=0, accel={pti_guest.config.accel}; TCG has "
             "no PCID), so the PCID CR3 sites (user-PCID bit 11, NOFLUSH, user_pcid_flush_mask) are not "
-            "tested by this run; run with --accel kvm on a VT-x/AMD-V host"
+            "tested by this run; run with --accel kvm on a VT-x/AMD-V host",
         )
     return pti_guest
 
@@ -94,8 +104,9 @@ def test_user_cr3_carries_the_user_pcid_bit(pcid_guest: Guest) -> None:
         cr3 = s.cr3[cpu]
         asids.add(cr3 & ASID_MASK)
         if bool(cr3 & USER_PGTABLE) != bool(cr3 & USER_PCID):
-            problems.append(f"step {s.step} at {s.where}: CR3 {cr3:#x} has bit 12 and bit 11 disagreeing")
-    assert not problems, "\n".join(problems[:10])
+            text = f"step {s.step} at {s.where}: CR3 {cr3:#x} has bit 12 and bit 11 disagreeing"
+            problems.append(Finding(Rule.CR3_SWITCH, text, s.step, cpu, s.where))
+    fail_on(problems)
     assert len(asids) == 1, f"the ASID (bits 0-10) changed over one syscall: {sorted(asids)}"
 
 

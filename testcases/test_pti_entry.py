@@ -8,9 +8,10 @@ frozen, and checks the CR3 flip rules at every instruction boundary.
 from __future__ import annotations
 
 from rig.guest import Guest
-from rig.observe.checks import cr3_flip_problems, side_problems
+from rig.machine.stops import in_user_mode, on_kernel_tables
+from rig.machine.trace import Trace
+from rig.observe.checks import cr3_flip_problems, frozen_violations, side_problems
 from rig.observe.findings import Finding, Rule, fail_on
-from rig.observe.stepping import Trace, in_user_mode, on_kernel_tables
 
 #: Bound on the steps of one getppid()/kill() syscall round trip (the Debian 6.1 SYSCALL
 #: path is ~450 instructions; a signal delivery a few thousand).
@@ -26,7 +27,7 @@ def syscall_round_trip(guest: Guest, workload: str) -> Trace:
 
 
 def assert_sibling_frozen(trace: Trace) -> None:
-    fail_on(trace.frozen_violations(), "a frozen vCPU moved while another was stepped")
+    fail_on(frozen_violations(trace), "a frozen vCPU moved while another was stepped")
 
 
 def test_syscall_entry_flips_cr3_at_mov_to_cr3(pti_guest: Guest) -> None:

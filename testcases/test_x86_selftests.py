@@ -8,10 +8,10 @@ here on any signal violation, and when it passes on Debian's stock kernel but no
 the one under test; one that fails on both is reported, not failed.
 
 Which selftests: the ones in the guest's initramfs. The default initramfs holds
-:data:`rig.supply.selftests.DEFAULT_SELFTESTS`; ``CR3RIG_SELFTESTS=all`` parametrizes
-every one that runs here (pass the full initramfs: ``--initrd $(python -m
-rig.supply.initramfs --selftests all)``; a selftest the initramfs lacks skips saying
-so). ``CR3RIG_SELFTESTS=a_64,b_32`` picks some.
+:data:`rig.supply.selftests.DEFAULT_SELFTESTS`; ``--selftests all`` parametrizes every one
+that runs here (pass the full initramfs: ``--initrd $(python -m rig.supply.initramfs
+--selftests all)``; a selftest the initramfs lacks skips saying so). ``--selftests
+a_64,b_32`` picks some; ``--selftest-seconds S`` bounds each one.
 
 The stock verdicts come from :func:`stock_verdicts`: the same binaries run once on
 Debian's stock kernel (one boot beside the session's guest, unwatched, all chosen
@@ -31,30 +31,32 @@ import pytest
 
 from rig.errors import RigError
 from rig.guest import Guest
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import fail_on
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
+from rig.pytestplugin.caseoptions import CaseSettings, case_settings_of
 from rig.pytestplugin.plugin import RigSettings
 from rig.supply.kernel import DEBIAN, resolve_kernel
 from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
-from testcases.conftest import SIGNAL
-
-#: Seconds one selftest may take under watch mode (then it is killed: verdict TIMEOUT);
-#: ``CR3RIG_SELFTEST_SECONDS`` (environment) overrides it.
-MAX_SECONDS = float(os.environ.get("CR3RIG_SELFTEST_SECONDS", "120"))
 
 
-def _chosen() -> list[str]:
-    """The selftests to parametrize (``CR3RIG_SELFTESTS``; default: the default subset)."""
-    spec = os.environ.get("CR3RIG_SELFTESTS", "").strip()
-    if not spec:
+def _chosen(settings: CaseSettings) -> list[str]:
+    """The selftests to parametrize (``--selftests``; default: the default subset)."""
+    spec = settings.selftests
+    if spec in ("", "default"):
         return list(DEFAULT_SELFTESTS)
     if spec == "all":
         try:
             return [n for n in build_selftests().binaries if n not in NOT_RUN]
         except SelftestError as exc:
-            raise pytest.UsageError(f"CR3RIG_SELFTESTS=all: {exc}") from None
+            raise pytest.UsageError(f"--selftests all: {exc}") from None
     return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per chosen selftest (the option is read at collection)."""
+    if "name" in metafunc.fixturenames:
+        metafunc.parametrize("name", _chosen(case_settings_of(metafunc.config)))
 
 
 def _stock_record(cache: Path, stock_image: Path, initrd: Path) -> Path:
@@ -95,13 +97,13 @@ def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[st
     return {n: SelftestVerdict.from_json(n, data[n]) for n in names if n in data}, label
 
 
-@pytest.mark.parametrize("name", _chosen())
 def test_x86_selftest_under_watch(
     name: str,
     signal_guest: Guest,
     watch_sites: tuple[Site, ...],
     exploration_report: list[str],
     rig_settings: RigSettings,
+    case_settings: CaseSettings,
 ) -> None:
     g = signal_guest
     installed, why = installed_selftests(g)
@@ -119,7 +121,7 @@ def test_x86_selftest_under_watch(
     mine = " && ".join(f'$3 != "{c}"' for c in ("sh", "ps", "awk"))
     ps, _ = g.shell(f"ps -o pid,vsz,comm | awk 'NR > 1 && $1 != 1 && $2 != 0 && {mine}'")
     others = ", ".join(" ".join(ln.split()[::2]) for ln in ps.splitlines() if ln.strip())
-    run = run_watched(g, watch_sites, name, signal=SIGNAL, max_seconds=MAX_SECONDS)
+    run = run_watched(g, watch_sites, name, signal=SIGNAL, max_seconds=case_settings.selftest_seconds)
     assert run.watch is not None
     w = run.watch
     verdict = run.verdict
@@ -129,7 +131,7 @@ def test_x86_selftest_under_watch(
         + (f" (other user processes running: {others})" if others else "")
     )
     try:
-        stock, label = stock_verdicts(rig_settings, _chosen())
+        stock, label = stock_verdicts(rig_settings, _chosen(case_settings))
     except RigError as exc:
         pytest.fail(f"{line}\nthe stock verdicts could not be had: {exc}")
     s = stock.get(name)

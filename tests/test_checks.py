@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from rig.errors import GuestError
+from rig.machine.sites import SIGNAL
+from rig.machine.trace import Snapshot, Trace
 from rig.observe.checks import (
     allowed_scratch,
     decodable,
@@ -15,11 +17,9 @@ from rig.observe.checks import (
     window_findings,
 )
 from rig.observe.findings import FailureKind, Finding, FindingsFailure, Rule, fail_on, failure_kind
-from rig.observe.stepping import Snapshot, Trace
 
 KERNEL = 0x2000000
 USER = KERNEL | (1 << 12)
-SIGNAL = "kernel_cr3_loaded"
 TSS, SIGNAL_ADDR, OTHER = 0xFFFFFFFF82000000, 0xFFFFFFFF82001000, 0xFFFFFFFF82002000
 
 

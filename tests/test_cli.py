@@ -73,7 +73,7 @@ def test_report_timeline_redraws_a_trace(tmp_path: Path) -> None:
     ]  # fmt: skip
     jsonl = tmp_path / "t.0.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = cr3rig("report", "timeline", str(jsonl), "--failure", "step 3: deliberate")
+    res = cr3rig("report", "timeline", str(jsonl), "--violation-step", "3")
     assert res.returncode == 0, res.stderr
     page = Path(res.stdout.strip())
     assert page == jsonl.with_suffix(".html")

@@ -10,7 +10,7 @@ import pytest
 from rig.guest import GuestConfig
 from rig.pytestplugin.plugin import RigSettings, missing_on_reference, pti_off_asked
 from rig.supply.kernel import is_reference_kernel
-from rig.transport.host import LocalHost
+from rig.transport.local import LocalHost
 
 
 def _settings(reference: bool) -> RigSettings:

@@ -10,12 +10,15 @@ import pytest
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
-from rig.observe.exploration import NMI_CPU, BoundaryRun, Exploration, ScoutStop, Window, explore
+from rig.machine.trace import Snapshot, Trace
+from rig.observe.exploration import explore
+from rig.observe.explorer import ScoutStop
 from rig.observe.findings import Rule, render
-from rig.observe.stepping import Snapshot, Trace
+from rig.observe.windows import BoundaryRun, Exploration, Window
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
+from rig.transport.qemu import NMI_CPU
 from testcases.conftest import SIGNAL
 from testcases.test_cr3_exploration import WINDOWS
 

@@ -19,7 +19,7 @@ from rig.diagnosis import diagnose
 from rig.errors import GuestError, RigError
 from rig.guest import Guest, GuestConfig
 from rig.pytestplugin.failfast import one_line_head, one_line_report
-from rig.transport.host import LocalHost
+from rig.transport.local import LocalHost
 from tests.conftest import REPO, junit_outcomes, processes_tagged, run_pytest
 
 

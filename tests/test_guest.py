@@ -8,9 +8,12 @@ import pytest
 
 from rig.errors import GuestError
 from rig.guest import Guest
+from rig.machine.stepper import Stepper
+from rig.machine.stops import in_user_mode
+from rig.machine.trace import Snapshot, WatchedWord
 from rig.machine.vcpu import thread_id
+from rig.observe.checks import frozen_violations
 from rig.observe.findings import Rule
-from rig.observe.stepping import Snapshot, Stepper, Watch, in_user_mode
 
 
 @pytest.mark.parametrize(
@@ -62,12 +65,12 @@ def test_stepping_moves_only_the_stepped_vcpu(booted: Guest) -> None:
     pid = booted.start_workload("syscall-loop", cpu)
     try:
         booted.break_on(booted.symbols.address("entry_SYSCALL_64"), cpu)
-        tss = Watch("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
-        trace = booted.step(cpu, watches=[tss], max_steps=200)
+        tss = WatchedWord("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
+        trace = booted.step(cpu, words=[tss], max_steps=200)
     finally:
         booted.stop_workload(pid)
     assert len({s.pc for s in trace.snapshots}) > 50, "the stepped vCPU did not move"
-    assert not trace.frozen_violations()
+    assert not frozen_violations(trace)
     # the sibling (kernel CR3) always reads the isolated CPU's TSS word
     sib = 1 - cpu if booted.config.smp == 2 else 0
     assert all(s.words["tss"][sib] is not None for s in trace.snapshots)
@@ -81,7 +84,7 @@ def test_pipelined_checked_and_foreseen_stepping_give_the_same_trace(booted: Gue
     the instructions the condition foresees. Same path, same boundaries, same words."""
     cpu = booted.config.isolated
     other = 1 - cpu if booted.config.smp == 2 else 0
-    tss = Watch("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
+    tss = WatchedWord("tss", booted.per_cpu("cpu_tss_rw", cpu), 8)
     pid = booted.start_workload("syscall-loop", cpu)
     traces = []
     try:
@@ -98,7 +101,7 @@ def test_pipelined_checked_and_foreseen_stepping_give_the_same_trace(booted: Gue
     ]
     assert a.code == b.code and len(a.code) > 50
     assert all(a.snapshots[0].rip[other] == s.rip[other] for s in a.snapshots)
-    assert not a.frozen_violations() and not b.frozen_violations() and not c.frozen_violations()
+    assert not frozen_violations(a) and not frozen_violations(b) and not frozen_violations(c)
     # the foreseen run: the same boundaries up to where it stopped (back in user mode, or 150)
     assert [(s.rip[cpu], s.cr3[cpu], s.words) for s in c.snapshots] == [
         (s.rip[cpu], s.cr3[cpu], s.words) for s in a.snapshots[: len(c.snapshots)]
@@ -133,7 +136,7 @@ def test_a_wrong_foresight_ends_the_run_in_an_error_not_an_overshoot(booted: Gue
             again = stepper.run(link, max_steps=5)
     finally:
         booted.stop_workload(pid)
-    assert len(again.snapshots) == 6 and not again.frozen_violations()
+    assert len(again.snapshots) == 6 and not frozen_violations(again)
 
 
 def test_a_frozen_vcpu_that_moved_is_reported(booted: Guest) -> None:
@@ -161,7 +164,7 @@ def test_a_frozen_vcpu_that_moved_is_reported(booted: Guest) -> None:
                 link.transact([f"Hg{thread_id(other)}", f"P{rip:x}={back}"])
     finally:
         booted.stop_workload(pid)
-    moved = trace.frozen_violations()
+    moved = frozen_violations(trace)
     cr3 = trace.snapshots[0].cr3[other]
     assert trace.snapshots[-1].rip[other] == original + 1
     rips = f"rip {original:#x}->{original + 1:#x}"

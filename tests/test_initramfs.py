@@ -22,7 +22,9 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from rig.supply import initramfs
 
+from rig import protocol
 from rig.errors import ConfigError
+from rig.transport.console import strip_console_noise
 
 # --------------------------------------------------------------------------
 # A minimal newc ("070701") reader
@@ -163,8 +165,8 @@ def test_init(built: Built) -> None:
     assert text.startswith("#!/bin/busybox sh\n")
     assert (initramfs.SOURCE_DIR / "init").read_bytes() == init.data
     # The protocol constants the rest of the rig relies on.
-    assert f'echo "{initramfs.READY_MARKER}"' in text
-    assert f"PS1='{initramfs.PROMPT}'" in text
+    assert f'echo "{protocol.READY_MARKER}"' in text
+    assert f"PS1='{protocol.PROMPT}'" in text
     assert "export PATH=/bin:/sbin:/usr/bin" in text
     assert "setsid cttyhack sh" in text
     assert "poweroff -f" in text
@@ -226,27 +228,27 @@ def test_workload_binaries(built: Built, name: str) -> None:
         assert is_static_i386_elf(member.data), f"{name} is not a static i386 ELF"
     else:
         assert is_static_x86_64_elf(member.data), f"{name} is not a static x86-64 ELF"
-    assert initramfs.WORKLOAD_MARKER.encode() in member.data
+    assert protocol.WORKLOAD_MARKER.encode() in member.data
     assert (initramfs.SOURCE_DIR / "workloads" / f"{name}.c").is_file()
 
 
 def test_protocol_constants() -> None:
-    assert initramfs.READY_MARKER == "CR3RIG-READY"
-    assert initramfs.PROMPT == "cr3rig# "
-    assert initramfs.WORKLOAD_MARKER == "CR3RIG-WORKLOAD"
+    assert protocol.READY_MARKER == "CR3RIG-READY"
+    assert protocol.PROMPT == "cr3rig# "
+    assert protocol.WORKLOAD_MARKER == "CR3RIG-WORKLOAD"
     # every workload source is installed, and every installed name has a source
     sources = {p.stem for p in (initramfs.SOURCE_DIR / "workloads").glob("*.c")}
     assert set(initramfs.WORKLOADS) == sources, sorted(set(initramfs.WORKLOADS) ^ sources)
     assert set(initramfs.COMPAT_WORKLOADS) <= set(initramfs.WORKLOADS)
     header = (initramfs.SOURCE_DIR / "workloads" / "workload.h").read_text()
-    assert f'"{initramfs.WORKLOAD_MARKER}"' in header
+    assert f'"{protocol.WORKLOAD_MARKER}"' in header
     compat_header = (initramfs.SOURCE_DIR / "workloads" / "compat32.h").read_text()
-    assert f'"{initramfs.WORKLOAD_MARKER}"' in compat_header
+    assert f'"{protocol.WORKLOAD_MARKER}"' in compat_header
 
 
 def test_strip_console_noise() -> None:
     raw = "\x1b[6necho hi\r\r\nhi\r\r\ncr3rig# "
-    assert initramfs.strip_console_noise(raw) == "echo hi\nhi\ncr3rig# "
+    assert strip_console_noise(raw) == "echo hi\nhi\ncr3rig# "
 
 
 # --------------------------------------------------------------------------

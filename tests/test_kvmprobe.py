@@ -20,7 +20,6 @@ import pytest
 from rig.errors import ConfigError
 from rig.guest import Guest, GuestConfig
 from rig.report.provenance import guest_provenance
-from rig.transport.host import LocalHost
 from rig.transport.kvmprobe import (
     ARCH_CAPABILITIES_CAUSE,
     KVM_CPU,
@@ -30,6 +29,7 @@ from rig.transport.kvmprobe import (
     probe_boot,
     probe_firmware,
 )
+from rig.transport.local import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine
 
 #: What QEMU 7.2 prints before it aborts (the value and the source line vary).

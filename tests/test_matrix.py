@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from rig.observe.findings import SkipKind
+from rig.report.junit import SKIP_KIND, read_junit
 from rig.tools import matrix
 from rig.tools.matrix import Cell, CellResult, Engine, MatrixError, Outcome
 from rig.transport.host import processes_with_env
@@ -120,8 +122,8 @@ def test_cell_script_is_valid_shell() -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_parse_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
-    got = matrix.parse_junit(_real_junit(tmp_path))
+def test_outcomes_from_a_real_pytest_run(tmp_path: Path) -> None:
+    got = matrix.outcomes_of(read_junit(_real_junit(tmp_path)))
     assert {t: o.status for t, o in got.items()} == {
         "test_sample.py::test_passes": "pass",
         "test_sample.py::test_fails": "FAIL",
@@ -133,7 +135,7 @@ def test_parse_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
     assert got["test_sample.py::test_skipped"].message == "kernel has no CONFIG_TRACK_CR3"
     assert "one is not two" in got["test_sample.py::test_fails"].message
     with pytest.raises(ValueError, match="unreadable JUnit"):
-        matrix.parse_junit("<testsuite><testcase")
+        read_junit("<testsuite><testcase")
 
 
 def test_judge_cell(tmp_path: Path) -> None:
@@ -189,7 +191,7 @@ def test_a_pytest_exit_at_boot_is_not_ok(tmp_path: Path) -> None:
     """Real pytest: the rig's pytest.exit(returncode=3) leaves a JUnit file with nothing failed."""
     rc = _run_cell_pytest(tmp_path, BOOT_EXIT_TESTS)
     assert rc == 3 and (tmp_path / "junit.xml").exists()
-    outcomes = matrix.parse_junit(tmp_path / "junit.xml")
+    outcomes = matrix.outcomes_of(read_junit(tmp_path / "junit.xml"))
     # the JUnit file alone looks green: what ran passed, the stopped test is no failure
     assert {o.status for o in outcomes.values()} == {"pass"}
     assert "test_cell.py::test_first" in outcomes and "?" not in outcomes
@@ -230,55 +232,61 @@ def _write_json(tmp_path: Path, results: list[CellResult]) -> str:
     return str(f)
 
 
-#: The skip texts as the testcases word them (kernel release and symbol source vary).
+#: Skip texts as the testcases word them (kernel release and symbol source vary); the
+#: matrix reads their kinds, never the texts.
 PCID_SKIP = (
     "NOT COVERED: PCID is off in this guest (CR4.PCIDE=0, accel=tcg; TCG has no PCID), so the PCID "
     "CR3 sites are not tested by this run; run with --accel kvm on a VT-x/AMD-V host"
 )
 SIGNAL_SKIP = (
-    "kernel 6.12.118+deb13-amd64 lacks kernel_cr3_loaded (CONFIG_TRACK_CR3, the CR3-signal patch); "
+    "kernel_cr3_loaded (CONFIG_TRACK_CR3, the CR3-signal patch) missing: kernel 6.12.118+deb13-amd64, "
     "symbols from kallsyms"
 )
 OTHER_SKIP = "kernel 7.2.0 runs without PTI (dmesg has no 'page tables isolation: enabled')"
 
 
-def _skip_tests(*reasons: str) -> str:
+def _skip_tests(*skips: tuple[SkipKind | None, str]) -> str:
+    """Tests that skip for each (kind, reason), recording the kind as the testcases do."""
     src = "import pytest\n\ndef test_runs():\n    pass\n"
-    for i, why in enumerate(reasons):
-        src += f"\ndef test_skips_{i}():\n    pytest.skip({why!r})\n"
+    for i, (kind, why) in enumerate(skips):
+        src += f"\ndef test_skips_{i}(request):\n"
+        if kind is not None:
+            src += f"    request.node.user_properties.append(({SKIP_KIND!r}, {kind.value!r}))\n"
+        src += f"    pytest.skip({why!r})\n"
     return src
 
 
 def test_skip_expected_per_kernel_kind() -> None:
     for kernel in ("reference-7.2", "reference-6.1"):
-        assert matrix.skip_expected(kernel, PCID_SKIP)
-        assert not matrix.skip_expected(kernel, SIGNAL_SKIP)
-        assert not matrix.skip_expected(kernel, OTHER_SKIP)
-    assert matrix.skip_expected("debian", PCID_SKIP) and matrix.skip_expected("debian", SIGNAL_SKIP)
-    assert not matrix.skip_expected("debian", OTHER_SKIP)
-    assert not matrix.skip_expected("debian", "NOT COVERED: fault-loop exited (madvise failed)")
-    assert matrix.skip_expected("/some/bzImage", OTHER_SKIP)
-    refused = (
-        "qemu-system-x86_64 refuses the plugin built against bookworm-backports' qemu-plugin.h (h): "
-        "plugin requires API version 4, but this QEMU supports only a minimum version of 7"
+        assert matrix.skip_expected(kernel, SkipKind.PCID_OFF)
+        assert not matrix.skip_expected(kernel, SkipKind.NO_SIGNAL)
+        assert not matrix.skip_expected(kernel, None)
+    assert matrix.skip_expected("debian", SkipKind.PCID_OFF) and matrix.skip_expected(
+        "debian", SkipKind.NO_SIGNAL
     )
-    assert matrix.skip_expected("reference-7.2", refused) and matrix.skip_expected("debian", refused)
+    assert not matrix.skip_expected("debian", None)
+    assert matrix.skip_expected("/some/bzImage", None)
+    for kernel in ("reference-7.2", "debian"):
+        assert matrix.skip_expected(kernel, SkipKind.PLUGIN_REFUSED)
 
 
-def test_the_expected_skip_texts_are_the_testcases_own() -> None:
-    """The rule's texts must match what the testcases say, or every stock cell would fail."""
+def test_the_testcases_record_the_kinds_the_matrix_reads() -> None:
+    """The skips a kernel kind may give are recorded as such by the testcases that give
+    them (a text the matrix matched once went stale when a testcase reworded it)."""
     testcases = Path(matrix.REPO_ROOT) / "testcases"
-    conftest = (testcases / "conftest.py").read_text()
-    assert 'SIGNAL = "kernel_cr3_loaded"' in conftest
-    assert matrix.NO_SIGNAL.replace("kernel_cr3_loaded", "{SIGNAL}") in conftest
-    assert f'f"{matrix.PCID_OFF}' in (testcases / "test_pcid.py").read_text()
-    qemuplugin = Path(matrix.REPO_ROOT) / "rig" / "supply" / "qemuplugin.py"
-    assert matrix.PLUGIN_API_REFUSED in qemuplugin.read_text()
+    assert "note_skip(request.node, SkipKind.NO_SIGNAL)" in (testcases / "conftest.py").read_text()
+    assert "SkipKind.PCID_OFF" in (testcases / "test_pcid.py").read_text()
+    assert "SkipKind.PLUGIN_REFUSED" in (testcases / "test_cr3_watch_plugin.py").read_text()
 
 
 def test_an_unexpected_skip_fails_the_cell(tmp_path: Path) -> None:
     """Real pytest runs: which skips each kernel kind may give, and how the table shows the rest."""
-    rc = _run_cell_pytest(tmp_path / "a", _skip_tests(PCID_SKIP, SIGNAL_SKIP))
+    pcid, signal_skip, other = (
+        (SkipKind.PCID_OFF, PCID_SKIP),
+        (SkipKind.NO_SIGNAL, SIGNAL_SKIP),
+        (None, OTHER_SKIP),
+    )
+    rc = _run_cell_pytest(tmp_path / "a", _skip_tests(pcid, signal_skip))
     assert rc == 0
     debian = matrix.judge_cell(Cell("trixie", "debian"), tmp_path / "a", rc, 1.0)
     assert debian.ok and not debian.unexpected_skips()
@@ -289,7 +297,7 @@ def test_an_unexpected_skip_fails_the_cell(tmp_path: Path) -> None:
     path = matrix.judge_cell(Cell("trixie", str(tmp_path / "bzImage")), tmp_path / "a", rc, 1.0)
     assert path.ok
 
-    rc = _run_cell_pytest(tmp_path / "b", _skip_tests(OTHER_SKIP, SIGNAL_SKIP))
+    rc = _run_cell_pytest(tmp_path / "b", _skip_tests(other, signal_skip))
     stock = matrix.judge_cell(Cell("sid", "debian"), tmp_path / "b", rc, 1.0)
     assert stock.status == "failed" and list(stock.unexpected_skips()) == ["test_cell.py::test_skips_0"]
 

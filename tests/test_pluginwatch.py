@@ -12,7 +12,7 @@ import pytest
 
 from rig.errors import ConfigError
 from rig.guest import Guest, GuestConfig
-from rig.machine.sites import Site
+from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import Rule, render
 from rig.observe.pluginwatch import (
     F_AT_NEXT,
@@ -40,10 +40,9 @@ from rig.supply.kernelbuild import build_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.supply.qemuplugin import api_refusal, build_plugin, plugin_header, plugin_support
 from rig.tools.mutants import DEFAULT_FLAVOR, MUTANTS_DIR
-from rig.transport.host import LocalHost
+from rig.transport.local import LocalHost
 from rig.transport.qemu import QemuConfig, QemuMachine, QemuPlugin
 
-SIGNAL = "kernel_cr3_loaded"
 #: The mutant the plugin must catch: its SYSRET exit loads the user CR3 with the signal still 1.
 MUTANT = "sysret-exit-no-clear"
 

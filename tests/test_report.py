@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rig.observe.stepping import Snapshot, Trace
+from rig.machine.sites import SIGNAL
+from rig.machine.trace import Snapshot, Trace
+from rig.observe.findings import Finding, Rule
+from rig.report.lanes import MAX_COLUMNS, Column, columns, lanes, markers, violation_of
 from rig.report.provenance import FIELDS
 from rig.report.session import (
     SessionReport,
@@ -23,24 +26,12 @@ from rig.report.session import (
     write_mutants_page,
     write_traces,
 )
-from rig.report.timeline import (
-    MAX_BYTES,
-    MAX_COLUMNS,
-    Column,
-    columns,
-    lanes,
-    locate,
-    markers,
-    render_timeline,
-    violation_from_message,
-    write_timeline,
-)
+from rig.report.timeline import MAX_BYTES, render_timeline, write_timeline
 from rig.supply.kernelbuild import KernelBuild
 from rig.tools import mutants
 
 USER = 0x1234000 | (1 << 12)
 KERNEL = 0x1234000
-SIGNAL = "kernel_cr3_loaded"
 
 
 def syscall_like(n: int, *, late_clear: bool = False) -> Trace:
@@ -75,16 +66,19 @@ def syscall_like(n: int, *, late_clear: bool = False) -> Trace:
     return t
 
 
-def test_violation_is_the_first_line_naming_a_step() -> None:
-    msg = (
-        "did not get back\n"
-        "step 812: CR3 became the user CR3 at x `mov %rdi,%cr3` with the signal still 1\nstep 9: z"
-    )
-    v = violation_from_message(msg)
-    assert v is not None and v.step == 812 and v.message.startswith("step 812: CR3 became")
-    none = violation_from_message("no CR3 flip in the trace")
+def test_violation_is_the_first_finding_with_a_step() -> None:
+    """The fields decide: the first finding that has a step, whatever any text says."""
+    findings = [
+        Finding(Rule.INCOMPLETE, "did not get back (step 3 is only named here)"),
+        Finding(Rule.USER_CR3_BEFORE_SIGNAL, "CR3 became the user CR3 with the signal still 1", 812, 1),
+        Finding(Rule.CR3_SWITCH, "z", 9, 1),
+    ]
+    v = violation_of(findings)
+    assert v is not None and v.step == 812
+    assert v.message == "[user-cr3-before-signal] CR3 became the user CR3 with the signal still 1"
+    none = violation_of([Finding(Rule.CR3_SWITCH, "no CR3 flip in the trace (step 5)")])
     assert none is not None and none.step is None
-    assert violation_from_message("") is None
+    assert violation_of([]) is None
 
 
 def test_lanes_and_markers_of_a_round_trip() -> None:
@@ -108,7 +102,7 @@ def test_twenty_thousand_steps_fold_and_stay_small(tmp_path: Path) -> None:
     t = syscall_like(20000, late_clear=True)
     t.stopped_because = "condition"
     msg = "step 19901: kernel CR3 loaded, signal reads 1, and this is not the store-then-CR3-write window"
-    v = violation_from_message(msg)
+    v = violation_of([Finding(Rule.SIGNAL_0_ON_KERNEL_CR3, msg, 19901, 1)])
     start = time.monotonic()
     page = write_timeline(t, tmp_path / "t.html", title="synthetic", violation=v)
     seconds = time.monotonic() - start
@@ -148,7 +142,7 @@ def test_a_lane_changing_every_few_steps_stays_under_2mb(tmp_path: Path, period:
     t = syscall_like(20000, late_clear=True)
     for s in t.snapshots:
         s.words[SIGNAL][0] = (s.step // period) % 2
-    v = violation_from_message("step 19901: kernel CR3 loaded, signal reads 1")
+    v = violation_of([Finding(Rule.SIGNAL_0_ON_KERNEL_CR3, "kernel CR3 loaded, signal reads 1", 19901, 1)])
     cols = columns(t, lanes(t), markers(t, v))
     assert len(cols) <= MAX_COLUMNS
     assert sum(c.last - c.first + 1 for c in cols) == len(t.snapshots)
@@ -203,18 +197,17 @@ def test_a_store_of_the_same_value_is_marked_from_the_instruction() -> None:
     ]
 
 
-def test_a_violation_listing_steps_is_marked_at_the_first(tmp_path: Path) -> None:
-    msg = "2 kernel->user flips at steps [301, 340]"
-    v = violation_from_message(msg)
-    assert v is not None and v.step == 301
-    unreadable = violation_from_message(
-        "vCPU 1 cannot read kernel_cr3_loaded at steps [7, 8, 9] (not mapped?)"
-    )
-    assert unreadable is not None and unreadable.step == 7
-    files = write_traces([syscall_like(400)], tmp_path, "tc", title="tc", failure=msg)
+def test_a_finding_is_marked_at_its_step(tmp_path: Path) -> None:
+    flips = Finding(Rule.CR3_SWITCH, "2 kernel->user flips at steps [301, 340]", 301, 1)
+    failure = f"[cr3-switch] {flips.text}"
+    files = write_traces([syscall_like(400)], tmp_path, "tc", title="tc", failure=failure, findings=[flips])
     text = files[0].html.read_text()
     assert 'class="marker marker-violation" data-step="301"' in text
-    assert "first violation: step 301: 2 kernel-&gt;user flips at steps [301, 340]" in text
+    assert "first violation at step 301: [cr3-switch] 2 kernel-&gt;user flips at steps [301, 340]" in text
+    # a failure without findings (an assertion, a rig error) is shown, never parsed for a step
+    files = write_traces([syscall_like(400)], tmp_path, "plain", title="t", failure="step 7: an assertion")
+    text = files[0].html.read_text()
+    assert "marker-violation" not in text and "first violation: step 7: an assertion" in text
 
 
 def test_an_event_mark_draws_as_an_event_at_its_step(tmp_path: Path) -> None:
@@ -227,13 +220,15 @@ def test_an_event_mark_draws_as_an_event_at_its_step(tmp_path: Path) -> None:
     assert re.search(r'class="marker marker-event" data-step="12345">.*?NMI injected on vCPU 1</title>', text)
 
 
-def test_a_quoted_instruction_locates_a_violation_without_a_step() -> None:
+def test_a_finding_without_a_step_is_placed_at_its_where() -> None:
     t = syscall_like(400)
-    v = violation_from_message("do_syscall_64+0x12c `mov -0x10(%rax),%eax` accesses memory between")
-    assert v is not None and v.step is None
-    assert locate(v, t).step == 300  # the first boundary at do_syscall_64+0x12c
-    unquoted = violation_from_message("nothing quoted")
-    assert unquoted is not None and locate(unquoted, t).step is None
+    text = "do_syscall_64+0x12c `mov -0x10(%rax),%eax` accesses memory between"
+    at = Finding(Rule.STORE_TO_WRITE_WINDOW, text, where="do_syscall_64+0x12c")
+    assert violation_of([at]) == violation_of([at], None)
+    placed = violation_of([at], t)
+    assert placed is not None and placed.step == 300  # the first boundary at do_syscall_64+0x12c
+    nowhere = violation_of([Finding(Rule.STORE_TO_WRITE_WINDOW, text)], t)
+    assert nowhere is not None and nowhere.step is None  # the text is not read
 
 
 def test_an_empty_trace_still_renders(tmp_path: Path) -> None:
@@ -243,7 +238,8 @@ def test_an_empty_trace_still_renders(tmp_path: Path) -> None:
 
 def test_write_traces_marks_the_last_trace(tmp_path: Path) -> None:
     traces = [syscall_like(400), syscall_like(400, late_clear=True)]
-    files = write_traces(traces, tmp_path, "tc", title="tc", failure="step 301: the signal still 1")
+    still = Finding(Rule.USER_CR3_BEFORE_SIGNAL, "step 301: the signal still 1", 301, 1)
+    files = write_traces(traces, tmp_path, "tc", title="tc", failure=str(still), findings=[still])
     assert [f.jsonl.name for f in files] == ["tc.0.jsonl", "tc.1.jsonl"]
     assert 'marker-violation" data-step="301"' in files[1].html.read_text()
     assert "marker-violation" not in files[0].html.read_text()

@@ -29,21 +29,24 @@ from tests.webdriver import Browser, missing
 pytestmark = pytest.mark.boots
 
 STAGED = """
-from rig.observe.stepping import Watch, on_kernel_tables
+from rig.machine.stops import on_kernel_tables
+from rig.machine.trace import WatchedWord
+from rig.observe.findings import Finding, Rule, fail_on
 
 
 def test_fails_at_the_first_kernel_cr3_boundary(guest):
     cpu = guest.config.isolated
     guest.start_workload("syscall-loop", cpu)
-    tss = Watch("tss_sp0", guest.per_cpu("cpu_tss_rw", cpu) + 4, 8)
+    tss = WatchedWord("tss_sp0", guest.per_cpu("cpu_tss_rw", cpu) + 4, 8)
     for _ in range(20):
         guest.break_on(guest.symbols.address("entry_SYSCALL_64"), cpu)
-        trace = guest.step(cpu, watches=[tss], max_steps=40, stop=on_kernel_tables(cpu))
+        trace = guest.step(cpu, words=[tss], max_steps=40, stop=on_kernel_tables(cpu))
         if trace.snapshots[0].user_tables(cpu) and not trace.snapshots[-1].user_tables(cpu):
             break
         guest.traces.pop()
     first_kernel = trace.snapshots[-1].step
-    raise AssertionError(f"step {first_kernel}: deliberate failure at the first kernel-CR3 boundary")
+    text = "deliberate failure at the first kernel-CR3 boundary"
+    fail_on([Finding(Rule.CR3_SWITCH, text, first_kernel, cpu)])
 
 
 def test_passes_without_a_guest():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rig import protocol
 from rig.supply import initramfs, selftests
 from rig.supply.cache import default_cache_dir
 from rig.supply.selftests import SELFTEST_DIR, SelftestSourceMissing
@@ -104,12 +105,12 @@ def test_the_default_initramfs_holds_the_default_selftests(build: selftests.Self
     raw = gzip.decompress(path.read_bytes())
     for name in selftests.DEFAULT_SELFTESTS:
         data = build.binaries[name].read_bytes()
-        member = f"{initramfs.SELFTESTS_DIR}/{name}".encode() + b"\0"
+        member = f"{protocol.SELFTESTS_DIR}/{name}".encode() + b"\0"
         at = raw.find(member)
         assert at >= 0, f"{name} is not in {path}"
         assert data in raw, f"{name} in {path} differs from the build"
     other = next(n for n in build.binaries if n not in selftests.DEFAULT_SELFTESTS)
-    assert f"{initramfs.SELFTESTS_DIR}/{other}\0".encode() not in raw
+    assert f"{protocol.SELFTESTS_DIR}/{other}\0".encode() not in raw
 
 
 def test_without_the_tree_the_initramfs_says_why(tmp_path: Path) -> None:

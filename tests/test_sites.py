@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rig.machine.sites import Site, parse_objdump, unreachable_reason
 from rig.observe.coverage import SiteCoverage
-from rig.observe.exploration import Window, boundaries_of
+from rig.observe.windows import Window, boundaries_of
 
 SIGNAL = 0xFFFFFFFF819F8000
 

@@ -393,7 +393,7 @@ def test_qemu_machine_over_ssh(host: SshHost, base_config: GuestConfig) -> None:
 
 
 def test_kvm_uses_cpu_host() -> None:
-    from rig.transport.host import LocalHost
+    from rig.transport.local import LocalHost
 
     m = QemuMachine(LocalHost(), QemuConfig(Path("k"), Path("i"), "", accel="kvm"))
     try:
@@ -458,7 +458,7 @@ def test_kernel_probe_refuses_a_nested_kvm_whichever_way_it_fails(base_config: G
     guest hangs (in the decompressor, or stopped by a KVM internal error); or QEMU exits
     with an error. Each must be a refusal in one line naming its cause, within the bound.
     On a real KVM host this test skips."""
-    from rig.transport.host import LocalHost
+    from rig.transport.local import LocalHost
 
     flags = Path("/proc/cpuinfo").read_text()
     if " vmx" in flags or " svm" in flags or not os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -1,8 +1,9 @@
-"""rig.observe.stepping.CodeLines: the Stepper's per-run code cache (no guest needed)."""
+"""rig.machine.stepper.CodeLines: the Stepper's per-run code cache (no guest needed)."""
 
 from __future__ import annotations
 
-from rig.observe.stepping import CODE_LINE, MAX_INSN, CodeLines, Snapshot
+from rig.machine.stepper import CODE_LINE, MAX_INSN, CodeLines
+from rig.machine.trace import Snapshot
 
 
 def _reply(start: int, size: int) -> str:
@@ -45,7 +46,7 @@ def test_a_failed_read_keeps_nothing() -> None:
 
 
 def test_the_library_conditions_foresee_only_what_can_make_them_hold() -> None:
-    from rig.observe.stepping import ForeseeingStop, in_user_mode, on_kernel_tables, on_user_tables
+    from rig.machine.stops import ForeseeingStop, in_user_mode, on_kernel_tables, on_user_tables
 
     k = 0xFFFFFFFF81000000
     mov, ret, cr3_write = bytes.fromhex("4889e7"), bytes.fromhex("c3"), bytes.fromhex("0f22dc")
@@ -65,7 +66,7 @@ def _at(step: int, rip: int) -> Snapshot:
 
 
 def test_spinning_holds_at_a_window_end_with_few_rips_and_foresees_the_rest() -> None:
-    from rig.observe.stepping import AnyOf, ForeseeingStop, Spinning, in_user_mode
+    from rig.machine.stops import AnyOf, ForeseeingStop, Spinning, in_user_mode
 
     k = 0xFFFFFFFF81000000
     spin = Spinning(1, window=100, distinct=4)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rig import protocol
 from rig.errors import ConfigError, GuestError
 from rig.guest import Guest
 from rig.supply import initramfs
@@ -156,7 +157,7 @@ def test_workload_prints_one_line(booted: Guest) -> None:
     out, status = booted.shell(f"/bin/{WORKLOAD} c 50 0 1")
     assert status == 0, out
     lines = out.splitlines()
-    assert lines[0].startswith(f"{initramfs.WORKLOAD_MARKER} {WORKLOAD} cpu=0 pid=")
+    assert lines[0].startswith(f"{protocol.WORKLOAD_MARKER} {WORKLOAD} cpu=0 pid=")
     assert lines[1].startswith(f"{SB_MARKER} variant=c n=50 relaxed=0 ") and lines[1].endswith(" cpus=0,1")
     assert len(lines) == 2
 

@@ -34,7 +34,8 @@ import pytest
 
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
-from rig.observe.stepping import Snapshot, Trace, in_user_mode, on_kernel_tables
+from rig.machine.stops import in_user_mode, on_kernel_tables
+from rig.machine.trace import Snapshot, Trace
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import COMPAT_WORKLOADS, build_initramfs
 from rig.supply.kernel import resolve_kernel

@@ -17,6 +17,9 @@ from rig.errors import ConfigError
 
 _SLOT = 32
 
+#: AT&T text of a write to CR3 (``mov %reg,%cr3``), as :func:`disassemble` gives it.
+MOV_TO_CR3 = re.compile(r"^mov\s+%\w+,%cr3$")
+
 
 def disassemble(code: Mapping[int, bytes]) -> dict[int, str]:
     """address -> instruction text for each entry of ``code`` (empty bytes give ``?``)."""

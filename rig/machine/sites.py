@@ -27,6 +27,11 @@ from typing import Literal
 from rig.errors import ConfigError
 from rig.machine.symbols import SymbolTable
 
+#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3): the per-CPU variable
+#: the entry code sets to 1 before it loads the kernel CR3 and to 0 before the user CR3.
+#: The one home of its name (the checks, the testcases, the reports import it).
+SIGNAL = "kernel_cr3_loaded"
+
 #: Text ranges (start and end symbols) whose code runs at the user/kernel boundary.
 ENTRY_RANGES = (("__entry_text_start", "__entry_text_end"), ("__noinstr_text_start", "__noinstr_text_end"))
 
@@ -156,7 +161,7 @@ def entry_disassembly(vmlinux: Path, symbols: SymbolTable) -> str:
     return "\n".join(text)
 
 
-def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_loaded") -> list[Site]:
+def find_sites(vmlinux: Path, symbols: SymbolTable, signal: str = SIGNAL) -> list[Site]:
     """Every CR3 write and signal store in ``vmlinux``'s entry and noinstr text, by address."""
     targets = frozenset(a for a in (symbols.get(signal), symbols.get(f"{signal}_page")) if a is not None)
     found = parse_objdump(entry_disassembly(vmlinux, symbols), targets)

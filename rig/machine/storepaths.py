@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rig.machine.sites import Site, entry_disassembly, find_sites
+from rig.machine.sites import SIGNAL, Site, entry_disassembly, find_sites
 from rig.machine.symbols import SymbolTable
 
 __all__ = ["MAX_WALK", "Instruction", "StorePath", "parse_instructions", "store_paths", "walk_store_paths"]
@@ -129,7 +129,7 @@ def walk_store_paths(instructions: list[Instruction], sites: list[Site]) -> list
     return paths
 
 
-def store_paths(vmlinux: Path, symbols: SymbolTable, signal: str = "kernel_cr3_loaded") -> list[StorePath]:
+def store_paths(vmlinux: Path, symbols: SymbolTable, signal: str = SIGNAL) -> list[StorePath]:
     """Every path from a signal store to a CR3 write in ``vmlinux`` (module doc).
 
     Raises:

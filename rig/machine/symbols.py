@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rig.errors import ConfigError
-
-#: The lowest kernel-half address on x86-64 (4- and 5-level paging alike).
-KERNEL_HALF = 0xFF00_0000_0000_0000
+from rig.machine.x86 import in_user_half
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class SymbolTable:
         self._by_name: dict[str, Symbol] = {}
         for s in symbols:
             self._by_name.setdefault(s.name, s)
-        located = sorted((s.address, s.name) for s in self._by_name.values() if s.address >= KERNEL_HALF)
+        located = sorted((s.address, s.name) for s in self._by_name.values() if not in_user_half(s.address))
         self._addrs = [a for a, _ in located]
         self._names = [n for _, n in located]
 
@@ -60,7 +58,7 @@ class SymbolTable:
 
     def describe(self, address: int) -> str:
         """``name+0xoff`` for a kernel address, hex for anything else."""
-        if address < KERNEL_HALF:
+        if in_user_half(address):
             return f"{address:#x}"
         i = bisect.bisect_right(self._addrs, address) - 1
         if i < 0:
@@ -98,62 +96,6 @@ def parse_kallsyms(text: str) -> list[Symbol]:
             continue
         out.append(Symbol(parts[2], addr, parts[1]))
     return out
-
-
-def x86_64_elf_problem(path: Path) -> str | None:
-    """None if ``path`` is an x86-64 ELF, else why not (one phrase). Reads the header only."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return "not an ELF file (no \\x7fELF magic)"
-            f.seek(0)
-            elf = ELFFile(f)
-            machine = elf["e_machine"]
-            cls = elf.elfclass
-    except OSError as exc:
-        return f"cannot read it ({exc.strerror})"
-    except (ELFError, ValueError, KeyError) as exc:
-        return f"not a valid ELF file ({exc})"
-    if machine != "EM_X86_64" or cls != 64:
-        arch = str(machine).removeprefix("EM_")
-        return f"an ELF{cls} for {arch}, not x86-64"
-    return None
-
-
-def vmlinux_problem(vmlinux: Path) -> str | None:
-    """None if ``vmlinux`` is a complete x86-64 ELF with a symbol table, else why not.
-
-    Checked statically (pyelftools, headers and section table only: well under a second
-    even for a 600 MB debug vmlinux): not an ELF, another architecture, truncated
-    (a section or the section table ends beyond the end of the file), no ``.symtab``.
-    """
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    why = x86_64_elf_problem(vmlinux)
-    if why is not None:
-        return why
-    size = vmlinux.stat().st_size
-    try:
-        with open(vmlinux, "rb") as f:
-            elf = ELFFile(f)
-            table_end = elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"]
-            if elf["e_shnum"] == 0 or table_end > size:
-                return f"truncated ({size} bytes; its section table ends at byte {table_end})"
-            has_symtab = False
-            for sect in elf.iter_sections():
-                end = sect["sh_offset"] + sect["sh_size"]
-                if sect["sh_type"] != "SHT_NOBITS" and end > size:
-                    return f"truncated ({size} bytes; section {sect.name} ends at byte {end})"
-                has_symtab |= sect["sh_type"] == "SHT_SYMTAB"
-    except (ELFError, ValueError, KeyError, OSError) as exc:
-        return f"not a valid ELF file ({exc})"
-    if not has_symtab:
-        return "no symbol table (.symtab; stripped?)"
-    return None
 
 
 def elf_symbols(vmlinux: Path) -> list[Symbol]:

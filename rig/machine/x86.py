@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 #: CR3 bit 12: set when the PTI user page tables are loaded (the user PGD is kernel + 4 KiB).
 PTI_USER_PGTABLE_BIT = 12
+#: :data:`PTI_USER_PGTABLE_BIT` as a mask.
+PTI_USER_PGTABLE_MASK = 1 << PTI_USER_PGTABLE_BIT
 #: CR3 bit 11: the user PCID bit when PCID is on (``X86_CR3_PTI_PCID_USER_BIT``).
 PTI_USER_PCID_BIT = 11
+#: :data:`PTI_USER_PCID_BIT` as a mask.
+PTI_USER_PCID_MASK = 1 << PTI_USER_PCID_BIT
 X86_CR3_PCID_MASK = 0xFFF
+#: CR3 bit 63 on a write with PCID: "do not flush" (``X86_CR3_PCID_NOFLUSH``); never part of
+#: CR3 as read back.
+X86_CR3_PCID_NOFLUSH = 1 << 63
 X86_CR4_PCIDE = 1 << 17
 X86_CR4_LA57 = 1 << 12
 PAGE_SIZE = 4096
@@ -36,7 +44,7 @@ class Cr3:
     @property
     def user_tables(self) -> bool:
         """True when the PTI user page tables are loaded (bit 12)."""
-        return bool(self.raw & (1 << PTI_USER_PGTABLE_BIT))
+        return user_cr3(self.raw)
 
     @property
     def pgd(self) -> int:
@@ -46,7 +54,12 @@ class Cr3:
     @property
     def kernel_pgd(self) -> int:
         """Physical address of the kernel PGD of this pair (bit 12 cleared)."""
-        return self.pgd & ~(1 << PTI_USER_PGTABLE_BIT)
+        return self.pgd & ~PTI_USER_PGTABLE_MASK
+
+    @property
+    def user_pgd(self) -> int:
+        """Physical address of the PTI user PGD of this pair (the kernel PGD + 4 KiB, bit 12 set)."""
+        return self.kernel_pgd | PTI_USER_PGTABLE_MASK
 
     @property
     def pcid(self) -> int | None:
@@ -55,12 +68,26 @@ class Cr3:
     @property
     def user_pcid(self) -> bool:
         """The user-PCID bit (11); only meaningful with PCID enabled."""
-        return self.pcid_enabled and bool(self.raw & (1 << PTI_USER_PCID_BIT))
+        return self.pcid_enabled and bool(self.raw & PTI_USER_PCID_MASK)
 
     def describe(self) -> str:
-        side = "user" if self.user_tables else "kernel"
+        side = cr3_side(self.raw)
         pcid = f" pcid={self.pcid}" if self.pcid_enabled else ""
         return f"{self.raw:#x} ({side}{pcid})"
+
+
+def user_cr3(cr3: int) -> bool:
+    """True if ``cr3`` loads the PTI user page tables (bit 12 set), False for the kernel ones.
+
+    The one test of a CR3 value's side: under PTI the user PGD is the kernel PGD + 4 KiB
+    (``PTI_USER_PGTABLE_BIT``). Without PTI bit 12 says nothing (a PGD is only 4 KiB aligned).
+    """
+    return bool(cr3 & PTI_USER_PGTABLE_MASK)
+
+
+def cr3_side(cr3: int) -> Literal["user", "kernel"]:
+    """``"user"`` or ``"kernel"``: the side :func:`user_cr3` says ``cr3`` is on, as reports word it."""
+    return "user" if user_cr3(cr3) else "kernel"
 
 
 def decode_cr3(raw: int, cr4: int = 0) -> Cr3:
@@ -189,8 +216,21 @@ def walk(pgd_phys: int, virtual: int, read_phys_u64: PhysReader, *, five_level: 
     raise AssertionError("unreachable")
 
 
-#: Lowest address of the upper (kernel) half of the 64-bit address space.
+#: Lowest address of the upper (kernel) half of the 64-bit address space: bit 63 set.
+#:
+#: A canonical address has bits 63..47 (4-level paging) or 63..56 (5-level, LA57) all
+#: equal, so its upper half starts at 0xffff800000000000 or 0xff00000000000000; every
+#: address from 1 << 63 up to those is non-canonical (no rip, no symbol lies there). Bit
+#: 63 therefore tells the halves apart under both paging modes with one constant, which is
+#: all the rig asks: a rip or return address in the user half (user mode), a symbol that is
+#: a kernel address (not a zero-based per-CPU offset or an absolute value).
 KERNEL_HALF = 1 << 63
+
+
+def in_user_half(address: int) -> bool:
+    """True if ``address`` is in the lower (user) half of the address space (bit 63 clear)."""
+    return address < KERNEL_HALF
+
 
 #: One-byte opcodes whose next rip is not the fall-through, a relative target or an
 #: interrupt vector: RET near/far (C2 C3 CA CB), IRET (CF), JMP/CALL far (EA 9A).
@@ -213,7 +253,7 @@ def may_leave_kernel_half(code: bytes, pc: int) -> bool:
     short to tell and for a relative branch with an operand-size prefix (truncated
     targets on some CPUs).
     """
-    if pc < KERNEL_HALF or pc + 16 >= 1 << 64:
+    if in_user_half(pc) or pc + 16 >= 1 << 64:
         return True
     i = 0
     n = len(code)
@@ -231,7 +271,7 @@ def may_leave_kernel_half(code: bytes, pc: int) -> bool:
         return i + 1 >= n or 2 <= (code[i + 1] >> 3) & 7 <= 5
     if op in _REL8 or op in (0xE8, 0xE9):
         size = 1 if op in _REL8 else 4
-        return sized or _relative_target(code, pc, i + 1, size) < KERNEL_HALF
+        return sized or in_user_half(_relative_target(code, pc, i + 1, size))
     if op != 0x0F:
         return False
     if i + 1 >= n:
@@ -240,7 +280,7 @@ def may_leave_kernel_half(code: bytes, pc: int) -> bool:
     if op2 in _UNKNOWN_TARGET_0F:
         return True
     if 0x80 <= op2 <= 0x8F:  # Jcc rel32
-        return sized or _relative_target(code, pc, i + 2, 4) < KERNEL_HALF
+        return sized or in_user_half(_relative_target(code, pc, i + 2, 4))
     if op2 == 0x01:  # group 7: with F2/F3, ERETS/ERETU/UIRET and kin; CLAC/STAC/SWAPGS without
         return rep
     return False

@@ -8,17 +8,43 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rig.machine.disasm import MOV_TO_CR3
+from rig.machine.sites import SIGNAL
 from rig.machine.storepaths import StorePath
 from rig.machine.symbols import SymbolTable
+from rig.machine.trace import Trace
 from rig.observe.findings import Finding, Rule
-from rig.observe.stepping import Trace
 
 #: Most boundaries allowed between a signal store and the CR3 write it precedes
 #: (NOTE_CR3_SWITCH sits immediately before the switch; the SGDT idiom adds a few).
 MAX_STORE_TO_CR3_WINDOW = 8
 
-#: AT&T text of a write to CR3 (``mov %reg,%cr3``).
-MOV_TO_CR3 = re.compile(r"^mov\s+%\w+,%cr3$")
+
+def frozen_violations(trace: Trace) -> list[Finding]:
+    """Every change of a non-stepping vCPU's rip or CR3 during a stepped run, and a change of
+    the stepping vCPU's CR3 the run did not read (must be empty): the premise of a stepped
+    check, so these are :attr:`Rule.RIG_PREMISE` findings."""
+    out = []
+    if trace.untracked_cr3:
+        out.append(Finding(Rule.RIG_PREMISE, trace.untracked_cr3, trace.untracked_cr3_step, trace.cpu))
+    if not trace.snapshots:
+        return out
+    first = trace.snapshots[0]
+    for s in trace.snapshots[1:]:
+        for n in range(trace.ncpus):
+            if n == trace.cpu:
+                continue
+            if s.rip[n] != first.rip[n] or s.cr3[n] != first.cr3[n]:
+                out.append(
+                    Finding(
+                        Rule.RIG_PREMISE,
+                        f"step {s.step}: vCPU {n} moved: rip {first.rip[n]:#x}->{s.rip[n]:#x} "
+                        f"cr3 {first.cr3[n]:#x}->{s.cr3[n]:#x}",
+                        s.step,
+                        n,
+                    )
+                )
+    return out
 
 
 def cr3_flip_problems(trace: Trace, *, to_user: bool) -> tuple[int | None, list[Finding]]:
@@ -138,7 +164,7 @@ def signal_problems(
 #: Per-CPU variables the entry code may touch between a signal store and its CR3 write:
 #: the TSS (its ``sp2`` is the SYSCALL entry's scratch slot, ``sp0``/``sp1`` the stacks) and
 #: the signal itself. Any other ``%gs:`` operand there is a finding naming the variable.
-SCRATCH_PER_CPU = ("cpu_tss_rw", "kernel_cr3_loaded")
+SCRATCH_PER_CPU = ("cpu_tss_rw", SIGNAL)
 
 #: Mnemonics whose bare numeric operand is a branch target, not a memory address.
 _BRANCHES = ("j", "call", "loop", "xbegin")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from rig.guest import Guest
 from rig.machine.sites import Site, find_sites, unreachable_reason
-from rig.observe.stepping import Trace
+from rig.machine.trace import Trace
 
 
 @dataclass

@@ -22,6 +22,7 @@ __all__ = [
     "Finding",
     "FindingsFailure",
     "Rule",
+    "SkipKind",
     "fail_on",
     "failure_kind",
     "render",
@@ -135,6 +136,19 @@ class FailureKind(enum.Enum):
     def caught(self) -> bool:
         """True if this failure says something about the kernel under test."""
         return self is not FailureKind.RIG_ERROR
+
+
+class SkipKind(enum.Enum):
+    """Why a testcase could not judge here, when the reason is one a tool must tell apart
+    (the container matrix: which skips a kernel kind may give), as recorded in its JUnit
+    properties (``cr3rig.skip``, :data:`rig.report.junit.SKIP_KIND`)."""
+
+    #: The guest has no PCID (TCG): the PCID CR3 sites are not covered by this run.
+    PCID_OFF = "pcid-off"
+    #: The kernel lacks the CR3 signal (``kernel_cr3_loaded``, CONFIG_TRACK_CR3).
+    NO_SIGNAL = "no-signal"
+    #: The QEMU here refuses the watch plugin's API version, and no QEMU that loads it runs here.
+    PLUGIN_REFUSED = "plugin-refused"
 
 
 def failure_kind(exc: BaseException | None, crashed: bool = False) -> FailureKind:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.machine.stepper import step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
-from rig.observe.exploration import quiet_console
 from rig.observe.findings import Finding, Rule
-from rig.observe.runcontrol import step_over
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 __all__ = ["EVENTS", "EVENT_ENTRIES", "OffResult", "OffWatcher", "watch_off"]
@@ -246,7 +245,7 @@ def watch_off(
     The workloads must already run. Kernel messages are kept off the serial console
     meanwhile; every breakpoint is removed again and the guest runs on afterwards.
     """
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         guest.stop()
         with guest.link() as link:
             return OffWatcher(guest, sites, signal=signal).run(

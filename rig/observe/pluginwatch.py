@@ -43,7 +43,7 @@ from rig.errors import ConfigError, GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site, find_sites
 from rig.machine.symbols import SymbolTable, elf_symbols
-from rig.observe.exploration import quiet_console
+from rig.machine.x86 import X86_CR3_PCID_NOFLUSH
 from rig.observe.findings import Finding, Rule
 from rig.observe.transitions import CR3Sides, Hit, TransitionChecker
 from rig.observe.watching import MAX_PROBLEMS, SiteTally, WatchResult
@@ -60,8 +60,6 @@ SITES_FILE = "cr3watch-sites.txt"
 SOCKET = "cr3watch.sock"
 #: Seconds without any record before the watch fails as stuck.
 RECORD_TIMEOUT = 10.0
-#: CR3 bit 63 on a write: "do not flush" (PCID); never part of CR3 as read back.
-CR3_NOFLUSH = 1 << 63
 
 _REG32 = {f"e{r}": f"r{r}" for r in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")}
 _REG32.update({f"r{n}d": f"r{n}" for n in range(8, 16)})
@@ -337,7 +335,7 @@ def _loaded_value_problems(hit: Hit, written: int) -> list[Finding]:
     """The value read back after the instruction is the value it wrote."""
     where = f"vCPU {hit.cpu} at {hit.site.where}"
     if hit.site.kind == "cr3-write":
-        if hit.cr3_after != written & ~CR3_NOFLUSH:
+        if hit.cr3_after != written & ~X86_CR3_PCID_NOFLUSH:
             text = f"{where}: the CR3 write wrote {written:#x} but CR3 reads {hit.cr3_after:#x} after it"
             return [Finding(Rule.UNLISTED_CR3_WRITE, text, cpu=hit.cpu, where=hit.site.where)]
         return []
@@ -367,6 +365,6 @@ def watch(
     meanwhile; the guest runs on afterwards, the plugin no longer recording.
     """
     watcher = PluginWatcher(guest, plugin_watch)
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         guest.resume()
         return watcher.run(transitions, nmi_every=nmi_every, max_seconds=max_seconds, min_per_cpu=min_per_cpu)

@@ -27,10 +27,9 @@ from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
 from rig.machine.vcpu import stopped_cpu
-from rig.observe.exploration import quiet_console
 from rig.observe.transitions import TransitionChecker
 from rig.observe.watching import Watcher, WatchResult
-from rig.supply.initramfs import SELFTESTS_DIR
+from rig.protocol import SELFTESTS_DIR
 from rig.transport.rsp import RspLink
 
 #: Printed by the wrapper once the selftest has exited: ``… <name> <status>``.
@@ -173,7 +172,7 @@ def _kill(guest: Guest, name: str, pid: int, why: str) -> SelftestVerdict:
 def run_unwatched(guest: Guest, name: str, timeout: float = 60.0) -> SelftestRun:
     """Run one selftest with the guest running freely (e.g. on a kernel without a vmlinux)."""
     t0 = time.monotonic()
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         pid = _start(guest, name)
         assert guest.console is not None
         guest.console.send(f"kill -CONT {pid}")
@@ -237,7 +236,7 @@ def run_watched(
 ) -> SelftestRun:
     """Run one selftest under watch mode (see the module doc); the guest runs on after."""
     t0 = time.monotonic()
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         pid = _start(guest, name)
         watcher = SelftestWatcher(guest, sites, signal=signal)
         guest.stop()

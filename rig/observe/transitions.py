@@ -19,20 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rig.machine.sites import Site
-from rig.machine.x86 import PTI_USER_PGTABLE_BIT
+from rig.machine.x86 import cr3_side, user_cr3
 from rig.observe.findings import Finding, Rule
 
 #: Where paranoid exceptions put CR3 and the signal back (PARANOID_RESTORE_CR3 / RESTORE_CR3).
 PARANOID_RESTORE_FUNCTIONS = frozenset({"paranoid_exit", "end_repeat_nmi", "nmi_restore"})
-
-
-def user_side(cr3: int) -> bool:
-    """True if ``cr3`` is a PTI user CR3 (bit 12 set)."""
-    return bool(cr3 & (1 << PTI_USER_PGTABLE_BIT))
-
-
-def side(cr3: int) -> str:
-    return "user" if user_side(cr3) else "kernel"
 
 
 def agreed_signal(reads: Sequence[int | None]) -> tuple[int | None, str]:
@@ -145,12 +136,12 @@ class TransitionChecker:
                 else:
                     stack.pop()  # the exception found the kernel CR3: its exit is done
             return problems
-        if not user_side(hit.cr3_after):
+        if not user_cr3(hit.cr3_after):
             if hit.signal_before != 1:
                 problems.append(
                     Finding(
                         Rule.KERNEL_CR3_BEFORE_SIGNAL,
-                        f"{where}: the CR3 write loaded the kernel CR3 ({side(hit.cr3_before)}->kernel) "
+                        f"{where}: the CR3 write loaded the kernel CR3 ({cr3_side(hit.cr3_before)}->kernel) "
                         f"with the signal {hit.signal_before}",
                         cpu=cpu,
                         where=site.where,
@@ -179,7 +170,7 @@ class TransitionChecker:
             problems.append(
                 Finding(
                     Rule.USER_CR3_BEFORE_SIGNAL,
-                    f"{where}: the CR3 write loaded the user CR3 ({side(hit.cr3_before)}->user) "
+                    f"{where}: the CR3 write loaded the user CR3 ({cr3_side(hit.cr3_before)}->user) "
                     f"with the signal {hit.signal_before}",
                     cpu=cpu,
                     where=site.where,
@@ -202,7 +193,7 @@ class CR3Sides:
     def continues(self, cpu: int, cr3: int, where: str) -> list[Finding]:
         """The problem if ``cpu`` is at ``where`` on another side than it was left on."""
         last = self.last[cpu]
-        now = user_side(cr3)
+        now = user_cr3(cr3)
         self.last[cpu] = now
         if last is None or last == now:
             return []
@@ -215,7 +206,7 @@ class CR3Sides:
 
     def left(self, cpu: int, cr3: int) -> None:
         """``cpu``'s watched instruction left it on ``cr3``."""
-        self.last[cpu] = user_side(cr3)
+        self.last[cpu] = user_cr3(cr3)
 
 
 def stores_before_their_cr3_write(sites: Sequence[Site]) -> frozenset[int]:

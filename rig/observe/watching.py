@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
+from rig.machine.stepper import step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
-from rig.observe.exploration import NMI_CPU, quiet_console
+from rig.machine.x86 import user_cr3
 from rig.observe.findings import Finding, Rule
-from rig.observe.runcontrol import step_over
-from rig.observe.transitions import CR3Sides, Hit, TransitionChecker, agreed_signal, user_side
+from rig.observe.transitions import CR3Sides, Hit, TransitionChecker, agreed_signal
+from rig.transport.qemu import NMI_CPU
 from rig.transport.rsp import RspLink, hex_le, is_error
 
 #: Seconds one ``vCont;c`` may run without any vCPU hitting a switch site.
@@ -97,8 +98,8 @@ class WatchResult:
         t.by_cpu[hit.cpu] = t.by_cpu.get(hit.cpu, 0) + 1
         self.hits += 1
         self.hits_by_cpu[hit.cpu] = self.hits_by_cpu.get(hit.cpu, 0) + 1
-        if hit.site.kind == "cr3-write" and user_side(hit.cr3_before) != user_side(hit.cr3_after):
-            if user_side(hit.cr3_after):
+        if hit.site.kind == "cr3-write" and user_cr3(hit.cr3_before) != user_cr3(hit.cr3_after):
+            if user_cr3(hit.cr3_after):
                 t.to_user += 1
             else:
                 t.to_kernel += 1
@@ -325,7 +326,7 @@ def watch(
     The workloads must already run. Kernel messages are kept off the serial console
     meanwhile; every breakpoint is removed again and the guest runs on afterwards.
     """
-    with quiet_console(guest):
+    with guest.userspace.quiet_console():
         guest.stop()
         with guest.link() as link:
             result = Watcher(guest, sites, signal=signal).run(

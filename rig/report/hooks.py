@@ -16,13 +16,13 @@ import pytest
 
 from rig.errors import RigError
 from rig.guest import Guest, GuestConfig
-from rig.machine.sites import find_sites
+from rig.machine.sites import SIGNAL, find_sites
+from rig.observe.findings import Finding, FindingsFailure
 from rig.report.provenance import guest_provenance, planned_provenance, qemu_version
 from rig.report.session import TraceFiles, session_report, write_index, write_traces
 from rig.transport.host import Host
 
-#: The CR3 signal's name (the plugin's SIGNAL); its stores are marked from the kernel's sites.
-SIGNAL = "kernel_cr3_loaded"
+#: The signal stores of each vmlinux seen, by path and mtime (marked on the timelines).
 _STORE_SITES: dict[tuple[Path, int], dict[int, str]] = {}
 
 
@@ -120,8 +120,11 @@ def record_phase(
     session = session_report(item.config)
     failure = ""
     message = ""
+    findings: tuple[Finding, ...] = ()
     if call.excinfo is not None:
         failure = str(call.excinfo.value)
+        if isinstance(call.excinfo.value, FindingsFailure):
+            findings = call.excinfo.value.findings
         if report.skipped and isinstance(report.longrepr, tuple):
             message = str(report.longrepr[2])
         else:
@@ -137,6 +140,7 @@ def record_phase(
             _safe_name(item.nodeid),
             title=item.nodeid,
             failure=failure,
+            findings=findings,
             store_sites=store_sites(guest),
         )
     except OSError as exc:

@@ -13,9 +13,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rig.observe.findings import FailureKind
+from rig.observe.findings import FailureKind, SkipKind
 
-__all__ = ["Case", "Outcome", "read_junit", "test_id"]
+__all__ = ["SKIP_KIND", "Case", "Outcome", "read_junit", "test_id"]
+
+#: The property naming a typed skip's :class:`~rig.observe.findings.SkipKind`.
+SKIP_KIND = "cr3rig.skip"
 
 
 class Outcome(enum.Enum):
@@ -42,6 +45,8 @@ class Case:
     messages: list[str] = field(default_factory=list)
     seconds: float = 0.0
     properties: dict[str, str] = field(default_factory=dict)
+    #: the message of the phase that set :attr:`outcome` (the first of the worst)
+    outcome_message: str = ""
 
     @property
     def message(self) -> str:
@@ -59,6 +64,17 @@ class Case:
             return FailureKind(self.properties.get("cr3rig.failure", FailureKind.RIG_ERROR.value))
         except ValueError:
             return FailureKind.RIG_ERROR
+
+    @property
+    def skip_kind(self) -> SkipKind | None:
+        """Why it skipped, where the testcase said so in a typed way (:data:`SKIP_KIND`);
+        None if it did not skip or gave no kind."""
+        if self.outcome is not Outcome.SKIPPED:
+            return None
+        try:
+            return SkipKind(self.properties[SKIP_KIND])
+        except (KeyError, ValueError):
+            return None
 
 
 def test_id(classname: str, name: str) -> str:
@@ -102,12 +118,13 @@ def read_junit(source: str | Path) -> dict[str, Case]:
             outcome = _TAGS.get(child.tag)
             if outcome is None:
                 continue
-            if _SEVERITY[outcome] > _SEVERITY[case.outcome]:
-                case.outcome = outcome
             # the one-line message, not the traceback (whose console tail may say anything)
             text = (child.text or "").strip()
             message = child.get("message") or (text.splitlines()[0] if text else "")
             if outcome is Outcome.SKIPPED:
                 message = message.removeprefix("Skipped: ")
+            if _SEVERITY[outcome] > _SEVERITY[case.outcome]:
+                case.outcome = outcome
+                case.outcome_message = message
             case.messages.append(message)
     return cases

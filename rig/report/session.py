@@ -32,8 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from rig.observe.stepping import Trace
-from rig.report.timeline import Violation, locate, write_timeline
+from rig.machine.trace import Trace
+from rig.observe.findings import Finding
+from rig.report.lanes import Violation, violation_of
+from rig.report.timeline import write_timeline
 
 #: Name of the report in the results directory.
 INDEX_NAME = "index.html"
@@ -152,22 +154,28 @@ def write_traces(
     *,
     title: str,
     failure: str = "",
+    findings: Sequence[Finding] = (),
     store_sites: Mapping[int, str] | None = None,
 ) -> list[TraceFiles]:
     """Write each trace as ``<stem>.<n>.jsonl`` and its timeline ``<stem>.<n>.html``.
 
-    The first ``step N`` named in ``failure`` (else the first ``symbol+0xoff `insn``` it
-    quotes) is marked as the violation on the last trace (the one a testcase asserts on);
-    the other traces carry the message unmarked. ``store_sites`` (instruction address ->
-    the watched word it writes) marks those stores even when they write the same value.
+    The first of ``findings`` with a step (else the first, at the first boundary at its
+    ``where``: :func:`rig.report.lanes.violation_of`) is marked as the violation on the
+    last trace (the one a testcase asserts on); the other traces carry it unmarked. A
+    failure without findings (an assertion, a rig error) shows the first line of
+    ``failure``, unmarked. ``store_sites`` (instruction address -> the watched word it
+    writes) marks those stores even when they write the same value.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    violation = violation_text = None
-    if failure:
-        from rig.report.timeline import violation_from_message
-
-        violation = violation_from_message(failure)
-        violation_text = Violation(None, violation.message) if violation else None
+    first_line = next((ln.strip() for ln in failure.splitlines() if ln.strip()), "")
+    shown = violation_of(findings)
+    unplaced = (
+        Violation(None, shown.message)
+        if shown is not None
+        else Violation(None, first_line)
+        if failure
+        else None
+    )
     out = []
     for n, trace in enumerate(traces):
         jsonl = directory / f"{stem}.{n}.jsonl"
@@ -177,7 +185,7 @@ def write_traces(
             trace,
             jsonl.with_suffix(".html"),
             title=f"{title} — trace {n}",
-            violation=locate(violation, trace) if last and violation else violation_text,
+            violation=violation_of(findings, trace) if last and findings else unplaced,
             store_sites=store_sites,
         )
         out.append(TraceFiles(jsonl, page, len(trace.snapshots)))

@@ -12,8 +12,8 @@ binary), with uid/gid 0 and mtime 0, so device nodes and modes are exact and
 the output is reproducible.  Builds are cached by content hash under
 ``<cache>/initramfs/<key>.cpio.gz``.
 
-The protocol constants below are shared with the guest sources and with the
-rest of the rig (the pexpect console driver).
+The markers the guest prints (:mod:`rig.protocol`) are shared with the guest sources
+and the console driver.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import io
 import os
-import re
 import shutil
 import stat
 import struct
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rig.errors import ConfigError, RigError
+from rig.protocol import SELFTESTS_DIR
 from rig.supply.cache import default_cache_dir
 from rig.supply.selftests import (
     DEFAULT_FLAVOR,
@@ -49,13 +49,9 @@ __all__ = [
     "CFLAGS",
     "COMPAT_CFLAGS",
     "COMPAT_WORKLOADS",
-    "PROMPT",
-    "READY_MARKER",
-    "SELFTESTS_DIR",
     "SELFTEST_CHOICES",
     "SOURCE_DIR",
     "WORKLOADS",
-    "WORKLOAD_MARKER",
     "BusyboxMissingError",
     "CompilerMissingError",
     "InitramfsError",
@@ -63,16 +59,8 @@ __all__ = [
     "build_initramfs",
     "default_cache_dir",
     "initramfs_cache_key",
-    "strip_console_noise",
 ]
 
-#: Line printed by ``/init`` once the guest is up, just before the shell starts.
-READY_MARKER = "CR3RIG-READY"
-#: PS1 of the interactive shell on the serial console.
-PROMPT = "cr3rig# "
-#: First word of the line each workload prints once pinned:
-#: ``CR3RIG-WORKLOAD <name> cpu=<N> pid=<pid>``.
-WORKLOAD_MARKER = "CR3RIG-WORKLOAD"
 #: Workload binaries installed as ``/bin/<name>`` (from ``workloads/<name>.c``).
 WORKLOADS: tuple[str, ...] = (
     "syscall-loop",
@@ -97,26 +85,9 @@ COMPAT_WORKLOADS: tuple[str, ...] = (
     "compat-int80-loop",
 )
 
-#: Where the x86 selftests go in the guest (``/selftests/<name>``).
-SELFTESTS_DIR = "selftests"
 #: ``selftests=`` choices of :func:`build_initramfs`: the default subset
 #: (:data:`rig.supply.selftests.DEFAULT_SELFTESTS`), every one that runs here, or none.
 SELFTEST_CHOICES = ("default", "all", "none")
-
-# ANSI CSI/OSC escape sequences.  busybox's line editor writes ESC[6n (a
-# cursor-position query) after every prompt.
-_CONSOLE_ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
-
-
-def strip_console_noise(text: str) -> str:
-    """Remove terminal escape sequences and carriage returns from console text.
-
-    The guest shell echoes commands and busybox's line editor emits ESC[6n
-    after each prompt; serial output uses CR LF (often CR CR LF through a
-    pty).  The result has plain ``\\n`` line ends.
-    """
-    return _CONSOLE_ESCAPE_RE.sub("", text).replace("\r", "")
-
 
 #: Guest sources: ``init`` and ``workloads/*.c`` / ``*.h``.
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "guests" / "initramfs"

@@ -189,16 +189,25 @@ def api_refusal(qemu: str, lib: Path) -> str | None:
     return None if m is None else m.group(0).strip()
 
 
-def _usable(qemu: str, cache_dir: Path) -> str | None:
-    """None if ``qemu`` can run plugin watch with the plugin built here, else why not."""
+class PluginRefused(ConfigError):
+    """Plugin watch cannot run because a QEMU here refuses the plugin's API version (and no
+    QEMU that loads it could be had): what the QEMU said, whatever the kernel."""
+
+
+def _usable(qemu: str, cache_dir: Path) -> tuple[str | None, bool]:
+    """(None, False) if ``qemu`` can run plugin watch with the plugin built here, else why
+    not and whether it was ``qemu`` refusing the plugin's API version."""
     why = plugin_support(qemu)
     if why is not None:
-        return why
+        return why, False
     refused = api_refusal(qemu, build_plugin(cache_dir))
     if refused is None:
-        return None
+        return None, False
     header = plugin_header(cache_dir)
-    return f"{qemu} refuses the plugin built against {HEADER_SUITE}' qemu-plugin.h ({header}): {refused}"
+    return (
+        f"{qemu} refuses the plugin built against {HEADER_SUITE}' qemu-plugin.h ({header}): {refused}",
+        True,
+    )
 
 
 def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
@@ -207,20 +216,23 @@ def plugin_qemu(qemu: str, cache_dir: Path) -> tuple[str, str]:
     ``qemu`` itself when it can load the plugin; otherwise :data:`HEADER_SUITE`'s QEMU
     (:func:`rig.supply.qemu.fetch_qemu`: fetched once into the cache, run beside the
     system's), so that the default run on Debian bookworm (QEMU 7.2) watches with the
-    plugin too. Raises :class:`ConfigError` (one line, both reasons) when neither can.
+    plugin too. Raises :class:`ConfigError` (one line, both reasons) when neither can: a
+    :class:`PluginRefused` when either QEMU refused the plugin's API version.
     """
-    why = _usable(qemu, cache_dir)
+    why, refused = _usable(qemu, cache_dir)
     if why is None:
         return qemu, ""
     from rig.supply.qemu import fetch_qemu  # the fallback only; keeps this module light
 
+    error = PluginRefused if refused else ConfigError
     try:
         other = str(fetch_qemu(HEADER_SUITE, cache_dir))
     except ConfigError as exc:
-        raise ConfigError(f"{why}; fetching {HEADER_SUITE}' QEMU failed: {exc}") from None
-    why_not = _usable(other, cache_dir)
+        raise error(f"{why}; fetching {HEADER_SUITE}' QEMU failed: {exc}") from None
+    why_not, refused_too = _usable(other, cache_dir)
     if why_not is not None:
-        raise ConfigError(f"{why}; and {HEADER_SUITE}' QEMU cannot either: {why_not}")
+        error = PluginRefused if refused or refused_too else ConfigError
+        raise error(f"{why}; and {HEADER_SUITE}' QEMU cannot either: {why_not}")
     have, used = (".".join(map(str, qemu_version(q) or ())) for q in (qemu, other))
     return (
         other,

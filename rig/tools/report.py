@@ -6,15 +6,15 @@ A run leaves its data beside its pages: each step trace as JSON Lines
 ``results/mutants.html``. This tool draws those pages again from the data, e.g. after
 the renderer changed, or for a trace copied from another machine::
 
-    cr3rig report timeline results/X.0.jsonl [--out PAGE.html] [--failure TEXT]
+    cr3rig report timeline results/X.0.jsonl [--out PAGE.html] [--violation-step N]
     cr3rig report mutants [--results results/]
 
 ``timeline`` writes each trace's page beside it (``--out`` for one trace elsewhere).
 The JSON Lines keep every snapshot (rip and CR3 of every vCPU, the watched words as each
 vCPU reads them, the instruction and where it is); the trace's own marks (an injected
 NMI) and why it stopped are not in them, so the redrawn page lacks those.
-``--failure`` marks the violation the failure text names (its first ``step N``), as
-the plugin does for a failing testcase. ``mutants`` draws ``mutants.html`` from
+``--violation-step N`` marks boundary N as the violation (the step of the failing
+testcase's first finding, which its report names). ``mutants`` draws ``mutants.html`` from
 ``mutants.md``, linking each kernel to its session report under ``mutants/<name>/``.
 
 The session report (``results/index.html``) is written by the pytest plugin at the end
@@ -29,9 +29,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rig.observe.stepping import Snapshot, Trace
+from rig.machine.trace import Snapshot, Trace
+from rig.report.lanes import Violation
 from rig.report.session import MUTANTS_MD, write_mutants_page
-from rig.report.timeline import locate, violation_from_message, write_timeline
+from rig.report.timeline import write_timeline
 
 __all__ = ["ReportError", "main", "read_trace", "redraw_mutants", "redraw_timeline"]
 
@@ -54,7 +55,7 @@ def _snapshot(line: str) -> Snapshot:
 
 
 def read_trace(path: Path) -> Trace:
-    """The trace in ``path`` (JSON Lines as :meth:`rig.observe.stepping.Trace.write_jsonl`
+    """The trace in ``path`` (JSON Lines as :meth:`rig.machine.trace.Trace.write_jsonl`
     writes them): its snapshots, the stepping vCPU and the number of vCPUs.
 
     Raises:
@@ -75,24 +76,24 @@ def read_trace(path: Path) -> Trace:
     return Trace(cpu=snaps[0].cpu, ncpus=len(snaps[0].rip), snapshots=snaps)
 
 
-def redraw_timeline(jsonl: Path, out: Path | None = None, *, title: str = "", failure: str = "") -> Path:
+def redraw_timeline(
+    jsonl: Path, out: Path | None = None, *, title: str = "", violation_step: int | None = None
+) -> Path:
     """Draw the timeline of the trace in ``jsonl`` to ``out`` (default: beside it, ``.html``).
-
-    ``failure``: a failure message; its first ``step N`` (or quoted instruction) is marked
-    as the violation. Returns the page's path.
+    ``violation_step``: the boundary to mark as the violation. Returns the page's path.
 
     Raises:
-        ReportError: as :func:`read_trace`.
+        ReportError: as :func:`read_trace`, or a ``violation_step`` the trace does not have.
     """
     trace = read_trace(jsonl)
     page = out if out is not None else jsonl.with_suffix(".html")
-    violation = violation_from_message(failure) if failure else None
-    return write_timeline(
-        trace,
-        page,
-        title=title or f"cr3rig step trace {jsonl.stem}",
-        violation=locate(violation, trace) if violation else None,
-    )
+    violation = None
+    if violation_step is not None:
+        if not any(s.step == violation_step for s in trace.snapshots):
+            last = trace.snapshots[-1].step
+            raise ReportError(f"{jsonl}: no boundary {violation_step} in it (steps 0-{last})")
+        violation = Violation(violation_step, f"the violation at step {violation_step}")
+    return write_timeline(trace, page, title=title or f"cr3rig step trace {jsonl.stem}", violation=violation)
 
 
 def redraw_mutants(results: Path) -> Path:
@@ -118,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("traces", nargs="+", type=Path, metavar="TRACE.jsonl", help="step traces (JSON Lines)")
     t.add_argument("--out", type=Path, help="where the page goes (one trace only; default: beside it)")
     t.add_argument("--title", default="", help="the page's title (default: names the trace)")
-    t.add_argument("--failure", default="", help="a failure message: its first 'step N' is marked")
+    t.add_argument(
+        "--violation-step", type=int, default=None, metavar="N", help="mark boundary N as the violation"
+    )
     m = sub.add_parser("mutants", help="mutants.html from the mutant runner's mutants.md")
     m.add_argument(
         "--results", type=Path, default=Path("results"), help="the runner's results directory (results/)"
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(redraw_mutants(args.results))
             return 0
         for jsonl in args.traces:
-            print(redraw_timeline(jsonl, args.out, title=args.title, failure=args.failure))
+            print(redraw_timeline(jsonl, args.out, title=args.title, violation_step=args.violation_step))
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1

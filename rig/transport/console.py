@@ -17,10 +17,24 @@ import pexpect
 import pexpect.fdpexpect
 
 from rig.errors import GuestError
-from rig.supply.initramfs import READY_MARKER, strip_console_noise
+from rig.protocol import READY_MARKER
 
 #: Patterns that mean the guest kernel is dead.
 PANIC_PATTERNS = (r"Kernel panic - not syncing", r"\bBUG: ", r"general protection fault")
+
+# ANSI CSI/OSC escape sequences.  busybox's line editor writes ESC[6n (a
+# cursor-position query) after every prompt.
+_CONSOLE_ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
+
+
+def strip_console_noise(text: str) -> str:
+    """Remove terminal escape sequences and carriage returns from console text.
+
+    The guest shell echoes commands and busybox's line editor emits ESC[6n
+    after each prompt; serial output uses CR LF (often CR CR LF through a
+    pty).  The result has plain ``\\n`` line ends.
+    """
+    return _CONSOLE_ESCAPE_RE.sub("", text).replace("\r", "")
 
 
 class Console:

@@ -1,23 +1,20 @@
-"""Where the rig runs its processes: a small interface, and the local host.
+"""Where the rig runs its processes: a small interface, and helpers every host shares.
 
 A :class:`Host` starts a process (QEMU) and gives a private directory for its sockets.
 The rig itself (GDB, the relay, pytest, the checks) always runs here; it reaches the
-host's sockets and logs through the *local* paths of that directory. On
-:class:`LocalHost` the host's view and the local view are the same directory; an SSH
-host (:mod:`rig.transport.ssh`) maps them to a remote private directory and forwards
-the unix sockets.
+host's sockets and logs through the *local* paths of that directory. On the local host
+(:class:`rig.transport.local.LocalHost`) the host's view and the local view are the same
+directory; an SSH host (:mod:`rig.transport.ssh`) maps them to a remote private directory
+and forwards the unix sockets.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,26 +44,6 @@ class HostProcess(abc.ABC):
     def wait_exit(self, seconds: float) -> int | None:
         """Wait at most ``seconds`` for it to end (it is known to be ending); :meth:`poll`."""
         return self.poll()
-
-
-class LocalProcess(HostProcess):
-    """A child process of this Python process."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def wait_exit(self, seconds: float) -> int | None:
-        try:
-            return self.popen.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        kill_process_group(self.popen)
 
 
 def sigterm_as_ctrl_c() -> None:
@@ -158,54 +135,6 @@ class Host(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 (a no-op for the local host)
         """Release the connection to the host, if any. Idempotent."""
-
-
-class LocalHost(Host):
-    """This machine."""
-
-    def which(self, program: str) -> str | None:
-        return shutil.which(program)
-
-    def private_dir(self, prefix: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp makes it 0700
-
-    def spawn(self, argv: Sequence[str], *, log: Path) -> HostProcess:
-        """Start ``argv`` in a session of its own (a terminal's Ctrl-C does not reach it;
-        the rig closes it), killed by the kernel if this process dies first (util-linux
-        ``setpriv --pdeathsig KILL``, which then executes ``argv`` in its place: a worker
-        that pytest-xdist kills in the middle of its cleanup leaves no QEMU behind)."""
-        setpriv = shutil.which("setpriv")
-        launch = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-        with open(log, "wb") as out:
-            return LocalProcess(
-                subprocess.Popen(
-                    [*launch, *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-    def run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str]:
-        p = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False, errors="replace"
-        )
-        return p.returncode, p.stdout + p.stderr
-
-    def kvm_usable(self, qemu: str = "qemu-system-x86_64") -> str | None:
-        from rig.transport.kvmprobe import kvm_problem
-
-        return kvm_problem(self, qemu)
-
-
-def kill_process_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``proc`` and its process group, then reap it. Idempotent."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
 
 
 def require_program(host: Host, program: str, package: str) -> str:

@@ -25,6 +25,9 @@ from rig.transport.kvmprobe import (
 
 #: Default guest memory (MiB).
 DEFAULT_MEMORY_MIB = 512
+#: The vCPU an NMI injected through QMP (:meth:`QemuMachine.inject_nmi`) is taken on: vCPU 0
+#: only (LINT1 is masked on the APs).
+NMI_CPU = 0
 
 
 @dataclass(frozen=True)
@@ -61,23 +64,6 @@ class QemuConfig:
     cpu: str = "max"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     plugin: QemuPlugin | None = None
-
-
-def is_kernel_image(path: Path) -> str | None:
-    """None if ``path`` looks like an x86 bzImage or an ELF vmlinux, else why not."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(0x210)
-    except OSError as exc:
-        return f"cannot read it ({exc.strerror})"
-    if head[:4] == b"\x7fELF":
-        from rig.machine.symbols import x86_64_elf_problem
-
-        why = x86_64_elf_problem(path)
-        return None if why is None else f"it is {why}"
-    if len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
-        return None
-    return "it is neither a bzImage (no 'HdrS' boot header) nor an ELF vmlinux"
 
 
 class QemuMachine:

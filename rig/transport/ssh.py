@@ -1,7 +1,9 @@
 """Bare-metal runs over SSH: QEMU on a remote box, GDB, pytest and the checks here.
 
 :class:`SshHost` implements :class:`~rig.transport.host.Host` with paramiko over one SSH
-connection, which carries everything:
+connection, which carries everything (each part in a module of its own:
+:mod:`~rig.transport.sshconnect`, :mod:`~rig.transport.sshsupervisor`,
+:mod:`~rig.transport.sshchannel`; this module is the host, and re-exports their names):
 
 * **Connection.** ``ssh://[user@]box[:port]``; ``~/.ssh/config`` gives HostName, User,
   Port, IdentityFile and UserKnownHostsFile. Keys come from the agent, the identity
@@ -33,16 +35,9 @@ connection, which carries everything:
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import errno
-import getpass
 import hashlib
-import os
-import re
-import selectors
 import shlex
-import socket
 import tempfile
 import threading
 import uuid
@@ -52,14 +47,43 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_OPEN
-from paramiko.message import Message
 
 from rig.errors import ConfigError, GuestError
 from rig.transport.host import Host, HostProcess, remove_tree
+from rig.transport.kvmprobe import kvm_problem
+from rig.transport.local import LocalHost
+from rig.transport.sshchannel import ChannelStream, SocketForwarder, open_streamlocal
+from rig.transport.sshconnect import (
+    CONNECT_TIMEOUT,
+    SshError,
+    SshSettings,
+    SshTarget,
+    connect,
+    parse_ssh_url,
+    resolve_settings,
+)
+from rig.transport.sshsupervisor import SUPERVISOR, SshProcess
 
-#: Seconds to wait for the TCP connection, the SSH banner and authentication.
-CONNECT_TIMEOUT = 10.0
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "NO_SFTP_FIX",
+    "REMOTE_CACHE",
+    "SUPERVISOR",
+    "ChannelStream",
+    "SocketForwarder",
+    "SshError",
+    "SshHost",
+    "SshProcess",
+    "SshSettings",
+    "SshTarget",
+    "UploadStats",
+    "connect",
+    "open_host",
+    "open_streamlocal",
+    "parse_ssh_url",
+    "resolve_settings",
+]
+
 #: Where uploads are cached on the box, relative to the remote home directory.
 REMOTE_CACHE = ".cache/cr3rig-uploads"
 #: Seconds an upload over an exec channel may stall (no byte accepted) before it fails.
@@ -70,462 +94,11 @@ NO_SFTP_FIX = (
     "and reload sshd, or make cat, tail, test, wc, mv and sha256sum available to the login shell"
 )
 
-#: The remote supervisor: ``sh -c SUPERVISOR cr3rig-supervisor DIR ARGV...``. It starts
-#: ARGV with setsid (a process group of its own, stdout+stderr to the channel's stderr),
-#: prints ``pid N``, then ``exit N`` when it ends; a watcher holding the channel's stdin
-#: kills the group and removes DIR when stdin reaches EOF, i.e. when the rig closes it
-#: or the SSH session ends for any reason. ``kill`` of the pid as well covers the
-#: instant before setsid has run.
-SUPERVISOR = r"""
-d=$1; shift
-cd "$d" || { echo "error cannot enter $d"; exit 125; }
-exec 3<&0 </dev/null
-setsid "$@" 1>&2 3<&- &
-q=$!
-echo "pid $q"
-( while read -r _ <&3; do :; done
-  kill -9 -"$q" 2>/dev/null || kill -9 "$q" 2>/dev/null
-  cd / && rm -rf -- "$d" ) >/dev/null 2>&1 &
-exec 3<&-
-wait "$q"
-echo "exit $?"
-wait
-"""
-
 
 def _said(status: int, err: str) -> str:
     """What a failed command on the box said: its first stderr line, else its status."""
     first = next((ln for ln in err.splitlines() if ln.strip()), "")
     return first[:100] if first else f"status {status}"
-
-
-class SshError(ConfigError):
-    """The SSH connection could not be made or was refused (one line, with the fix)."""
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """What ``--host ssh://[user@]box[:port]`` names (``box`` may be a ~/.ssh/config alias)."""
-
-    box: str
-    user: str | None = None
-    port: int | None = None
-
-
-_URL = re.compile(r"ssh://(?:(?P<user>[^@/:]+)@)?(?P<box>\[[0-9a-fA-F:]+\]|[^:/@\[\]]+)(?::(?P<port>\d+))?/?")
-
-
-def parse_ssh_url(url: str) -> SshTarget:
-    """Parse ``ssh://[user@]box[:port]``; :class:`ConfigError` if it is not one."""
-    m = _URL.fullmatch(url)
-    if m is None:
-        raise ConfigError(f"--host {url!r}: expected 'local' or ssh://[user@]box[:port]")
-    port = int(m["port"]) if m["port"] else None
-    if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"--host {url!r}: port {port} is outside 1..65535")
-    return SshTarget(m["box"].strip("[]"), m["user"], port)
-
-
-@dataclass(frozen=True)
-class SshSettings:
-    """A target resolved against ~/.ssh/config and the options."""
-
-    hostname: str
-    user: str
-    port: int
-    identities: tuple[Path, ...] = ()
-    known_hosts: tuple[Path, ...] = ()
-    proxy_command: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"ssh://{self.user}@{self.hostname}:{self.port}"
-
-    @property
-    def known_hosts_name(self) -> str:
-        """The name known_hosts files use for this host (``[host]:port`` unless port 22)."""
-        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
-
-
-def resolve_settings(
-    target: SshTarget,
-    identity: Path | None = None,
-    known_hosts: Path | None = None,
-    config_file: Path | None = None,
-) -> SshSettings:
-    """Apply ``~/.ssh/config`` (HostName, User, Port, IdentityFile, UserKnownHostsFile,
-    ProxyCommand); the URL's user and port and the options win over it."""
-    config_file = config_file or Path("~/.ssh/config").expanduser()
-    entry: dict[str, Any] = {}
-    if config_file.exists():
-        entry = dict(paramiko.SSHConfig.from_path(str(config_file)).lookup(target.box))
-    hostname = str(entry.get("hostname", target.box))
-    user = target.user or str(entry.get("user") or getpass.getuser())
-    port = target.port or int(entry.get("port", 22))
-    identities = [identity] if identity else []
-    identities += [Path(p).expanduser() for p in entry.get("identityfile", []) if "%" not in p]
-    if known_hosts is not None:
-        known = [known_hosts]
-    else:
-        files = str(entry.get("userknownhostsfile", "~/.ssh/known_hosts")).split()
-        known = [Path(f).expanduser() for f in files] + [Path("/etc/ssh/ssh_known_hosts")]
-    proxy = entry.get("proxycommand")
-    return SshSettings(hostname, user, port, tuple(identities), tuple(known), str(proxy) if proxy else None)
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's SHA256 fingerprint of ``key``."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-class _UnknownHostKey(Exception):
-    def __init__(self, key: paramiko.PKey) -> None:
-        super().__init__("unknown host key")
-        self.key = key
-
-
-class _RejectUnknown(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise _UnknownHostKey(key)
-
-
-def connect(settings: SshSettings, timeout: float = CONNECT_TIMEOUT) -> paramiko.SSHClient:
-    """An authenticated SSH connection with the host key verified, or a one-line :class:`SshError`."""
-    label = settings.label
-    sock: Any
-    try:
-        if settings.proxy_command:
-            sock = paramiko.ProxyCommand(settings.proxy_command)
-        else:
-            sock = socket.create_connection((settings.hostname, settings.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except ConnectionRefusedError:
-        raise SshError(
-            f"{label}: connection refused (no SSH server listening on port {settings.port}?)"
-        ) from None
-    except TimeoutError:
-        raise SshError(f"{label}: no answer within {timeout:.0f} s (host down or port filtered?)") from None
-    except socket.gaierror as exc:
-        raise SshError(f"{label}: cannot resolve {settings.hostname!r} ({exc.strerror})") from None
-    except OSError as exc:
-        raise SshError(f"{label}: cannot connect ({exc.strerror or exc})") from None
-    client = paramiko.SSHClient()
-    known = [f for f in settings.known_hosts if f.exists()]
-    for f in known:
-        try:
-            client.load_system_host_keys(str(f))
-        except OSError as exc:
-            sock.close()
-            raise SshError(f"{label}: cannot read known_hosts file {f}: {exc}") from None
-    client.set_missing_host_key_policy(_RejectUnknown())
-    shown = ", ".join(str(f) for f in settings.known_hosts[:1]) or "~/.ssh/known_hosts"
-    try:
-        client.connect(
-            settings.hostname,
-            settings.port,
-            username=settings.user,
-            sock=sock,
-            key_filename=[str(p) for p in settings.identities] or None,
-            allow_agent=True,
-            look_for_keys=True,
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-        )
-    except _UnknownHostKey as exc:
-        client.close()
-        port = f"-p {settings.port} " if settings.port != 22 else ""
-        raise SshError(
-            f"{label}: host key {exc.key.get_name()} {fingerprint(exc.key)} of {settings.known_hosts_name} "
-            f"is not in {shown}; if that is the box's key, add it with "
-            f"`ssh-keyscan {port}{settings.hostname} >> {shown}` (or connect once with ssh) and retry"
-        ) from None
-    except paramiko.BadHostKeyException as exc:
-        client.close()
-        raise SshError(
-            f"{label}: HOST KEY CHANGED: {settings.known_hosts_name} offered {exc.key.get_name()} "
-            f"{fingerprint(exc.key)} but {shown} has {fingerprint(exc.expected_key)}; if the box was "
-            f"reinstalled, remove the old key with `ssh-keygen -R '{settings.known_hosts_name}' -f {shown}` "
-            "and add the new one"
-        ) from None
-    except paramiko.AuthenticationException:
-        client.close()
-        tried = ", ".join(str(p) for p in settings.identities) or "~/.ssh/id_*"
-        raise SshError(
-            f"{label}: authentication as {settings.user} failed (tried the agent and {tried}); "
-            "pass --ssh-identity KEY or add your public key to the box's authorized_keys"
-        ) from None
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        client.close()
-        raise SshError(
-            f"{label}: SSH handshake failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from None
-    return client
-
-
-def open_streamlocal(transport: paramiko.Transport, path: str, timeout: float = 10.0) -> paramiko.Channel:
-    """Open a ``direct-streamlocal@openssh.com`` channel to the box's unix socket ``path``.
-
-    paramiko's :meth:`~paramiko.Transport.open_channel` only encodes TCP destinations,
-    so this builds the CHANNEL_OPEN message (string path, string reserved, uint32
-    reserved: OpenSSH's PROTOCOL file) and otherwise does exactly what it does.
-    """
-    t: Any = transport
-    if not transport.is_active():
-        raise paramiko.SSHException("SSH session not active")
-    with t.lock:
-        window = t._sanitize_window_size(None)
-        packet = t._sanitize_packet_size(None)
-        chanid = t._next_channel()
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_OPEN)
-        m.add_string("direct-streamlocal@openssh.com")
-        m.add_int(chanid)
-        m.add_int(window)
-        m.add_int(packet)
-        m.add_string(path)
-        m.add_string("")
-        m.add_int(0)
-        chan = paramiko.Channel(chanid)
-        t._channels.put(chanid, chan)
-        t.channel_events[chanid] = event = threading.Event()
-        t.channels_seen[chanid] = True
-        chan._set_transport(transport)
-        chan._set_window(window, packet)
-    t._send_user_message(m)
-    if not event.wait(timeout) or not transport.is_active():
-        raise paramiko.SSHException(f"no answer opening a channel to {path}")
-    opened = t._channels.get(chanid)
-    if opened is None:
-        raise paramiko.SSHException(
-            f"the box refused a channel to {path} (no such socket, or its sshd has "
-            "AllowStreamLocalForwarding/AllowTcpForwarding off)"
-        )
-    return opened  # type: ignore[no-any-return]
-
-
-class ChannelStream:
-    """A ``direct-streamlocal`` channel with the socket calls of
-    :class:`~rig.transport.rsp.Stream`, for the gdbstub link: the relay and the stepping
-    loop read and write the channel itself, with no local socket and no copying thread
-    in between (see :meth:`SshHost.open_stream`).
-
-    ``recv`` waits at most the :meth:`settimeout` seconds (then ``TimeoutError``, as a
-    socket does) or else the :meth:`set_receive_timeout` seconds (then ``EAGAIN``, as a
-    socket with ``SO_RCVTIMEO`` does); neither set: until data or the end of the stream.
-    """
-
-    def __init__(self, chan: paramiko.Channel) -> None:
-        self.chan = chan
-        self._timeout: float | None = None
-        self._receive_timeout: float | None = None
-
-    def sendall(self, data: bytes, /) -> None:
-        try:
-            self.chan.sendall(data)
-        except (paramiko.SSHException, EOFError) as exc:
-            raise ConnectionError(f"the SSH channel failed: {exc}") from None
-
-    def recv(self, size: int, /) -> bytes:
-        timeout = self._timeout if self._timeout is not None else self._receive_timeout
-        self.chan.settimeout(timeout)
-        try:
-            return bytes(self.chan.recv(size))
-        except TimeoutError:
-            if self._timeout is not None:
-                raise
-            raise BlockingIOError(errno.EAGAIN, "no reply within the receive timeout") from None
-
-    def settimeout(self, seconds: float | None, /) -> None:
-        self._timeout = seconds
-
-    def set_receive_timeout(self, seconds: float | None) -> None:
-        self._receive_timeout = seconds or None
-
-    def fileno(self) -> int:
-        return int(self.chan.fileno())
-
-    def shutdown(self, how: int, /) -> None:
-        try:
-            self.chan.shutdown(how)
-        except (paramiko.SSHException, EOFError) as exc:
-            raise ConnectionError(f"the SSH channel failed: {exc}") from None
-
-    def close(self) -> None:
-        with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
-            self.chan.close()
-
-
-class SocketForwarder:
-    """Expose the box's unix socket ``remote`` as the local unix socket ``local``.
-
-    Each local connection gets its own ``direct-streamlocal`` channel and a thread that
-    copies bytes both ways until either side closes. The local socket is mode 0600 in
-    a 0700 directory; nothing listens on the box.
-    """
-
-    def __init__(self, transport: paramiko.Transport, remote: str, local: Path) -> None:
-        self.transport = transport
-        self.remote = remote
-        self.local = local
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(local))
-        os.chmod(local, 0o600)
-        self._server.listen(4)
-        self._conns: list[socket.socket] = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"fwd-{local.name}", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            try:
-                chan = open_streamlocal(self.transport, self.remote)
-            except (paramiko.SSHException, OSError, EOFError):
-                conn.close()
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._pump, args=(conn, chan), name="fwd-pump", daemon=True).start()
-
-    @staticmethod
-    def _pump(conn: socket.socket, chan: paramiko.Channel) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(conn, selectors.EVENT_READ, "local")
-        sel.register(chan, selectors.EVENT_READ, "remote")
-        try:
-            while True:
-                for key, _ in sel.select():
-                    if key.data == "local":
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        chan.sendall(data)
-                    else:
-                        data = chan.recv(65536)
-                        if not data:
-                            return
-                        conn.sendall(data)
-        except (OSError, EOFError, paramiko.SSHException):
-            return
-        finally:
-            sel.close()
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-            chan.close()
-
-    def close(self) -> None:
-        """Stop listening, cut every forwarded connection, remove the local socket."""
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=2)
-        with contextlib.suppress(OSError):
-            self.local.unlink()
-
-
-class SshProcess(HostProcess):
-    """A process on the box under :data:`SUPERVISOR`, tied to its exec channel."""
-
-    def __init__(self, host: SshHost, chan: paramiko.Channel, log: Path, timeout: float = 20.0) -> None:
-        self.host = host
-        self.chan = chan
-        self.pid = 0
-        self._status: int | None = None
-        self._lost: str | None = None
-        self._started = threading.Event()
-        self._stdout_done = threading.Event()
-        #: set at "exit N" or when the channel's stdout ends (the supervisor's own stdout
-        #: stays open until its watcher ends, at the kill: not a sign of the exit)
-        self._ended = threading.Event()
-        self._log = open(log, "ab")  # noqa: SIM115 (closed by the stderr thread)
-        threading.Thread(target=self._read_stdout, name="ssh-proc-out", daemon=True).start()
-        threading.Thread(target=self._read_stderr, name="ssh-proc-err", daemon=True).start()
-        if not self._started.wait(timeout):
-            self.kill()
-            raise GuestError(
-                f"the supervisor on {host.label} did not start the process within {timeout:.0f} s"
-            )
-        if self._status is not None and self.pid == 0:
-            raise GuestError(
-                f"the supervisor on {host.label} could not start the process (status {self._status})"
-            )
-
-    def _read_stdout(self) -> None:
-        f = self.chan.makefile("rb")
-        try:
-            for raw in f:
-                line = raw.decode(errors="replace").split()
-                if len(line) == 2 and line[0] == "pid" and line[1].isdigit():
-                    self.pid = int(line[1])
-                    self._started.set()
-                elif len(line) == 2 and line[0] == "exit" and line[1].lstrip("-").isdigit():
-                    self._status = int(line[1])
-                    self._ended.set()
-                elif line and line[0] == "error":
-                    self._status = 125
-                    self._started.set()
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
-        finally:
-            self._stdout_done.set()
-            self._ended.set()
-            if self._status is None:
-                self._lost = self.host.lost_reason()
-            self._started.set()
-
-    def _read_stderr(self) -> None:
-        try:
-            while True:
-                data = self.chan.recv_stderr(65536)
-                if not data:
-                    break
-                self._log.write(data)
-                self._log.flush()
-        except (OSError, EOFError, paramiko.SSHException, ValueError):
-            pass
-        finally:
-            self._log.close()
-
-    def poll(self) -> int | None:
-        if self._status is not None:
-            return self._status
-        if self._stdout_done.is_set() or not self.host.transport.is_active():
-            if self._lost is None:
-                self._lost = self.host.lost_reason()
-            return 255
-        return None
-
-    def wait_exit(self, seconds: float) -> int | None:
-        self._ended.wait(seconds)
-        return self.poll()
-
-    def exit_text(self) -> str:
-        if self._status is None and self.poll() is not None:
-            return (
-                f"is out of reach: the SSH connection to {self.host.label} was lost ({self._lost}); "
-                "the supervisor on the box kills QEMU when the session ends"
-            )
-        return f"exited with status {self._status} on {self.host.label}"
-
-    def kill(self) -> None:
-        """Close the channel's stdin: the supervisor kills the group and removes the
-        directory; wait (bounded) for it to report, then close the channel."""
-        with contextlib.suppress(Exception):
-            if self.host.transport.is_active() and not self.chan.closed:
-                self.chan.shutdown_write()
-                self.chan.status_event.wait(10)
-        with contextlib.suppress(Exception):
-            self.chan.close()
-        self._stdout_done.wait(2)
 
 
 @dataclass
@@ -858,8 +431,6 @@ class SshHost(Host):
         remove_tree(local)
 
     def kvm_usable(self, qemu: str = "qemu-system-x86_64") -> str | None:
-        from rig.transport.kvmprobe import kvm_problem
-
         return kvm_problem(self, qemu)
 
     def summary(self) -> str | None:
@@ -887,8 +458,6 @@ class SshHost(Host):
 
 def open_host(spec: str, *, identity: Path | None = None, known_hosts: Path | None = None) -> Host:
     """The host ``--host`` names: ``local`` or ``ssh://[user@]box[:port]``."""
-    from rig.transport.host import LocalHost
-
     if spec in ("", "local"):
         if identity is not None or known_hosts is not None:
             raise ConfigError("--ssh-identity/--ssh-known-hosts need --host ssh://[user@]box[:port]")

@@ -5,7 +5,7 @@ one report."""
 from __future__ import annotations
 
 from rig.guest import Guest
-from rig.observe.stepping import in_user_mode
+from rig.machine.stops import in_user_mode
 
 
 def test_steps_a_syscall_then_fails(pti_guest: Guest) -> None:

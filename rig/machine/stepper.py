@@ -1,4 +1,5 @@
-"""Single-step one vCPU while the others stay frozen, snapshotting every vCPU each step.
+"""Single-step one vCPU while the others stay frozen, snapshotting every vCPU each step;
+and step one vCPU over one instruction (:func:`step_over`).
 
 The loop speaks raw RSP on the link borrowed from the GDB relay: ``vCont;s:<thread>``
 steps only that vCPU, then one pipelined write reads the stepping vCPU's rip and CR3
@@ -14,7 +15,7 @@ another is stepped (only the gdbstub could write them, and this loop writes none
 Stepper reads every vCPU's rip and CR3 before the first step and again after the last
 one (the end of the run, whether by ``stop`` or ``max_steps``); the snapshots in between
 carry the first reading for the frozen vCPUs, and the last snapshot carries the
-re-reading, so :meth:`Trace.frozen_violations` still reports a vCPU that moved
+re-reading, so :func:`rig.observe.checks.frozen_violations` still reports a vCPU that moved
 (as "by step N"). The watched words stay per step through *every* vCPU's page tables:
 memory is what the stepping vCPU changes, and reading the signal through each vCPU is
 the check itself.
@@ -27,7 +28,7 @@ one read serves the instructions that follow, see :class:`CodeLines`); once the 
 step executes is known and :func:`rig.machine.x86.may_write_cr3` says it is not a CR3
 write, the snapshot after it carries the CR3 before it; after a CR3 write, or an
 instruction whose code is not known yet, CR3 is read. The last boundary reads CR3 again,
-and a difference from the carried value is reported by :meth:`Trace.frozen_violations`.
+and a difference from the carried value is reported by :func:`rig.observe.checks.frozen_violations`.
 
 **Pipelining.** The reads of a snapshot go in one write with their acknowledgements
 (:meth:`RspLink.pipeline`); a step always ends its write (QEMU stops the VM at any byte
@@ -49,86 +50,24 @@ while the stop has it selected.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from rig.errors import GuestError
+from rig.machine.stops import ForeseeingStop, StopCondition
+from rig.machine.symbols import SymbolTable
+from rig.machine.trace import Snapshot, Trace, WatchedWord
 from rig.machine.vcpu import RegisterMap, stopped_cpu, thread_id
-from rig.machine.x86 import KERNEL_HALF, PTI_USER_PGTABLE_BIT, may_leave_kernel_half, may_write_cr3
-from rig.observe.findings import Finding, Rule
+from rig.machine.x86 import may_write_cr3
 from rig.transport.rsp import RspLink, frame, hex_le, is_error
+
+__all__ = ["CODE_LINE", "MAX_INSN", "STEP_TRIES", "CodeLines", "Stepper", "step_over"]
 
 #: Longest x86 instruction (bytes); what is kept of each new rip to disassemble later.
 MAX_INSN = 15
 
 #: Bytes of code per cached line (a power of two): see :class:`CodeLines`.
 CODE_LINE = 64
-
-
-@dataclass(frozen=True)
-class Watch:
-    """A memory word to read at every step, through each vCPU's page tables."""
-
-    name: str
-    address: int
-    size: int = 4
-
-
-@dataclass
-class Snapshot:
-    """The machine at one instruction boundary.
-
-    ``rip``/``cr3`` list every vCPU in index order; ``words[name][n]`` is the watched
-    word as vCPU ``n`` reads it through its own page tables (None: not mapped there).
-    ``insn`` is the instruction at the stepping vCPU's rip, about to execute.
-    """
-
-    step: int
-    cpu: int
-    rip: list[int]
-    cr3: list[int]
-    words: dict[str, list[int | None]]
-    insn: str = ""
-    where: str = ""
-
-    @property
-    def pc(self) -> int:
-        """rip of the stepping vCPU."""
-        return self.rip[self.cpu]
-
-    def user_tables(self, cpu: int) -> bool:
-        """True if vCPU ``cpu`` has the PTI user page tables loaded at this boundary."""
-        return bool(self.cr3[cpu] & (1 << PTI_USER_PGTABLE_BIT))
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["rip"] = [f"{v:#x}" for v in self.rip]
-        d["cr3"] = [f"{v:#x}" for v in self.cr3]
-        return json.dumps(d)
-
-
-StopCondition = Callable[[Snapshot], bool]
-
-
-@runtime_checkable
-class ForeseeingStop(Protocol):
-    """A stop condition that can tell, from an instruction alone, that the boundary after it
-    cannot satisfy it. The Stepper then sends the next step in the write that reads that
-    boundary: one round trip a step instead of two (see :meth:`Stepper.run`)."""
-
-    def __call__(self, s: Snapshot) -> bool: ...
-
-    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
-        """False only if, when vCPU ``cpu`` executes the instruction ``code`` at ``pc`` from a
-        boundary where the condition does not hold (and the other vCPUs stay frozen), it
-        cannot hold at the boundary after it. ``code`` may be cut short or empty (the
-        read failed): then True. The Stepper asks right after the condition was found
-        False at the boundary whose rip is ``pc`` (the last it was called with), so a
-        condition with state (a step count) may rely on that."""
-        ...
 
 
 class _Layout(NamedTuple):
@@ -143,105 +82,21 @@ class _Layout(NamedTuple):
     total: int
 
 
-@dataclass(frozen=True)
-class Mark:
-    """Something that happened at a step, for reports (e.g. ``Mark(0, "event", "NMI")``)."""
-
-    step: int
-    kind: str
-    text: str
-
-
-@dataclass
-class Trace:
-    """The snapshots of one stepping run, plus the raw bytes of each distinct rip."""
-
-    cpu: int
-    ncpus: int
-    snapshots: list[Snapshot] = field(default_factory=list)
-    code: dict[int, bytes] = field(default_factory=dict)
-    stopped_because: str = ""
-    marks: list[Mark] = field(default_factory=list)
-    #: the stepping vCPU's CR3 at the last boundary differed from the value carried
-    #: from its last read (an instruction not decoded as a CR3 write changed it)
-    untracked_cr3: str = ""
-    #: steps sent in the same write as the reads of the boundary before them (one round
-    #: trip each): every step of a run without a stop condition, and those a
-    #: :class:`ForeseeingStop` allowed
-    steps_ahead: int = 0
-
-    def mark(self, step: int, kind: str, text: str) -> None:
-        """Attach a marker (an event delivered, a store seen…) to boundary ``step``."""
-        self.marks.append(Mark(step, kind, text))
-
-    def write_jsonl(self, path: Path) -> None:
-        """One JSON object per line, one line per instruction boundary."""
-        with open(path, "w") as f:
-            for s in self.snapshots:
-                f.write(s.to_json() + "\n")
-
-    def frozen_violations(self) -> list[Finding]:
-        """Every change of a non-stepping vCPU's rip or CR3 during the run, and a change of
-        the stepping vCPU's CR3 the run did not read (must be empty): the premise of a
-        stepped check, so these are :attr:`Rule.RIG_PREMISE` findings."""
-        out = [Finding(Rule.RIG_PREMISE, self.untracked_cr3, cpu=self.cpu)] if self.untracked_cr3 else []
-        if not self.snapshots:
-            return out
-        first = self.snapshots[0]
-        for s in self.snapshots[1:]:
-            for n in range(self.ncpus):
-                if n == self.cpu:
-                    continue
-                if s.rip[n] != first.rip[n] or s.cr3[n] != first.cr3[n]:
-                    out.append(
-                        Finding(
-                            Rule.RIG_PREMISE,
-                            f"step {s.step}: vCPU {n} moved: rip {first.rip[n]:#x}->{s.rip[n]:#x} "
-                            f"cr3 {first.cr3[n]:#x}->{s.cr3[n]:#x}",
-                            s.step,
-                            n,
-                        )
-                    )
-        return out
-
-    def cr3_flips(self) -> list[tuple[int, bool]]:
-        """(index into snapshots, now-on-user-tables) for each change of the stepper's CR3 side."""
-        out = []
-        for i in range(1, len(self.snapshots)):
-            before = self.snapshots[i - 1].user_tables(self.cpu)
-            after = self.snapshots[i].user_tables(self.cpu)
-            if before != after:
-                out.append((i, after))
-        return out
-
-    def render(self, limit: int = 60) -> str:
-        """A human-readable table of the last ``limit`` snapshots."""
-        lines = []
-        names = list(self.snapshots[0].words) if self.snapshots else []
-        for s in self.snapshots[-limit:]:
-            cr3s = " ".join(f"{c:#x}" for c in s.cr3)
-            words = " ".join(
-                f"{n}=" + "/".join("-" if v is None else str(v) for v in s.words[n]) for n in names
-            )
-            lines.append(f"{s.step:5d} {s.pc:#018x} {s.where:<40.40} {s.insn:<40.40} cr3=[{cr3s}] {words}")
-        return "\n".join(lines)
-
-
 class Stepper:
     """Steps vCPU ``cpu`` of an ``ncpus`` guest on a borrowed link and snapshots each boundary."""
 
-    def __init__(self, regmap: RegisterMap, ncpus: int, cpu: int, watches: Sequence[Watch] = ()):
+    def __init__(self, regmap: RegisterMap, ncpus: int, cpu: int, words: Sequence[WatchedWord] = ()):
         self.ncpus = ncpus
         self.cpu = cpu
-        self.watches = list(watches)
+        self.words = list(words)
         self._step_packet = f"vCont;s:{thread_id(cpu)}"
-        reads = [f"m{w.address:x},{w.size:x}" for w in self.watches]
+        reads = [f"m{w.address:x},{w.size:x}" for w in self.words]
         rip, cr3 = regmap.packet("rip"), regmap.packet("cr3")
-        # every vCPU: Hg, rip, cr3, the watches
+        # every vCPU: Hg, rip, cr3, the watched words
         self._batch: list[str] = []
         for n in range(ncpus):
             self._batch += [f"Hg{thread_id(n)}", rip, cr3, *reads]
-        # a step: the stepping vCPU's rip, cr3, watches; then each frozen vCPU's Hg, watches.
+        # a step: the stepping vCPU's rip, cr3, words; then each frozen vCPU's Hg, words.
         # No Hg for the stepping vCPU when the stop reply names it: QEMU selects the vCPU
         # that stopped for register and memory access (gdb_set_stop_cpu) and names that
         # vCPU in the stop reply (gdb_vm_state_change).
@@ -253,25 +108,25 @@ class Stepper:
             if n != cpu and reads:
                 self._frozen_reads += [f"Hg{thread_id(n)}", *reads]
         self._select = f"Hg{thread_id(cpu)}"
-        self._per_cpu = 3 + len(self.watches)
-        # where each watch's reply for each vCPU sits in a step batch, counted from the
-        # stepping vCPU's first watch: its own watches, then per frozen vCPU Hg + watches
-        nw = len(self.watches)
+        self._per_cpu = 3 + len(self.words)
+        # where each word's reply for each vCPU sits in a step batch, counted from the
+        # stepping vCPU's first word: its own words, then per frozen vCPU Hg + words
+        nw = len(self.words)
         frozen = [n for n in range(ncpus) if n != cpu]
         self._word_offsets = [
             (w.name, [i if n == cpu else nw + frozen.index(n) * (1 + nw) + 1 + i for n in range(ncpus)])
-            for i, w in enumerate(self.watches)
+            for i, w in enumerate(self.words)
         ]
         self._named_stop = ""  # the last stop reply seen naming the stepping vCPU
 
     def snapshot(self, link: RspLink, step: int) -> Snapshot:
-        """Read every vCPU's rip and CR3 and every watch through every vCPU (one round trip)."""
+        """Read every vCPU's rip and CR3 and every watched word through every vCPU (one round trip)."""
         return self._parse_full(link.exchange(link.pipeline(self._batch), len(self._batch)), step)
 
     def _parse_full(self, replies: list[str], step: int) -> Snapshot:
         rips: list[int] = []
         cr3s: list[int] = []
-        words: dict[str, list[int | None]] = {w.name: [] for w in self.watches}
+        words: dict[str, list[int | None]] = {w.name: [] for w in self.words}
         k = self._per_cpu
         for n in range(self.ncpus):
             r = replies[n * k : (n + 1) * k]
@@ -279,7 +134,7 @@ class Stepper:
                 raise GuestError(f"cannot read registers of vCPU {n}: {r[1]} {r[2]}")
             rips.append(hex_le(r[1]))
             cr3s.append(hex_le(r[2]))
-            for w, val in zip(self.watches, r[3:], strict=True):
+            for w, val in zip(self.words, r[3:], strict=True):
                 words[w.name].append(None if is_error(val) else hex_le(val))
         return Snapshot(step, self.cpu, rips, cr3s, words)
 
@@ -350,6 +205,7 @@ class Stepper:
                 f"step {snap.step}: vCPU {self.cpu}'s CR3 is {last.cr3[self.cpu]:#x}, not the "
                 f"{snap.cr3[self.cpu]:#x} carried since its last read (a CR3 write not decoded as one)"
             )
+            trace.untracked_cr3_step = snap.step
         last.words = snap.words
         trace.snapshots[-1] = last
         self._remember_code(link, trace, lines, last)
@@ -378,9 +234,9 @@ class Stepper:
         replies sit.
 
         In order: the stepping vCPU's ``Hg`` unless the stop reply ``named`` it; its rip,
-        its CR3 (unless ``pc``'s code is known not to write CR3) and watches; the code
+        its CR3 (unless ``pc``'s code is known not to write CR3) and watched words; the code
         around ``pc`` if neither ``trace`` nor ``lines`` has it (read while the stepping
-        vCPU is selected: no ``Hg`` of its own); then each frozen vCPU's ``Hg`` and watches.
+        vCPU is selected: no ``Hg`` of its own); then each frozen vCPU's ``Hg`` and watched words.
         """
         _, select, mine_full, mine_same, frozen = framed
         code_read = b""
@@ -601,107 +457,53 @@ class CodeLines:
         return data[pc - start : pc - start + MAX_INSN]
 
 
-@dataclass(frozen=True)
-class InUserMode:
-    """Holds once vCPU ``cpu``'s rip is in the lower (user) half (a :class:`ForeseeingStop`)."""
-
-    cpu: int
-
-    def __call__(self, s: Snapshot) -> bool:
-        return s.rip[self.cpu] < KERNEL_HALF
-
-    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
-        """Only the stepping vCPU's rip moves, and only returns, indirect and far transfers
-        can take it from the upper half to the lower (:func:`may_leave_kernel_half`)."""
-        return cpu == self.cpu and may_leave_kernel_half(code, pc)
+#: Single steps tried on one instruction before the vCPU is declared stuck.
+STEP_TRIES = 5
 
 
-def in_user_mode(cpu: int) -> InUserMode:
-    """Stop once vCPU ``cpu``'s rip is in the lower (user) half."""
-    return InUserMode(cpu)
+def step_over(
+    link: RspLink,
+    symbols: SymbolTable,
+    cpu: int,
+    pc: int,
+    rip_packet: str,
+    *,
+    armed: bool,
+    after: Sequence[str] = (),
+) -> tuple[list[str], int]:
+    """Step vCPU ``cpu`` alone (interrupts masked) over the instruction at ``pc``.
 
+    Returns the replies of ``[Hg<cpu>, rip, *after]`` read after the step, and how many
+    steps were repeated because the vCPU had not moved (its rip still ``pc``).
 
-@dataclass(frozen=True)
-class OnTables:
-    """Holds once vCPU ``cpu`` has the PTI ``user`` (or, with False, kernel) page tables
-    loaded (a :class:`ForeseeingStop`)."""
+    QEMU's TCG lets a single step override a breakpoint at the stepped pc, so a
+    breakpoint there (``armed``) stays armed. If the vCPU did not move (a QEMU that
+    re-reports the breakpoint, or a stop it still owed), the step is repeated with the
+    breakpoint lifted, and the breakpoint is put back afterwards. The step packet is
+    always sent alone: on a link with acknowledgements the ``+`` for an earlier reply
+    would reach QEMU while the vCPU runs, and any byte arriving then pauses the VM (a
+    ``T02`` reply, nothing executed).
 
-    cpu: int
-    user: bool
-
-    def __call__(self, s: Snapshot) -> bool:
-        return s.user_tables(self.cpu) == self.user
-
-    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
-        """Only a CR3 write of the stepping vCPU changes its side (:func:`may_write_cr3`)."""
-        return cpu == self.cpu and may_write_cr3(code)
-
-
-def on_kernel_tables(cpu: int) -> OnTables:
-    """Stop once vCPU ``cpu`` runs on the kernel page tables (CR3 bit 12 clear)."""
-    return OnTables(cpu, user=False)
-
-
-def on_user_tables(cpu: int) -> OnTables:
-    """Stop once vCPU ``cpu`` runs on the PTI user page tables (CR3 bit 12 set)."""
-    return OnTables(cpu, user=True)
-
-
-@dataclass
-class Spinning:
-    """Holds once vCPU ``cpu`` visited at most ``distinct`` rips in its last ``window``
-    boundaries: it spins, most often on something a frozen vCPU holds (a spinlock, a
-    stop_machine rendezvous), which never comes while only ``cpu`` is stepped; or it
-    polls a device whose emulation does not advance between single steps (a UART's
-    transmit-empty bit). Checked at every ``window``-th boundary, so it foresees (a
-    :class:`ForeseeingStop`) every other one. ``spun_at`` is the boundary it held at.
-
-    A false alarm (a long ``rep movs``: one rip per iteration) only ends a run early.
+    Not for an instruction that may leave rip unchanged (a ``rep`` string instruction
+    interrupted mid-way): each such step would count as not executed.
     """
-
-    cpu: int
-    window: int = 2000
-    distinct: int = 32
-    spun_at: Snapshot | None = None
-    _rips: set[int] = field(default_factory=set)
-    _seen: int = 0
-
-    def __call__(self, s: Snapshot) -> bool:
-        self._seen = s.step
-        self._rips.add(s.rip[self.cpu])
-        if s.step == 0 or s.step % self.window:
-            return False
-        spun = len(self._rips) <= self.distinct
-        self._rips = set()
-        if spun:
-            self.spun_at = s
-        return spun
-
-    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
-        return (self._seen + 1) % self.window == 0
-
-
-@dataclass(frozen=True)
-class AnyOf:
-    """Holds when any of ``conditions`` holds; every one sees every boundary (some keep
-    state). It foresees what they all foresee, and nothing if one of them cannot."""
-
-    conditions: tuple[StopCondition, ...]
-
-    def __call__(self, s: Snapshot) -> bool:
-        return any([c(s) for c in self.conditions])
-
-    def may_hold_after(self, cpu: int, pc: int, code: bytes) -> bool:
-        return any(
-            not isinstance(c, ForeseeingStop) or c.may_hold_after(cpu, pc, code) for c in self.conditions
-        )
-
-
-def at_any(addresses: Iterable[int]) -> StopCondition:
-    """Stop once the stepping vCPU's rip is one of ``addresses``."""
-    targets = frozenset(addresses)
-
-    def cond(s: Snapshot) -> bool:
-        return s.pc in targets
-
-    return cond
+    thread = thread_id(cpu)
+    reads = [f"Hg{thread}", rip_packet, *after]
+    lifted = False
+    repeated = 0
+    try:
+        for _ in range(STEP_TRIES):
+            step = link.transact([f"vCont;s:{thread}"])[0]
+            if not step or step[0] not in "ST":
+                raise GuestError(f"single step of vCPU {cpu} at {symbols.describe(pc)} answered {step!r}")
+            replies = link.transact(reads)
+            if hex_le(replies[1]) != pc:
+                return replies, repeated
+            repeated += 1
+            if armed and not lifted:
+                link.transact([f"z0,{pc:x},1"])
+                lifted = True
+    finally:
+        if lifted:
+            link.transact([f"Z0,{pc:x},1"])
+    raise GuestError(f"vCPU {cpu} did not execute {symbols.describe(pc)} in {STEP_TRIES} single steps")
