@@ -14,9 +14,12 @@ that runs here (pass the full initramfs: ``--initrd $(python -m rig.supply.initr
 a_64,b_32`` picks some; ``--selftest-seconds S`` bounds each one.
 
 The stock verdicts come from :func:`stock_verdicts`: the same binaries run once on
-Debian's stock kernel (one boot beside the session's guest, unwatched, all chosen
-selftests), recorded by the stock kernel image and the initramfs in
-``<cache>/selftests/verdicts/``; later runs read the record.
+Debian's stock kernel of the same version as the kernel under test (reference-7.2:
+sid's 7.2; reference-6.1: bookworm's 6.1; :func:`rig.supply.kernel.stock_kernel_of_version`),
+else, where Debian ships none, the system's stock kernel (the verdict says the versions
+differ). One boot beside the session's guest, unwatched, all chosen selftests, recorded
+by the stock kernel image and the initramfs in ``<cache>/selftests/verdicts/``; later
+runs read the record.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from rig.observe.findings import fail_on
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
 from rig.pytestplugin.caseoptions import CaseSettings, case_settings_of
 from rig.pytestplugin.plugin import RigSettings
-from rig.supply.kernel import DEBIAN, resolve_kernel
+from rig.supply.kernel import DEBIAN, Kernel, major_minor, resolve_kernel, stock_kernel_of_version
 from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
 
 
@@ -66,15 +69,28 @@ def _stock_record(cache: Path, stock_image: Path, initrd: Path) -> Path:
     return cache / "selftests" / "verdicts" / f"{h.hexdigest()[:32]}.json"
 
 
-def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[str, SelftestVerdict], str]:
-    """The verdicts of ``names`` on Debian's stock kernel, with the same initramfs.
+def stock_kernel(cache: Path, release: str) -> tuple[Kernel, str]:
+    """Debian's stock kernel of ``release``'s version, else the system's; and a note
+    ("" or why the versions differ)."""
+    same = stock_kernel_of_version(release, cache)
+    if same is not None:
+        return same, ""
+    stock = resolve_kernel(DEBIAN, None, cache)
+    return stock, f" (a different version: Debian ships no stock {major_minor(release)} kernel)"
+
+
+def stock_verdicts(
+    rig_settings: RigSettings, names: list[str], release: str
+) -> tuple[dict[str, SelftestVerdict], str]:
+    """The verdicts of ``names`` on Debian's stock kernel of ``release``'s version (the
+    kernel under test), with the same initramfs.
 
     Read from the record of this stock kernel and initramfs; the missing ones are run
     (one stock boot, unwatched) and added to it. Returns the verdicts and a label.
     """
     base = rig_settings.base
     cache = Path(base.cache_dir)
-    stock = resolve_kernel(DEBIAN, None, cache)
+    stock, note = stock_kernel(cache, release)
     record = _stock_record(cache, stock.image, base.initrd)
     data: dict[str, dict[str, object]] = {}
     if record.is_file():
@@ -94,7 +110,7 @@ def stock_verdicts(rig_settings: RigSettings, names: list[str]) -> tuple[dict[st
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         tmp.replace(record)
-    return {n: SelftestVerdict.from_json(n, data[n]) for n in names if n in data}, label
+    return {n: SelftestVerdict.from_json(n, data[n]) for n in names if n in data}, label + note
 
 
 def test_x86_selftest_under_watch(
@@ -131,7 +147,7 @@ def test_x86_selftest_under_watch(
         + (f" (other user processes running: {others})" if others else "")
     )
     try:
-        stock, label = stock_verdicts(rig_settings, _chosen(case_settings))
+        stock, label = stock_verdicts(rig_settings, _chosen(case_settings), g.release)
     except RigError as exc:
         pytest.fail(f"{line}\nthe stock verdicts could not be had: {exc}")
     s = stock.get(name)

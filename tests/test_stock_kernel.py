@@ -48,3 +48,28 @@ def test_image_found_in_either_layout(tmp_path: Path) -> None:
     new.parent.mkdir(parents=True)
     new.write_bytes(b"MZ")
     assert stock_image_path(tmp_path, "7.2.13+deb14-amd64") == new
+
+
+def test_major_minor_of_every_release_form() -> None:
+    from rig.supply.kernel import major_minor
+
+    assert major_minor("7.2.13") == "7.2"
+    assert major_minor("7.2.13+deb14-amd64") == "7.2"
+    assert major_minor("6.1.0-57-amd64") == "6.1"
+    assert major_minor("6.12.118+deb13-amd64") == "6.12"
+
+
+def test_a_stock_kernel_of_the_same_version_comes_from_another_suite() -> None:
+    """sid's stock 7.2 for a 7.2 kernel, the system's own for 6.1, none for 5.10 (real apt,
+    private configurations in the cache; the downloads happen once)."""
+    from rig.supply.cache import default_cache_dir
+    from rig.supply.kernel import major_minor, stock_kernel_of_version, stock_release
+
+    cache = default_cache_dir()
+    system = stock_release(cache)
+    same = stock_kernel_of_version(system, cache)
+    assert same is not None and system in same.label and "stock, unpatched" in same.label
+    other = stock_kernel_of_version("7.2.13", cache)
+    assert other is not None and other.image.is_file(), other
+    assert major_minor(other.label.split()[1]) == "7.2" and "stock sid" in other.label, other.label
+    assert stock_kernel_of_version("5.10.0", cache) is None

@@ -6,6 +6,6 @@ the input.
 """
 
 from rig.guest.config import BASE_CMDLINE, GuestConfig, check_inputs
-from rig.guest.guest import Effort, Guest
+from rig.guest.guest import BootEnd, Effort, Guest
 
-__all__ = ["BASE_CMDLINE", "Effort", "Guest", "GuestConfig", "check_inputs"]
+__all__ = ["BASE_CMDLINE", "BootEnd", "Effort", "Guest", "GuestConfig", "check_inputs"]

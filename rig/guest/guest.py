@@ -50,6 +50,30 @@ from rig.transport.rsp import RspLink
 __all__ = ["Effort", "Guest"]
 
 
+#: Seconds a kernel seen crashing during boot gets to finish its oops before the guest closes.
+CRASH_GRACE = 3.0
+
+
+@dataclass(frozen=True)
+class BootEnd:
+    """How a boot that never reached the readiness marker ended, seen before its guest
+    was closed (``RigError.boot_end`` of the error :meth:`Guest.boot` raised)."""
+
+    #: Console lines kept (an oops with its call trace is 40-80 lines).
+    LINES = 80
+
+    #: QEMU's exit (status, last stderr line, triple fault) if it ended by itself, else None
+    qemu_exit: str | None
+    #: QEMU logged a triple fault (``-d cpu_reset``)
+    triple_fault: bool
+    #: the last :attr:`LINES` lines of the serial console
+    console: str
+
+    def tail(self, lines: int) -> str:
+        """The last ``lines`` lines of :attr:`console`."""
+        return "\n".join(self.console.splitlines()[-lines:])
+
+
 @dataclass
 class Effort:
     """What the current test cost: breakpoint hits taken, steps of each stepped trace, and
@@ -141,12 +165,34 @@ class Guest:
         try:
             guest._boot()
         except BaseException as exc:
-            tail = guest.machine.console_tail(15)
+            end = guest._boot_end(exc)
             guest.close()
             if isinstance(exc, RigError) and not isinstance(exc, ConfigError):
-                raise type(exc)(f"{exc}; console tail:\n{tail}") from exc
+                err = type(exc)(f"{exc}; console tail:\n{end.tail(15)}")
+                err.boot_end = end
+                raise err from exc
             raise
         return guest
+
+    def _boot_end(self, exc: BaseException) -> BootEnd:
+        """How the boot that raised ``exc`` ended, read before the guest is closed. A kernel
+        seen crashing is given :data:`CRASH_GRACE` seconds to print the rest of its oops
+        (its RIP comes after the line that ended the wait for the readiness marker) and,
+        with ``panic=-1``, to end QEMU by itself."""
+        machine = self.machine
+        crashed = isinstance(exc, GuestError) and "crashed during boot" in str(exc)
+        if crashed and machine.proc is not None and machine.alive:
+            # read the console meanwhile: unread, it stalls the guest mid-oops
+            if self.console is not None and self.console.read_until_closed(CRASH_GRACE):
+                machine.proc.wait_exit(1.0)
+            else:
+                machine.proc.wait_exit(0.1)
+        ended = machine.proc is not None and not machine.alive
+        return BootEnd(
+            qemu_exit=machine.exit_reason() if ended else None,
+            triple_fault=machine.triple_faulted(),
+            console=machine.console_tail(BootEnd.LINES),
+        )
 
     def _boot(self) -> None:
         """Start QEMU and GDB side by side, let the kernel boot while GDB attaches.

@@ -42,6 +42,8 @@ POLL_SECONDS = 0.5
 POLL_EVERY_HITS = 200
 #: The status of a selftest that was killed because it ran out of time.
 TIMED_OUT = -1
+#: Seconds the wrapper of a selftest may take to stop itself after printing its pid.
+STOP_SECONDS = 30.0
 #: Result lines of the kselftest helpers (``[OK]``, ``[FAIL]``, ``[SKIP]``).
 VERDICT_WORDS = ("OK", "FAIL", "SKIP")
 
@@ -107,25 +109,46 @@ def installed_selftests(guest: Guest) -> tuple[list[str], str]:
     return sorted(n for n in names if n != "MISSING"), why
 
 
-def _start(guest: Guest, name: str) -> int:
-    """Start ``name`` stopped; return the pid of its (stopped) shell."""
-    assert guest.console is not None
+def _wrapper(name: str) -> str:
+    """The shell that runs ``name``: it prints its pid, stops itself, and once continued
+    becomes the selftest (output to ``/tmp/<name>.out``, removed first: a selftest that
+    never ran leaves no output of an earlier run behind)."""
     out = f"/tmp/{name}.out"
     # the markers are split by quotes in the typed line, so only the real output matches
     head, tail = START_MARKER.split("-", 1)
-    inner = (
-        f'echo {head}-"{tail}" {name} pid=$$; kill -STOP $$; '
+    return (
+        f'rm -f {out}; echo {head}-"{tail}" {name} pid=$$; kill -STOP $$; '
         f"exec /{SELFTESTS_DIR}/{name} >{out} 2>&1 </dev/null"
     )
+
+
+def _start(guest: Guest, name: str) -> int:
+    """Start ``name`` stopped; return the pid of its shell once it is stopped.
+
+    The wrapper prints its pid *before* its ``kill -STOP $$``: a ``kill -CONT`` sent on
+    seeing that line can come first and is then lost, and the wrapper stops for good
+    (the selftest never runs: a TIMEOUT, seen once in 15 watched runs under QEMU 10).
+    So the guest's shell waits here, unwatched, until the wrapper's state is ``T``.
+    """
+    assert guest.console is not None
     guest.resume()
     line = guest.console.start_background(
-        f"(sh -c '{inner}'; echo {DONE_MARKER[:-4]}\"\"{DONE_MARKER[-4:]} {name} $?)",
+        f"(sh -c '{_wrapper(name)}'; echo {DONE_MARKER[:-4]}\"\"{DONE_MARKER[-4:]} {name} $?)",
         re.escape(f"{START_MARKER} {name} pid="),
     )
     m = re.search(r"pid=(\d+)", line)
     if m is None:
         raise GuestError(f"selftest {name} printed no pid: {line!r}")
-    return int(m.group(1))
+    pid = int(m.group(1))
+    # builtins only (no process per poll); ends too if the wrapper is gone
+    state, _ = guest.shell(
+        f"while read -r _ _ s _ </proc/{pid}/stat && [ $s != T ]; do :; done; "
+        f"read -r _ _ s _ </proc/{pid}/stat && echo state=$s",
+        timeout=STOP_SECONDS,
+    )
+    if "state=T" not in state:
+        raise GuestError(f"the wrapper of selftest {name} (pid {pid}) did not stop: {state.strip()[:120]!r}")
+    return pid
 
 
 def _done(guest: Guest, name: str, timeout: float) -> int | None:

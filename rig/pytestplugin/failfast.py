@@ -6,6 +6,10 @@
 * :func:`one_line_report`: a :class:`~rig.errors.RigError` (a problem the user can act
   on) is reported as one line, not a traceback (``--tb=long`` keeps the traceback).
 * :func:`check_writable`: the static check of the trace and cache directories.
+* :class:`BootFault`, :func:`boot_fault`: a boot that faulted before its readiness marker
+  (the kernel crashed, or QEMU ended by itself: killed, aborted, a triple fault), told
+  apart from a boot that hung (a timeout) or failed in the rig. The guest pool boots a
+  faulted configuration once more; each fault is recorded with its console tail and RIP.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Any
 from rig.diagnosis import console_death
 from rig.errors import ConfigError, GuestError, RigError
 from rig.guest import Guest, GuestConfig
+from rig.report.bootfault import BootFault
 
 _TAIL_MARK = "; console tail:"
 
@@ -43,6 +49,55 @@ def split_boot_error(exc: BaseException) -> tuple[str, str]:
     if head.endswith(_TAIL_MARK):
         return head.removesuffix(_TAIL_MARK), tail
     return head, tail
+
+
+#: The faulting RIP of an oops (``RIP: 0010:func+0x1b/0x40``; user mode: ``RIP: 0033:0x4011d6``).
+_RIP = re.compile(r"\bRIP: ([0-9a-f]{4}:\S+)")
+
+
+def fault_rip(console: str) -> str:
+    """The RIP of the first register dump the console shows (``0010:func+0x1b/0x40``),
+    "" if none: a panic without an oops, a triple fault, a QEMU that was killed."""
+    m = _RIP.search(console)
+    return m.group(1) if m is not None else ""
+
+
+def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
+    """The fault behind the boot error ``exc``, or None if the boot did not fault.
+
+    A fault is what a second boot can tell apart, an emulator's one-off from a broken
+    kernel: the kernel crashed (panic, oops, BUG on the console) or QEMU ended by itself
+    (a signal, an abort, a triple fault) before the readiness marker. Not faults, never
+    booted again: bad input (:class:`ConfigError`, QEMU refusing to start among it), a
+    boot that hung until the boot timeout (another try would cost the whole timeout
+    again, and the hangs seen so far were deterministic: a wrong init, no console), and
+    errors of the rig's own parts while QEMU still ran (GDB, QMP).
+    """
+    end = exc.boot_end
+    if end is None or isinstance(exc, ConfigError):
+        return None
+    died = console_death(end.console)
+    if died is not None:
+        kind, what = "kernel crash", died
+        if end.qemu_exit is not None and end.triple_fault:
+            what += f"; {end.qemu_exit}"
+    elif end.qemu_exit is not None:
+        kind = "triple fault" if end.triple_fault else "QEMU exit"
+        what = end.qemu_exit
+    else:
+        return None
+    return BootFault(cmdline, boot, kind, what, fault_rip(end.console), end.console)
+
+
+def both_faulted(exc: RigError, fault: BootFault) -> RigError:
+    """The error of a second boot that faulted as the first did: its line says so and
+    what the kernel or QEMU said; the console tail is kept."""
+    head, tail = split_boot_error(exc)
+    if fault.what not in head:
+        head += f": {fault.what}"
+    again = type(exc)(f"{head} [both boots faulted]{_TAIL_MARK}\n{tail}")
+    again.boot_end = exc.boot_end
+    return again
 
 
 @dataclass

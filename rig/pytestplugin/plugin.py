@@ -37,14 +37,18 @@ from rig.pytestplugin import distributed
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
+    boot_fault,
+    both_faulted,
     breaks_guest,
     check_writable,
     kernel_crashed,
     one_line_head,
     one_line_report,
+    split_boot_error,
     wants_one_line,
 )
 from rig.report import hooks as report_hooks
+from rig.report.bootfault import RETRY_BOOTED, BootFault
 from rig.report.session import add_coverage_table, session_report
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel, is_reference_kernel
@@ -303,9 +307,14 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
 class GuestPool:
     """Boots guests on demand, one per distinct command line, at most one alive.
 
-    A configuration that fails to boot is not booted again: later tests needing it get
-    the same one-line error at once. If the default configuration (no ``cmdline``
-    marker) cannot boot, the session ends, as it does for bad input.
+    A boot that faults before its readiness marker (the kernel crashed, or QEMU ended by
+    itself: :func:`~rig.pytestplugin.failfast.boot_fault`) is made once more: an
+    emulator's one-off fault is not a test result. Each fault goes to ``on_boot_fault``
+    (and :attr:`boot_faults`) with its console tail, its RIP and what the second boot
+    did. A configuration that fails to boot (a second fault, a hang, a rig error) is not
+    booted again: later tests needing it get the same one-line error at once. If the
+    default configuration (no ``cmdline`` marker) cannot boot, the session ends, as it
+    does for bad input.
     """
 
     def __init__(
@@ -314,12 +323,16 @@ class GuestPool:
         on_fatal: Any = None,
         failures: BootFailures | None = None,
         end_run: EndRun = _exit,
+        on_boot_fault: Callable[[BootFault], None] | None = None,
     ) -> None:
         self.settings = settings
         self.current: Guest | None = None
         self.failures = failures if failures is not None else BootFailures()
         self.on_fatal = on_fatal
         self.end_run = end_run
+        self.on_boot_fault = on_boot_fault
+        #: every boot fault of the session, in order
+        self.boot_faults: list[BootFault] = []
         self._coverage: SiteCoverage | None = None
 
     def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
@@ -342,7 +355,7 @@ class GuestPool:
                     )
                 raise
             try:
-                self.current = Guest.boot(config, self.settings.host)
+                self.current = self._boot(config)
             except ConfigError as exc:
                 self.end_run(f"cr3rig: {exc}", 4, None)
             except RigError as exc:
@@ -355,6 +368,37 @@ class GuestPool:
                     )
                 raise failed from None
         return self.current
+
+    def _boot(self, config: GuestConfig) -> Guest:
+        """Boot ``config``, once more if the first boot faulted; a second fault raises the
+        second boot's error, saying that both boots faulted."""
+        first: BootFault | None = None
+        for boot in (1, 2):
+            try:
+                guest = Guest.boot(config, self.settings.host)
+            except RigError as exc:
+                fault = boot_fault(exc, config.cmdline(), boot)
+                if first is None:
+                    if fault is None:
+                        raise
+                    first = fault
+                    continue
+                if fault is None:
+                    head = split_boot_error(exc)[0]
+                    self._fault(replace(first, then=f"the second boot failed otherwise: {head}"))
+                    raise
+                self._fault(replace(first, then="the second boot faulted too"))
+                self._fault(replace(fault, then="both boots faulted: the configuration fails"))
+                raise both_faulted(exc, fault) from exc
+            if first is not None:
+                self._fault(replace(first, then=RETRY_BOOTED))
+            return guest
+        raise AssertionError("unreachable: the second boot returns or raises")
+
+    def _fault(self, fault: BootFault) -> None:
+        self.boot_faults.append(fault)
+        if self.on_boot_fault is not None:
+            self.on_boot_fault(fault)
 
     def coverage(self, guest: Guest) -> SiteCoverage | None:
         """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
@@ -382,13 +426,16 @@ def guest_pool(
                 reporter.write_sep("-", "cr3rig: console tail of the failed boot")
                 reporter.write_line(failed.console_tail)
 
+    def on_boot_fault(fault: BootFault) -> None:
+        report_hooks.boot_fault(pytestconfig, fault)
+
     if distributed.role(pytestconfig) == "worker":
         failures = BootFailures(
             distributed.shared_failures_dir(pytestconfig), distributed.worker_id(pytestconfig)
         )
-        pool = GuestPool(rig_settings, None, failures, _run_ender(request))
+        pool = GuestPool(rig_settings, None, failures, _run_ender(request), on_boot_fault)
     else:
-        pool = GuestPool(rig_settings, show_console)
+        pool = GuestPool(rig_settings, show_console, on_boot_fault=on_boot_fault)
     pytestconfig.stash[_POOL_KEY] = pool
     try:
         yield pool

@@ -7,6 +7,7 @@ list of thin hooks.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from rig.errors import RigError
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import SIGNAL, find_sites
 from rig.observe.findings import Finding, FindingsFailure
+from rig.report.bootfault import BootFault
 from rig.report.provenance import guest_provenance, planned_provenance, qemu_version
-from rig.report.session import TraceFiles, session_report, write_index, write_traces
+from rig.report.session import TraceFiles, boot_fault_summary, session_report, write_index, write_traces
 from rig.transport.host import Host
 
 #: The signal stores of each vmlinux seen, by path and mtime (marked on the timelines).
@@ -108,6 +110,26 @@ def add_junit_properties(item: pytest.Item, guest: Guest | None) -> None:
     item.user_properties.extend((k, v) for k, v in prov.items() if k not in have)
 
 
+def boot_fault(config: pytest.Config, fault: BootFault) -> None:
+    """Note a boot fault of the guest pool; the testcase whose guest was booting gets it
+    at its next phase report (:func:`record_phase`)."""
+    session_report(config).pending_boot_faults.append(fault.to_json())
+
+
+def _take_boot_faults(item: pytest.Item) -> None:
+    """Give ``item`` the boot faults noted since the last phase report: in the session
+    report and as the JUnit property ``cr3rig.boot_faults`` (JSON: a list of
+    :meth:`BootFault.to_json`, console tail and RIP included)."""
+    session = session_report(item.config)
+    if not session.pending_boot_faults:
+        return
+    rec = session.record(item.nodeid)
+    rec.boot_faults.extend(session.pending_boot_faults)
+    session.pending_boot_faults = []
+    item.user_properties[:] = [(k, v) for k, v in item.user_properties if k != "cr3rig.boot_faults"]
+    item.user_properties.append(("cr3rig.boot_faults", json.dumps(rec.boot_faults)))
+
+
 def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
@@ -118,6 +140,7 @@ def record_phase(
     """Fold a phase report into the session report; for a failed call also write every
     trace of the test (JSON Lines + timeline HTML) and return the files written."""
     session = session_report(item.config)
+    _take_boot_faults(item)
     failure = ""
     message = ""
     findings: tuple[Finding, ...] = ()
@@ -176,5 +199,9 @@ def finish_session(session: pytest.Session, exitstatus: int) -> Path | None:
         return None
     tr = session.config.pluginmanager.getplugin("terminalreporter")
     if tr is not None:
+        if getattr(getattr(tr, "_tw", None), "width_of_current_line", 0):
+            tr.write("\n")  # -q leaves its progress line open until after this hook
+        for line in boot_fault_summary(report):
+            tr.write_line(f"cr3rig: {line}")
         tr.write_line(f"cr3rig: session report {path}")
     return path

@@ -65,6 +65,9 @@ class TestRecord:
     traces: list[TraceFiles] = field(default_factory=list)
     provenance: int | None = None  # index into SessionReport.provenances
     worker: str = ""  # the pytest-xdist worker that ran it ("" without xdist)
+    #: the boots that faulted before their readiness marker while this testcase waited for
+    #: its guest (rig.pytestplugin.failfast.BootFault.to_json of each)
+    boot_faults: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class SessionReport:
     directory: Path | None = None
     #: what the options said would boot (shown when no guest booted)
     planned: dict[str, str] | None = None
+    #: boot faults not yet given to the testcase whose guest they were booting
+    pending_boot_faults: list[dict[str, object]] = field(default_factory=list)
 
     def record(self, nodeid: str) -> TestRecord:
         return self.records.setdefault(nodeid, TestRecord(nodeid))
@@ -121,6 +126,7 @@ class SessionReport:
                 "message": r.message,
                 "traces": [[str(t.jsonl), str(t.html), t.steps] for t in r.traces],
                 "provenance": None if r.provenance is None else dict(self.provenances[r.provenance]),
+                "boot_faults": r.boot_faults,
             }
             for r in self.records.values()
         ]
@@ -142,6 +148,9 @@ class SessionReport:
             traces = data["traces"]
             assert isinstance(traces, list)
             rec.traces = [TraceFiles(Path(j), Path(h), int(n)) for j, h, n in traces]
+            faults = data.get("boot_faults", [])
+            if isinstance(faults, list) and faults:
+                rec.boot_faults = [dict(f) for f in faults if isinstance(f, dict)]
             prov = data["provenance"]
             if isinstance(prov, dict):
                 self.add_provenance(nodeid, {str(k): str(v) for k, v in prov.items()})
@@ -226,6 +235,8 @@ th{background:#f4f4f4} .mono{font-family:ui-monospace,monospace;font-size:12px}
 .passed{color:#1a7f37} .failed,.error{color:#c00000;font-weight:bold} .skipped,.xfailed{color:#8a6d00}
 .msg{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;max-width:60em}
 td.bad{background:#fde8e8}
+.flaky{color:#8a6d00;font-weight:bold}
+pre.console{font-size:11px;background:#f7f7f7;padding:4px;max-height:30em;overflow:auto}
 """
 
 _LABELS = {
@@ -301,6 +312,7 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
             + f'<td>{links}</td><td class="msg">{_e(r.message)}</td></tr>'
         )
     p.append("</table>")
+    p += _boot_faults_section(report)
     for t in report.coverage:
         columns: list[str] = []
         for row in t.rows:
@@ -326,6 +338,61 @@ def render_index(report: SessionReport, directory: Path, *, exit_status: int | N
         )
     p.append("</body></html>\n")
     return "\n".join(p)
+
+
+#: Where a boot fault no testcase received is listed (the session ended during that boot).
+NO_TESTCASE = "(no testcase: the session ended in this boot)"
+
+
+def _fault_rows(report: SessionReport) -> list[tuple[str, dict[str, object]]]:
+    """(testcase, fault) of every boot fault, in order; the ones no testcase received last."""
+    rows = [(r.nodeid, f) for r in report.records.values() for f in r.boot_faults]
+    return rows + [(NO_TESTCASE, f) for f in report.pending_boot_faults]
+
+
+def boot_fault_summary(report: SessionReport) -> list[str]:
+    """One line per boot fault of the session: flaky (the next boot of its configuration
+    reached the marker) or repeated, which boot, what, where (RIP) and what came of it."""
+    out = []
+    for nodeid, f in _fault_rows(report):
+        flaky = str(f.get("then", "")).startswith("booted again")
+        rip = f"RIP {f['rip']}" if f.get("rip") else "no RIP on the console"
+        out.append(
+            f"{'flaky' if flaky else 'repeated'} boot fault (boot {f.get('boot')}, for {nodeid}): "
+            f"{f.get('kind')}: {f.get('what')} ({rip}); {f.get('then')}"
+        )
+    return out
+
+
+def _boot_faults_section(report: SessionReport) -> list[str]:
+    """The boot faults: each with its configuration, RIP, what the other boot did and the
+    console tail; a fault whose configuration booted the next time is marked flaky (an
+    emulator's one-off), one that came again is not (the kernel faults on every boot)."""
+    rows = _fault_rows(report)
+    if not rows:
+        return []
+    p = [
+        '<h2 id="boot-faults">Boot faults</h2>',
+        "<p>Boots that faulted before the readiness marker (the kernel crashed or QEMU ended by itself); "
+        "each such configuration was booted once more.</p>",
+        '<table id="boot-fault-table"><tr><th>testcase</th><th>command line</th><th>boot</th><th>kind</th>'
+        "<th>what</th><th>RIP</th><th>then</th><th>console tail</th></tr>",
+    ]
+    for nodeid, f in rows:
+        then = str(f.get("then", ""))
+        verdict = "flaky" if then.startswith("booted again") else "repeated"
+        p.append(
+            f'<tr class="boot-fault {verdict}" data-nodeid="{_e(nodeid)}">'
+            f'<td class="mono">{_e(nodeid)}</td><td class="mono">{_e(f.get("cmdline", ""))}</td>'
+            f"<td>{_e(f.get('boot', ''))}</td><td>{_e(f.get('kind', ''))}</td>"
+            f'<td class="msg">{_e(f.get("what", ""))}</td>'
+            f'<td class="mono rip">{_e(f.get("rip") or "not on the console")}</td>'
+            f'<td class="{verdict}">{verdict}: {_e(then)}</td>'
+            f'<td><details><summary>console</summary><pre class="console">{_e(f.get("console_tail", ""))}'
+            "</pre></details></td></tr>"
+        )
+    p.append("</table>")
+    return p
 
 
 def write_index(report: SessionReport, directory: Path, *, exit_status: int | None = None) -> Path:

@@ -7,6 +7,8 @@
   ``linux-image-amd64`` of the running release, fetched with ``apt-get download`` into
   the cache. Its symbols come from the guest's /proc/kallsyms (the debug vmlinux is an
   858 MB download plus 2 GB of GDB indexing: not affordable per run).
+  :func:`stock_kernel_of_version` finds the stock kernel of another release's version
+  (sid's for reference-7.2) through a private APT configuration of that suite.
 * a path to a bzImage or vmlinux; a vmlinux beside a bzImage in a build tree
   (``<tree>/arch/x86/boot/bzImage`` -> ``<tree>/vmlinux``) is used for symbols.
 """
@@ -74,30 +76,83 @@ def stock_image_path(root: Path, release: str) -> Path | None:
     return None
 
 
-def debian_stock_kernel(cache_dir: Path) -> Kernel:
-    """Debian's stock kernel for this release, downloaded and unpacked once into the cache."""
-    meta = _run(["apt-cache", "depends", "linux-image-amd64"])
+#: Suites searched, after the system's own, for a stock kernel of a given version.
+STOCK_SUITES = ("sid", "trixie", "bookworm-backports")
+
+
+def _apt(cache_dir: Path, suite: str | None) -> list[str]:
+    """apt options for ``suite`` (None: the system's configuration, unchanged): a private
+    configuration in ``<cache>/debian/apt/<suite>``, its lists fetched once."""
+    if suite is None:
+        return []
+    from rig.supply.debsource import _sources_list, apt_options
+
+    apt_dir = cache_dir / "debian" / "apt" / suite
+    opts = apt_options(apt_dir)
+    with locked(apt_dir.with_name(f"{suite}.lock")):
+        if not any((apt_dir / "lists").glob("*_Packages*")):
+            (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+            (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+            (apt_dir / "sources.list").write_text(_sources_list(suite))
+            _run(["apt-get", "-q", *opts, "update"])
+    return opts
+
+
+def stock_release(cache_dir: Path, suite: str | None = None) -> str:
+    """The release of ``suite``'s ``linux-image-amd64`` (None: the system's)."""
+    opts = _apt(cache_dir, suite)
+    meta = _run(["apt-cache", *opts, "depends", "linux-image-amd64"])
     pkg = next((d for d in _depends(meta) if d.startswith("linux-image-")), None)
     if pkg is None:
-        raise ConfigError("apt knows no linux-image-amd64 dependency; run `apt-get update` first")
-    release = pkg.removeprefix("linux-image-")
+        where = f" in {suite}" if suite else ""
+        raise ConfigError(f"apt knows no linux-image-amd64 dependency{where}; run `apt-get update` first")
+    return pkg.removeprefix("linux-image-")
+
+
+def debian_stock_kernel(cache_dir: Path, suite: str | None = None) -> Kernel:
+    """Debian's stock kernel of ``suite`` (None: this system's release), downloaded and
+    unpacked once into the cache."""
+    release = stock_release(cache_dir, suite)
+    pkg = f"linux-image-{release}"
     root = cache_dir / "debian" / pkg
     image = stock_image_path(root, release)
     if image is None:
         with locked(cache_dir / "debian" / ".lock"):  # another session may be fetching it too
             if stock_image_path(root, release) is None:
-                _fetch_stock(pkg, release, root, cache_dir / "debian" / "download")
+                _fetch_stock(pkg, release, root, cache_dir / "debian" / "download", _apt(cache_dir, suite))
         image = stock_image_path(root, release)
         assert image is not None
-    return Kernel(image, None, f"debian {release} (stock, unpatched)")
+    where = f"stock {suite}" if suite else "stock"
+    return Kernel(image, None, f"debian {release} ({where}, unpatched)")
 
 
-def _fetch_stock(pkg: str, release: str, root: Path, dl: Path) -> None:
+def major_minor(release: str) -> str:
+    """``7.2`` of ``7.2.13``, ``7.2.13+deb14-amd64`` or ``6.1.0-57-amd64``."""
+    return ".".join(release.split("-")[0].split("+")[0].split(".")[:2])
+
+
+def stock_kernel_of_version(release: str, cache_dir: Path) -> Kernel | None:
+    """Debian's stock kernel of the same version (major.minor) as ``release``: the
+    system's, else that of the first of :data:`STOCK_SUITES` that ships one; None if none
+    does."""
+    want = major_minor(release)
+    for suite in (None, *STOCK_SUITES):
+        try:
+            found = stock_release(cache_dir, suite)
+        except ConfigError:
+            continue
+        if major_minor(found) == want:
+            return debian_stock_kernel(cache_dir, suite)
+    return None
+
+
+def _fetch_stock(pkg: str, release: str, root: Path, dl: Path, opts: list[str] | None = None) -> None:
     """Download ``pkg`` (and the packages it needs) and unpack them to ``root`` (atomically:
-    unpacked beside, then renamed)."""
-    packages = stock_packages(pkg, _run(["apt-cache", "depends", pkg]))
+    unpacked beside, then renamed). ``opts``: apt options of the suite it comes from."""
+    opts = opts or []
+    packages = stock_packages(pkg, _run(["apt-cache", *opts, "depends", pkg]))
     dl.mkdir(parents=True, exist_ok=True)
-    _run(["apt-get", "download", *packages], cwd=dl)
+    _run(["apt-get", *opts, "download", *packages], cwd=dl)
     tmp = root.with_name(root.name + ".tmp")
     subprocess.run(["rm", "-rf", str(tmp)], check=True)
     for p in packages:

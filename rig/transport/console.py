@@ -115,6 +115,19 @@ class Console:
             self.closed_during = what
             raise GuestError(f"the console closed before {what!r} could be typed ({exc.strerror})") from None
 
+    def read_until_closed(self, timeout: float) -> bool:
+        """Read (and drop: QEMU's log keeps it) whatever the guest prints until QEMU closes
+        the console or ``timeout`` seconds pass; True if it closed. A guest whose console
+        is not read stalls in its next write: QEMU's serial port sends a byte at a time,
+        and a few hundred unread bytes fill the socket (e.g. the rest of an oops)."""
+        try:
+            self.child.expect(pexpect.EOF, timeout=timeout)
+        except pexpect.TIMEOUT:
+            return False
+        except OSError:
+            pass
+        return True
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()

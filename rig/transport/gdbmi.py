@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,15 @@ class GdbMi:
     # -- reader thread -------------------------------------------------------------
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        with contextlib.suppress(ValueError, OSError):  # closed by close() after its join timed out
+            self._read_lines(self.proc.stdout)
+        self._dead.set()
+        for pend in list(self._pending.values()):
+            pend.event.set()
+        self._stopped.put({"type": "eof"})
+
+    def _read_lines(self, stdout: Iterable[str]) -> None:
+        for line in stdout:
             line = line.rstrip("\n")
             if not line or line == "(gdb) ":
                 continue
@@ -111,10 +120,6 @@ class GdbMi:
                 cur = self._current
                 if cur is not None and isinstance(rec.get("payload"), str):
                     cur.console.append(rec["payload"])
-        self._dead.set()
-        for pend in list(self._pending.values()):
-            pend.event.set()
-        self._stopped.put({"type": "eof"})
 
     # -- commands ------------------------------------------------------------------
     def command(self, cmd: str, timeout: float = 30.0) -> MiResult:
@@ -207,6 +212,10 @@ class GdbMi:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+        # the reader sees GDB's end (EOF) first: a stream closed under its read raised
+        # "I/O operation on closed file" in the reader thread (a guest closed mid-boot)
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=2)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
