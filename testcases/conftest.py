@@ -9,7 +9,7 @@ from rig.machine.sites import SIGNAL, Site
 from rig.observe.coverage import SiteCoverage
 from rig.observe.findings import SkipKind
 from rig.pytestplugin.caseoptions import note_skip
-from rig.pytestplugin.plugin import RigSettings, missing_on_reference
+from rig.pytestplugin.settings import RigSettings, missing_on_reference
 
 #: Interrupt entries a CPU spinning in user mode takes: its tick, and the IPIs a wake-up
 #: of a task pinned to it sends.

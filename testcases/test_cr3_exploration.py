@@ -22,7 +22,7 @@ from rig.observe.coverage import SiteCoverage
 from rig.observe.exploration import explore
 from rig.observe.findings import fail_on
 from rig.observe.windows import Window
-from rig.pytestplugin.plugin import RigSettings, missing_on_reference
+from rig.pytestplugin.settings import RigSettings, missing_on_reference
 from rig.transport.qemu import NMI_CPU
 from testcases.conftest import INTERRUPT_ENTRIES
 

@@ -35,7 +35,7 @@ from rig.observe.checks import (
     window_findings,
 )
 from rig.observe.findings import Finding, Rule, fail_on
-from rig.pytestplugin.plugin import RigSettings, missing_on_reference
+from rig.pytestplugin.settings import RigSettings, missing_on_reference
 from rig.transport.qemu import NMI_CPU
 from testcases.conftest import INTERRUPT_ENTRIES
 

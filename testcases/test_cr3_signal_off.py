@@ -22,7 +22,7 @@ from rig.observe.coverage import SiteCoverage
 from rig.observe.findings import Finding, Rule, SkipKind, fail_on
 from rig.observe.offwatch import watch_off
 from rig.pytestplugin.caseoptions import note_skip
-from rig.pytestplugin.plugin import RigSettings, missing_on_reference
+from rig.pytestplugin.settings import RigSettings, missing_on_reference
 
 #: The two ways the signal is off: the gate (no isolation), and PTI (isolation on).
 OFF = [

@@ -31,7 +31,7 @@ from rig.machine.sites import SIGNAL
 from rig.observe.findings import SkipKind, fail_on
 from rig.observe.pluginwatch import PluginWatch, watch
 from rig.pytestplugin.caseoptions import CaseSettings, skip
-from rig.pytestplugin.plugin import RigSettings
+from rig.pytestplugin.settings import RigSettings
 from rig.supply.qemuplugin import PluginRefused, plugin_qemu
 from rig.transport.local import LocalHost
 from testcases.test_cr3_watch import CPU0_ONLY, EVERY_CPU

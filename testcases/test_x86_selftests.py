@@ -38,7 +38,7 @@ from rig.machine.sites import SIGNAL, Site
 from rig.observe.findings import fail_on
 from rig.observe.selftestwatch import SelftestVerdict, installed_selftests, run_unwatched, run_watched
 from rig.pytestplugin.caseoptions import CaseSettings, case_settings_of
-from rig.pytestplugin.plugin import RigSettings
+from rig.pytestplugin.settings import RigSettings
 from rig.supply.kernel import DEBIAN, Kernel, major_minor, resolve_kernel, stock_kernel_of_version
 from rig.supply.selftests import DEFAULT_SELFTESTS, NOT_RUN, SelftestError, build_selftests
 

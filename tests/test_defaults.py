@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rig.guest import GuestConfig
-from rig.pytestplugin.plugin import RigSettings, missing_on_reference, pti_off_asked
+from rig.pytestplugin.settings import RigSettings, missing_on_reference, pti_off_asked
 from rig.supply.kernel import is_reference_kernel
 from rig.transport.local import LocalHost
 

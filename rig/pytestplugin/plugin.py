@@ -21,139 +21,59 @@ the controller writes the report and the coverage table of the whole run
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
 from rig.diagnosis import diagnose
-from rig.errors import ConfigError, RigError
-from rig.guest import Effort, Guest, GuestConfig, check_inputs
-from rig.observe.coverage import SiteCoverage, coverage_of
+from rig.errors import RigError
+from rig.guest import Effort, Guest
+from rig.machine.sites import SIGNAL
+from rig.observe.coverage import SiteCoverage
 from rig.observe.findings import FindingsFailure, failure_kind
 from rig.pytestplugin import distributed
 from rig.pytestplugin.failfast import (
     BootFailed,
     BootFailures,
-    boot_fault,
-    both_faulted,
     breaks_guest,
-    check_writable,
     kernel_crashed,
     one_line_head,
     one_line_report,
-    split_boot_error,
     wants_one_line,
 )
+from rig.pytestplugin.options import check_options as _check_options
+from rig.pytestplugin.options import pytest_addoption
+from rig.pytestplugin.pool import GuestPool
+from rig.pytestplugin.settings import HOST_KEY as _HOST_KEY
+from rig.pytestplugin.settings import (
+    PTI_OFF_PARAMETERS,
+    EndRun,
+    RigSettings,
+    missing_on_reference,
+    pti_off_asked,
+    rig_settings,
+)
+from rig.pytestplugin.settings import options_config as _options_config
+from rig.pytestplugin.settings import run_ender as _run_ender
 from rig.report import hooks as report_hooks
-from rig.report.bootfault import RETRY_BOOTED, BootFault
+from rig.report.bootfault import BootFault
 from rig.report.session import add_coverage_table, session_report
-from rig.supply.cache import default_cache_dir
-from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel, is_reference_kernel
-from rig.transport.host import Host, sigterm_as_ctrl_c
-from rig.transport.qemu import check_cmdline_length
-from rig.transport.ssh import open_host
+from rig.supply.kernel import DEFAULT_KERNEL, is_named_kernel
+from rig.transport.host import sigterm_as_ctrl_c
 
-#: The CR3 software signal of the patch series (CONFIG_TRACK_CR3).
-SIGNAL = "kernel_cr3_loaded"
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("cr3rig", "cr3rig: boot a kernel under QEMU and single-step its entry code")
-    g.addoption(
-        "--kernel",
-        default=None,
-        help="bzImage/vmlinux path, 'reference-7.2' (default), 'reference-6.1' or 'debian' (stock)",
-    )
-    g.addoption(
-        "--vmlinux",
-        default=None,
-        type=Path,
-        help="vmlinux with symbols for --kernel (default: found beside it in a build tree)",
-    )
-    g.addoption(
-        "--initrd",
-        default=None,
-        type=Path,
-        help="guest initramfs (default: the rig's own, built from guests/initramfs)",
-    )
-    g.addoption("--qemu", default="qemu-system-x86_64", help="QEMU binary")
-    g.addoption("--gdb", default="gdb", help="GDB binary")
-    g.addoption("--smp", default=2, type=int, help="number of vCPUs (default 2)")
-    g.addoption(
-        "--isolated-cpu",
-        default=None,
-        type=int,
-        help="the vCPU that runs the workloads and is stepped (default: the last)",
-    )
-    g.addoption("--append", default="", help="extra kernel command-line parameters")
-    g.addoption("--accel", default="tcg", choices=("tcg", "kvm"), help="QEMU accelerator")
-    g.addoption("--boot-timeout", default=180.0, type=float, help="seconds to wait for boot")
-    g.addoption(
-        "--cr3rig-cache",
-        default=None,
-        type=Path,
-        help="cache directory (default $CR3RIG_CACHE or ~/.cache/cr3rig)",
-    )
-    g.addoption(
-        "--site-coverage",
-        default="auto",
-        choices=("auto", "require", "report", "off"),
-        help="CR3 switch-site coverage table at the end; 'require' fails the session if a site "
-        "TCG can reach was executed by no testcase ('auto': require on a full run of testcases/ "
-        "against a kernel with the CR3 signal, else report)",
-    )
-    g.addoption(
-        "--explore",
-        default="sample",
-        choices=("sample", "all"),
-        help="which boundaries of each exploration window get an event: 'all' (every boundary "
-        "from the entry to past the CR3 write, from the exit to user mode) or 'sample' (default: "
-        "boundary 0, the store-to-write race window and every 4th other boundary, the same each run)",
-    )
-    g.addoption(
-        "--host", default="local", help="where QEMU runs: 'local' (default) or ssh://[user@]box[:port]"
-    )
-    g.addoption("--ssh-identity", default=None, type=Path, help="private key for --host ssh://...")
-    g.addoption("--ssh-known-hosts", default=None, type=Path, help="known_hosts file for --host ssh://...")
-    g.addoption(
-        "--trace-dir",
-        default=None,
-        type=Path,
-        help="where step traces are written (default <rootdir>/results)",
-    )
-
-
-def _check_options(config: pytest.Config) -> None:
-    """Static checks of the options, so bad input fails in seconds with one line."""
-    opt = config.option
-    named = is_named_kernel(opt.kernel and str(opt.kernel))
-    iso = opt.smp - 1 if opt.isolated_cpu is None else opt.isolated_cpu
-    try:
-        host = open_host(opt.host, identity=opt.ssh_identity, known_hosts=opt.ssh_known_hosts)
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    config.stash[_HOST_KEY] = host
-    config.add_cleanup(host.close)
-    try:
-        check_inputs(
-            host, None if named else Path(opt.kernel), opt.vmlinux, opt.initrd, opt.smp, iso, opt.accel
-        )
-        if not opt.boot_timeout > 0:
-            raise ConfigError(
-                f"--boot-timeout {opt.boot_timeout:g}: must be more than 0 seconds (default 180)"
-            )
-        check_cmdline_length(
-            GuestConfig(Path(), Path(), smp=opt.smp, isolated_cpu=iso, append=opt.append).cmdline()
-        )
-        check_writable(opt.trace_dir or config.rootpath / "results", "trace directory", "--trace-dir")
-        check_writable(
-            opt.cr3rig_cache or default_cache_dir(), "cache directory", "--cr3rig-cache or $CR3RIG_CACHE"
-        )
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
+__all__ = [
+    "PTI_OFF_PARAMETERS",
+    "SIGNAL",
+    "EndRun",
+    "GuestPool",
+    "RigSettings",
+    "missing_on_reference",
+    "pti_off_asked",
+    "pytest_addoption",
+    "rig_settings",
+]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -208,210 +128,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (m.args[0] if m.args else "", bool(m.kwargs.get("isolate", True)))
 
     items.sort(key=lambda it: (key(it) != ("", True), key(it)))
-
-
-@dataclass(frozen=True)
-class RigSettings:
-    """The options, resolved: what every guest of this session boots."""
-
-    base: GuestConfig
-    trace_dir: Path
-    host: Host
-    site_coverage: str = "auto"
-    #: the kernel is one of the rig's reference builds (the default): a missing signal,
-    #: PTI or site list there is an error, never a skip (see :func:`missing_on_reference`)
-    reference: bool = False
-    #: which boundaries the exploration windows take an event at (``--explore``)
-    explore: str = "sample"
-
-
-#: Ends the run with one line and a status (and the boot failure behind it, if any).
-EndRun = Callable[[str, int, "BootFailed | None"], NoReturn]
-
-
-def _exit(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
-    pytest.exit(line, returncode=returncode)
-
-
-def _run_ender(request: pytest.FixtureRequest) -> EndRun:
-    """:func:`pytest.exit`, or in an xdist worker (where it would crash xdist's
-    controller) :func:`distributed.end_run` and an error for this test."""
-    if distributed.role(request.config) != "worker":
-        return _exit
-    session = request.session
-
-    def end_worker(line: str, returncode: int, failed: BootFailed | None = None) -> NoReturn:
-        tail = failed.console_tail if failed is not None else ""
-        distributed.end_run(session, line, returncode, tail, tell=not (failed and failed.remembered))
-        raise failed if failed is not None else distributed.RunEnded(line)
-
-    return end_worker
-
-
-def _options_config(opt: Any, **files: Any) -> GuestConfig:
-    """The guest the options describe; ``files`` give the kernel, initrd, vmlinux, label
-    (and cache) as far as they are known."""
-    return GuestConfig(
-        smp=opt.smp,
-        isolated_cpu=opt.isolated_cpu,
-        append=opt.append,
-        accel=opt.accel,
-        qemu=opt.qemu,
-        gdb=opt.gdb,
-        boot_timeout=opt.boot_timeout,
-        **files,
-    )
-
-
-@pytest.fixture(scope="session")
-def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> RigSettings:
-    from rig.supply.initramfs import build_initramfs
-    from rig.supply.kernel import resolve_kernel
-
-    opt = pytestconfig.option
-    cache = opt.cr3rig_cache or default_cache_dir()
-    # A cold cache builds the kernel here: let its progress line reach the terminal.
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
-    try:
-        with uncaptured:
-            kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
-            initrd = opt.initrd or build_initramfs(cache)
-    except RigError as exc:
-        _run_ender(request)(f"cr3rig: {exc}", 4, None)
-    host = pytestconfig.stash[_HOST_KEY]
-    if opt.accel == "kvm":
-        from rig.transport.kvmprobe import kernel_probe
-
-        why = kernel_probe(host, opt.qemu, "kvm", kernel.image, initrd)
-        if why is not None:
-            _run_ender(request)(
-                f"cr3rig: --accel kvm cannot run on {host.label}: {why}; use --accel tcg", 4, None
-            )
-    base = _options_config(
-        opt, kernel=kernel.image, initrd=initrd, vmlinux=kernel.vmlinux, label=kernel.label, cache_dir=cache
-    )
-    settings = RigSettings(
-        base,
-        opt.trace_dir or pytestconfig.rootpath / "results",
-        host,
-        opt.site_coverage,
-        is_reference_kernel(opt.kernel and str(opt.kernel)),
-        opt.explore,
-    )
-    session_report(pytestconfig).directory = settings.trace_dir
-    report_hooks.settings_resolved(pytestconfig, base)
-    return settings
-
-
-class GuestPool:
-    """Boots guests on demand, one per distinct command line, at most one alive.
-
-    A boot that faults before its readiness marker (the kernel crashed, or QEMU ended by
-    itself: :func:`~rig.pytestplugin.failfast.boot_fault`) is made once more: an
-    emulator's one-off fault is not a test result. Each fault goes to ``on_boot_fault``
-    (and :attr:`boot_faults`) with its console tail, its RIP and what the second boot
-    did. A configuration that fails to boot (a second fault, a hang, a rig error) is not
-    booted again: later tests needing it get the same one-line error at once. If the
-    default configuration (no ``cmdline`` marker) cannot boot, the session ends, as it
-    does for bad input.
-    """
-
-    def __init__(
-        self,
-        settings: RigSettings,
-        on_fatal: Any = None,
-        failures: BootFailures | None = None,
-        end_run: EndRun = _exit,
-        on_boot_fault: Callable[[BootFault], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.current: Guest | None = None
-        self.failures = failures if failures is not None else BootFailures()
-        self.on_fatal = on_fatal
-        self.end_run = end_run
-        self.on_boot_fault = on_boot_fault
-        #: every boot fault of the session, in order
-        self.boot_faults: list[BootFault] = []
-        self._coverage: SiteCoverage | None = None
-
-    def get(self, extra_append: str = "", *, isolate: bool = True) -> Guest:
-        """The guest booted with ``extra_append`` (and, unless ``isolate`` is False, the
-        rig's nohz_full/isolcpus parameters for the isolated CPU)."""
-        base = self.settings.base
-        config = replace(base, append=f"{base.append} {extra_append}".strip(), isolate=isolate)
-        cur = self.current
-        if cur is not None and (cur.config != config or not cur.usable()):
-            cur.close()
-            self.current = None
-        if self.current is None:
-            default = extra_append == "" and isolate
-            try:
-                self.failures.check(config)
-            except BootFailed as remembered:  # the default one only if another worker failed it
-                if default:
-                    self.end_run(
-                        f"cr3rig: {remembered.reason} (the default configuration cannot boot)", 3, remembered
-                    )
-                raise
-            try:
-                self.current = self._boot(config)
-            except ConfigError as exc:
-                self.end_run(f"cr3rig: {exc}", 4, None)
-            except RigError as exc:
-                failed = self.failures.remember(config, exc)
-                if default:
-                    if self.on_fatal is not None:
-                        self.on_fatal(failed)
-                    self.end_run(
-                        f"cr3rig: {failed.reason} (the default configuration cannot boot)", 3, failed
-                    )
-                raise failed from None
-        return self.current
-
-    def _boot(self, config: GuestConfig) -> Guest:
-        """Boot ``config``, once more if the first boot faulted; a second fault raises the
-        second boot's error, saying that both boots faulted."""
-        first: BootFault | None = None
-        for boot in (1, 2):
-            try:
-                guest = Guest.boot(config, self.settings.host)
-            except RigError as exc:
-                fault = boot_fault(exc, config.cmdline(), boot)
-                if first is None:
-                    if fault is None:
-                        raise
-                    first = fault
-                    continue
-                if fault is None:
-                    head = split_boot_error(exc)[0]
-                    self._fault(replace(first, then=f"the second boot failed otherwise: {head}"))
-                    raise
-                self._fault(replace(first, then="the second boot faulted too"))
-                self._fault(replace(fault, then="both boots faulted: the configuration fails"))
-                raise both_faulted(exc, fault) from exc
-            if first is not None:
-                self._fault(replace(first, then=RETRY_BOOTED))
-            return guest
-        raise AssertionError("unreachable: the second boot returns or raises")
-
-    def _fault(self, fault: BootFault) -> None:
-        self.boot_faults.append(fault)
-        if self.on_boot_fault is not None:
-            self.on_boot_fault(fault)
-
-    def coverage(self, guest: Guest) -> SiteCoverage | None:
-        """The session's switch-site coverage of ``guest``'s kernel (None: no vmlinux)."""
-        if self._coverage is None and guest.config.vmlinux is not None:
-            self._coverage = coverage_of(guest, SIGNAL)
-        if self._coverage is not None and guest.pti_enabled:
-            self._coverage.pti = True  # sites are reachable once one guest runs with PTI
-        return self._coverage
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.current = None
 
 
 @pytest.fixture(scope="session")
@@ -605,32 +321,6 @@ def guest(guest_pool: GuestPool, request: pytest.FixtureRequest) -> Iterator[Gue
 
 
 #: Kernel parameters with which the user turns PTI off (a skip of the PTI testcases is theirs).
-PTI_OFF_PARAMETERS = ("nopti", "pti=off", "pti=auto", "mitigations=off")
-
-
-def pti_off_asked(cmdline: str) -> bool:
-    """True if the kernel command line turns PTI off (:data:`PTI_OFF_PARAMETERS`)."""
-    return any(word in PTI_OFF_PARAMETERS for word in cmdline.split())
-
-
-def missing_on_reference(settings: RigSettings, reason: str) -> None:
-    """Skip a testcase that cannot run on this kernel (``reason`` says what it lacks and how
-    that was seen), or, on a reference kernel (the default, which the rig builds with the
-    signal and PTI), fail it: there the lack is a broken build that a skip would hide.
-
-    Raises:
-        pytest.skip.Exception: on a kernel the user chose with ``--kernel``.
-        pytest.fail.Exception: on a reference kernel.
-    """
-    if settings.reference:
-        pytest.fail(
-            f"the reference kernel {settings.base.label} is broken: {reason}; rebuild it "
-            "(cr3rig kernel) or check its config fragment",
-            pytrace=False,
-        )
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def pti_guest(guest: Guest, rig_settings: RigSettings) -> Guest:
     """The guest, or a skip saying exactly why PTI testcases cannot run on it (an error
@@ -653,7 +343,6 @@ def pti_guest(guest: Guest, rig_settings: RigSettings) -> Guest:
 
 _GUEST_KEY = pytest.StashKey[Guest]()
 _BROKEN_KEY = pytest.StashKey[bool]()
-_HOST_KEY = pytest.StashKey[Host]()
 
 
 @pytest.hookimpl(hookwrapper=True)
