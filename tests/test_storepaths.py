@@ -103,3 +103,17 @@ def test_a_direct_jmp_is_walked_both_ways_the_unpatched_text_may_be_an_alternati
     )
     assert [len(p.between) for p in paths] == [3]
     assert static_path_findings(paths, per_cpu) == []
+
+
+def test_a_jump_over_another_store_is_the_gate_off_and_not_followed() -> None:
+    # exit_path's store, then another store's static branch (jmp over it) before a CR3
+    # write: with the gate off neither store runs, so no path joins them
+    paths = _paths(
+        "ffffffff81000000:\tmovl   $0x0,%gs:0x1000(%rip)        # ffffffff82000000 <kernel_cr3_loaded>\n"
+        "ffffffff8100000b:\tnop\n"
+        "ffffffff8100000c:\tmov    %cr3,%rdi\n"
+        "ffffffff8100000f:\tjmp    ffffffff8100001a <exit_path+0x1a>\n"
+        "ffffffff81000011:\tmovl   $0x1,%gs:0x1000(%rip)        # ffffffff82000000 <kernel_cr3_loaded>\n"
+        "ffffffff8100001a:\tmov    %rdi,%cr3\n"
+    )
+    assert [(p.store.address, len(p.between)) for p in paths] == [(0xFFFFFFFF81000011, 0)]

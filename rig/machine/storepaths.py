@@ -3,10 +3,13 @@
 The stepped checks see the paths TCG runs; this sees every path the text has. From each
 signal store site (:func:`rig.machine.sites.find_sites`) the instructions that follow are
 walked in the entry and noinstr text, both ways at a conditional branch and at a direct
-jump (the text is unpatched: a jump may be an alternative's original or a static branch
-that the running kernel replaces with NOPs, so its fall-through is a path too), until a
-CR3 write: each walk that reaches one is a :class:`StorePath`,
-the instructions between the store and the write in order. A walk also ends, without a
+jump within its function (the text is unpatched: such a jump may be an alternative's
+original or a static branch that the running kernel replaces with NOPs, so its
+fall-through is a path too; a jump to another function is a tail jump), until a CR3
+write: each walk that reaches one is a :class:`StorePath`, the instructions between the
+store and the write in order. A jump over another signal store is not followed: it is
+that store's static branch with the housekeeping gate off, under which the store the
+walk started from (gated by the same key) never ran. A walk also ends, without a
 path, at another signal store, a return, an indirect jump, a ``sysret``/``iret``, or
 after :data:`MAX_WALK` instructions (a store whose every walk ends so precedes no CR3
 write: the paranoid exit's store when CR3 stays the kernel's). A ``call`` or an
@@ -69,6 +72,11 @@ class StorePath:
     unverifiable: str = ""
 
 
+def _function(ins: Instruction) -> str:
+    """The label (objdump's ``<symbol>``) the instruction is under."""
+    return ins.where.rsplit("+", 1)[0]
+
+
 def parse_instructions(text: str) -> list[Instruction]:
     """The instructions of ``objdump -d --no-show-raw-insn`` output, in text order."""
     out: list[tuple[int, str, str]] = []
@@ -91,6 +99,7 @@ def walk_store_paths(instructions: list[Instruction], sites: list[Site]) -> list
     """Every path from each signal store site to a CR3 write (module doc)."""
     index = {ins.address: i for i, ins in enumerate(instructions)}
     by_address = {s.address: s for s in sites}
+    stores = sorted(s.address for s in sites if s.kind == "signal-store")
     paths: list[StorePath] = []
     for store in (s for s in sites if s.kind == "signal-store"):
         start = index.get(store.address)
@@ -121,11 +130,22 @@ def walk_store_paths(instructions: list[Instruction], sites: list[Site]) -> list
             target = ins.branch_target()
             if mnemonic.startswith("j") and target is None:
                 continue  # an indirect jump: the walk cannot follow it
-            if target is not None and target in index:
+            # a jump over another store is that store's static branch with the gate off,
+            # under which the store the walk started from (gated the same way) never ran
+            skips_store = target is not None and any(ins.address < a < target for a in stores)
+            if target is not None and target in index and not skips_store:
                 stack.append((index[target], (*between, ins)))
-            # on through a direct jmp too: in the unpatched text it may be an alternative's
-            # original or a static branch, which the running kernel replaces with NOPs
-            stack.append((pos + 1, (*between, ins)))
+            # on through a direct jmp too when it jumps within its own function: in the
+            # unpatched text it may be an alternative's original or a static branch (to a
+            # local label), which the running kernel replaces with NOPs. A jmp to another
+            # function is a tail jump: only its target is a path.
+            local = (
+                target is not None
+                and target in index
+                and _function(instructions[index[target]]) == (_function(ins))
+            )
+            if not mnemonic.startswith("jmp") or local:
+                stack.append((pos + 1, (*between, ins)))
     return paths
 
 
