@@ -4,7 +4,7 @@ The guest's ``/init`` (``guests/initramfs/init``) and its workloads
 (``guests/initramfs/workloads/workload.h``, ``compat32.h``) print these markers; the
 initramfs builder (:mod:`rig.supply.initramfs`) lays the files out where they are named;
 the console driver (:mod:`rig.transport.console`) and the guest's shell helpers
-(:mod:`rig.guest.shell`) wait for them. Defined here, below both sides, so that neither
+(:mod:`rig.guest.userspace`) wait for them. Defined here, below both sides, so that neither
 imports the other for a string.
 """
 

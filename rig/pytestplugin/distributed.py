@@ -2,7 +2,7 @@
 
 Roles (:func:`role`): without xdist the plugin works as it always did. Under xdist
 the *controller* runs no test; each *worker* is a full pytest session with its own
-session fixtures (its own :class:`~rig.pytestplugin.plugin.GuestPool`, so its own guest
+session fixtures (its own :class:`~rig.pytestplugin.pool.GuestPool`, so its own guest
 and QEMU private directory, made by ``mkdtemp``).
 
 * A worker writes nothing that is the run's: no ``index.html``, no ``site-coverage.md``,

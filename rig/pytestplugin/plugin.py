@@ -1,10 +1,13 @@
-"""The cr3rig pytest plugin: options (one ``cr3rig`` group), fixtures, failure reports.
+"""The cr3rig pytest plugin: its hooks and fixtures, and failure reports. The options
+(one ``cr3rig`` group) are :mod:`rig.pytestplugin.options`, the resolved settings
+:mod:`rig.pytestplugin.settings`, the guest pool :mod:`rig.pytestplugin.pool`.
 
 Fixtures:
 
 * ``rig_settings`` (session): the parsed options, the resolved kernel and initramfs.
 * ``guest_pool`` (session): boots a guest once per distinct kernel command line and
-  keeps at most one alive (a second command line closes the first).
+  keeps at most one alive (a second command line closes the first); a boot fault is
+  booted once more.
 * ``guest`` (function): the default guest, its traces cleared for the test.
 * ``pti_guest`` (function): the default guest, skipping the test if PTI is off.
 

@@ -1,6 +1,6 @@
 """A boot that faulted before its readiness marker, as the session report and JUnit record it.
 
-The guest pool (:mod:`rig.pytestplugin.plugin`) boots a configuration once more after a
+The guest pool (:mod:`rig.pytestplugin.pool`) boots a configuration once more after a
 fault (:func:`rig.pytestplugin.failfast.boot_fault` decides what is one); each fault is a
 :class:`BootFault`, so a flaky emulator (the second boot reached the marker) and a broken
 kernel (it faulted again) read differently.
