@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from rig.guest import BootEnd
+__all__ = ["BootEnd", "ConfigError", "GdbError", "GuestError", "RigError"]
+
+
+@dataclass(frozen=True)
+class BootEnd:
+    """How a boot that never reached the readiness marker ended, seen before its guest
+    was closed (``RigError.boot_end`` of the error ``rig.guest.Guest.boot`` raised)."""
+
+    #: Console lines kept (an oops with its call trace is 40-80 lines).
+    LINES = 80
+
+    #: QEMU's exit (status, last stderr line, triple fault) if it ended by itself, else None
+    qemu_exit: str | None
+    #: QEMU logged a triple fault (``-d cpu_reset``)
+    triple_fault: bool
+    #: the last :attr:`LINES` lines of the serial console
+    console: str
+
+    def tail(self, lines: int) -> str:
+        """The last ``lines`` lines of :attr:`console`."""
+        return "\n".join(self.console.splitlines()[-lines:])
 
 
 class RigError(RuntimeError):

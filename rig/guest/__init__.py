@@ -5,7 +5,8 @@
 the input.
 """
 
+from rig.errors import BootEnd
 from rig.guest.config import BASE_CMDLINE, GuestConfig, check_inputs
-from rig.guest.guest import BootEnd, Effort, Guest
+from rig.guest.guest import Effort, Guest
 
 __all__ = ["BASE_CMDLINE", "BootEnd", "Effort", "Guest", "GuestConfig", "check_inputs"]

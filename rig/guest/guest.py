@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rig.errors import ConfigError, GuestError, RigError
+from rig.errors import BootEnd, ConfigError, GuestError, RigError
 from rig.guest.config import GuestConfig
 from rig.guest.kernel import KernelIdentity
 from rig.guest.runcontrol import RunControl
@@ -52,26 +52,6 @@ __all__ = ["Effort", "Guest"]
 
 #: Seconds a kernel seen crashing during boot gets to finish its oops before the guest closes.
 CRASH_GRACE = 3.0
-
-
-@dataclass(frozen=True)
-class BootEnd:
-    """How a boot that never reached the readiness marker ended, seen before its guest
-    was closed (``RigError.boot_end`` of the error :meth:`Guest.boot` raised)."""
-
-    #: Console lines kept (an oops with its call trace is 40-80 lines).
-    LINES = 80
-
-    #: QEMU's exit (status, last stderr line, triple fault) if it ended by itself, else None
-    qemu_exit: str | None
-    #: QEMU logged a triple fault (``-d cpu_reset``)
-    triple_fault: bool
-    #: the last :attr:`LINES` lines of the serial console
-    console: str
-
-    def tail(self, lines: int) -> str:
-        """The last ``lines`` lines of :attr:`console`."""
-        return "\n".join(self.console.splitlines()[-lines:])
 
 
 @dataclass
