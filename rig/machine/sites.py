@@ -62,7 +62,7 @@ class Site:
     next_address: int = field(default=0, compare=False)
 
 
-def _split_operands(ops: str) -> list[str]:
+def split_operands(ops: str) -> list[str]:
     """AT&T operands split on the commas outside parentheses."""
     out, depth, cur = [], 0, ""
     for ch in ops:
@@ -104,7 +104,7 @@ def parse_objdump(text: str, signal_targets: frozenset[int]) -> list[Site]:
         addresses.append(addr)
         mnemonic, rest = m.group(2), m.group(3)
         body, _, comment = rest.partition("#")
-        ops = _split_operands(body.strip())
+        ops = split_operands(body.strip())
         where = f"{func}+{addr - func_addr:#x}"
         insn = " ".join(f"{mnemonic} {body.strip()}".split())
         if mnemonic.startswith("sgdt"):

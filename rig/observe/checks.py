@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rig.machine.disasm import MOV_TO_CR3
-from rig.machine.sites import SIGNAL
+from rig.machine.sites import SIGNAL, split_operands
 from rig.machine.storepaths import StorePath
 from rig.machine.symbols import SymbolTable
 from rig.machine.trace import Trace
@@ -175,21 +175,6 @@ _UNDECODABLE = ("(bad)", ".byte", "?", "")
 _NUMBER = re.compile(r"^-?(0x[0-9a-f]+|\d+)$")
 
 
-def _split_operands(ops: str) -> list[str]:
-    """AT&T operands split on the commas outside parentheses."""
-    out, depth, cur = [], 0, ""
-    for ch in ops:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return out
-
-
 def decodable(insn: str) -> bool:
     """False for an instruction text the disassembler could not decode (``(bad)``, ``.byte``)."""
     text = insn.strip()
@@ -219,7 +204,7 @@ def memory_operands(insn: str) -> list[str]:
         return []
     branch = mnemonic.startswith(_BRANCHES)
     out = []
-    for op in _split_operands(parts[1]):
+    for op in split_operands(parts[1]):
         indirect = op.startswith("*")
         body = op.lstrip("*")
         if body.startswith("$"):
