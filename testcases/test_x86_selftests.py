@@ -137,7 +137,7 @@ def test_x86_selftest_under_watch(
     mine = " && ".join(f'$3 != "{c}"' for c in ("sh", "ps", "awk"))
     ps, _ = g.shell(f"ps -o pid,vsz,comm | awk 'NR > 1 && $1 != 1 && $2 != 0 && {mine}'")
     others = ", ".join(" ".join(ln.split()[::2]) for ln in ps.splitlines() if ln.strip())
-    run = run_watched(g, watch_sites, name, signal=SIGNAL, max_seconds=case_settings.selftest_seconds)
+    run = run_watched(g, watch_sites, name, signal=SIGNAL, max_seconds=case_settings.seconds_for(name))
     assert run.watch is not None
     w = run.watch
     verdict = run.verdict

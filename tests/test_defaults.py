@@ -48,3 +48,11 @@ def test_a_missing_feature_skips_on_a_kernel_the_user_chose() -> None:
 )
 def test_what_turns_pti_off_is_the_users_choice(cmdline: str, asked: bool) -> None:
     assert pti_off_asked(cmdline) is asked
+
+
+def test_each_selftest_has_its_watch_budget_unless_the_option_sets_one() -> None:
+    from rig.pytestplugin.caseoptions import SELFTEST_SECONDS, CaseSettings
+
+    assert CaseSettings().seconds_for("sigreturn_64") == SELFTEST_SECONDS
+    assert CaseSettings().seconds_for("ldt_gdt_32") == 600.0  # its whole corpus under watch
+    assert CaseSettings(None, "all", 30.0).seconds_for("ldt_gdt_32") == 30.0

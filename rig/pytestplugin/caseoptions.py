@@ -26,6 +26,7 @@ import pytest
 
 from rig.observe.findings import SkipKind
 from rig.report.junit import SKIP_KIND
+from rig.supply.selftests import WATCH_SECONDS
 
 __all__ = ["CaseSettings", "case_settings_of", "note_skip", "skip"]
 
@@ -50,9 +51,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     g.addoption(
         "--selftest-seconds",
-        default=SELFTEST_SECONDS,
+        default=None,
         type=float,
-        help=f"seconds one selftest may take under watch mode (default {SELFTEST_SECONDS:g})",
+        help=f"seconds every selftest may take under watch mode (default {SELFTEST_SECONDS:g}, "
+        "more for the slow ones: rig.supply.selftests.WATCH_SECONDS)",
     )
 
 
@@ -64,7 +66,15 @@ class CaseSettings:
     watch_transitions: int | None = None
     #: ``default``, ``all`` or a comma-separated list of selftest names
     selftests: str = "default"
-    selftest_seconds: float = SELFTEST_SECONDS
+    #: seconds every selftest may take; None: :meth:`seconds_for` decides per selftest
+    selftest_seconds: float | None = None
+
+    def seconds_for(self, name: str) -> float:
+        """How long selftest ``name`` may run under watch mode: the option if given, else
+        :data:`SELFTEST_SECONDS` or the selftest's own larger budget (``WATCH_SECONDS``)."""
+        if self.selftest_seconds is not None:
+            return self.selftest_seconds
+        return max(SELFTEST_SECONDS, WATCH_SECONDS.get(name, 0.0))
 
     def transitions(self, default: int) -> int:
         """:attr:`watch_transitions`, or ``default`` when the option was not given."""
@@ -77,7 +87,7 @@ def case_settings_of(config: pytest.Config) -> CaseSettings:
     return CaseSettings(
         getattr(opt, "watch_transitions", None),
         str(getattr(opt, "selftests", "default") or "default").strip(),
-        float(getattr(opt, "selftest_seconds", SELFTEST_SECONDS)),
+        None if getattr(opt, "selftest_seconds", None) is None else float(opt.selftest_seconds),
     )
 
 
