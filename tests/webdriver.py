@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -47,6 +49,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Seconds chromium's processes get to end after the browser quits.
+CHROMIUM_EXIT_SECONDS = 10.0
+
+
+def profile_processes(profile: Path) -> list[int]:
+    """Pids of the live processes whose command line names ``profile``."""
+    found = []
+    needle = str(profile).encode()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmd and state != "Z":
+                found.append(int(pid))
+    return found
 
 
 class Browser:
@@ -133,6 +155,14 @@ class Browser:
             except subprocess.TimeoutExpired:
                 self.driver.kill()
                 self.driver.wait()
+        # chromium's renderers end a moment after the browser quits: wait for them (each
+        # checked by pid), then kill what is left after the bound, so nothing survives
+        deadline = time.monotonic() + CHROMIUM_EXIT_SECONDS
+        while (left := profile_processes(self.profile)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling /proc for processes to end
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> Browser:
         return self
