@@ -51,7 +51,7 @@ __all__ = ["Effort", "Guest"]
 
 
 #: Seconds a kernel seen crashing during boot gets to finish its oops before the guest closes.
-CRASH_GRACE = 3.0
+CRASH_GRACE = 10.0
 
 
 @dataclass
