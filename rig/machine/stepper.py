@@ -50,7 +50,7 @@ while the stop has it selected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from rig.errors import GuestError
@@ -507,3 +507,20 @@ def step_over(
         if lifted:
             link.transact([f"Z0,{pc:x},1"])
     raise GuestError(f"vCPU {cpu} did not execute {symbols.describe(pc)} in {STEP_TRIES} single steps")
+
+
+def arm_breakpoints(link: RspLink, addresses: Iterable[int]) -> list[int]:
+    """Insert a software breakpoint at each address (every vCPU); return them, sorted.
+
+    Raises:
+        GuestError: QEMU refused one; those it took are removed again first.
+    """
+    addrs = sorted(set(addresses))
+    replies = link.transact([f"Z0,{a:x},1" for a in addrs])
+    bad = [f"{a:#x}:{r}" for a, r in zip(addrs, replies, strict=True) if r != "OK"]
+    if bad:
+        taken = [a for a, r in zip(addrs, replies, strict=True) if r == "OK"]
+        if taken:
+            link.transact([f"z0,{a:x},1" for a in taken])
+        raise GuestError(f"QEMU refused breakpoints {bad}")
+    return addrs

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
-from rig.machine.stepper import step_over
+from rig.machine.stepper import arm_breakpoints, step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.observe.findings import Finding, Rule
 from rig.transport.rsp import RspLink, hex_le, is_error
@@ -109,15 +109,7 @@ class OffWatcher:
         ]
 
     def _arm(self, link: RspLink) -> list[int]:
-        addrs = sorted({*self.stores, *self.entries})
-        replies = link.transact([f"Z0,{a:x},1" for a in addrs])
-        bad = [
-            f"{self.guest.symbols.describe(a)}:{r}" for a, r in zip(addrs, replies, strict=True) if r != "OK"
-        ]
-        if bad:
-            link.transact([f"z0,{a:x},1" for a, r in zip(addrs, replies, strict=True) if r == "OK"])
-            raise GuestError(f"QEMU refused breakpoints {bad}")
-        return addrs
+        return arm_breakpoints(link, [*self.stores, *self.entries])
 
     def _event(self, link: RspLink, cpu: int, pc: int) -> str:
         name = self.entries[pc]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from rig.errors import GuestError
 from rig.guest import Guest
 from rig.machine.sites import Site
-from rig.machine.stepper import step_over
+from rig.machine.stepper import arm_breakpoints, step_over
 from rig.machine.vcpu import stopped_cpu, thread_id
 from rig.machine.x86 import user_cr3
 from rig.observe.findings import Finding, Rule
@@ -176,13 +176,8 @@ class Watcher:
         self.sides = CR3Sides(ncpus)
 
     def arm(self, link: RspLink) -> None:
-        addrs = sorted({*self.sites, *([self.paranoid] if self.paranoid is not None else [])})
-        replies = link.transact([f"Z0,{a:x},1" for a in addrs])
-        self.armed = [a for a, r in zip(addrs, replies, strict=True) if r == "OK"]
-        bad = [f"{a:#x}:{r}" for a, r in zip(addrs, replies, strict=True) if r != "OK"]
-        if bad:
-            self.disarm(link)
-            raise GuestError(f"QEMU refused breakpoints {bad}")
+        paranoid = [self.paranoid] if self.paranoid is not None else []
+        self.armed = arm_breakpoints(link, [*self.sites, *paranoid])
 
     def disarm(self, link: RspLink) -> None:
         if self.armed:
