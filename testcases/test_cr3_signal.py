@@ -176,28 +176,63 @@ def test_signal_on_page_fault_entry(signal_guest: Guest) -> None:
     check(signal_guest, trace, round_trip=False)
 
 
+#: Hits of an interrupt entry tried before the testcase fails; each one that is not
+#: stepped to its C handler is judged, then listed with its reason.
+INTERRUPT_TRIES = 3
+#: Offset of the saved CS in the pt_regs an interrupt stub hands its C handler.
+PT_REGS_CS = 0x88
+
+
 def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
+    """An interrupt from user mode on the isolated vCPU, stepped in its two asm parts:
+    from the interrupt entry (user CR3) through error_entry's switch to the kernel CR3
+    into the C handler (``sysvec_*``, the entry's name without ``asm_``), and from the C
+    handler's return through error_return's switch to the user CR3 back to user mode.
+
+    The C handler runs at full speed between them, with every vCPU running: what it does
+    (a softirq run, a schedule, a signal delivery) depends on the guest's state, and
+    stepped with the siblings frozen it could wait on one of them. CR3 and the signal
+    must be as the first part left them when the second begins. timer-spin's 10 ms
+    interval timer interrupts the isolated vCPU in user mode even with nohz_full."""
     g = signal_guest
     cpu = g.config.isolated
-    g.start_workload("user-spin", cpu)
-
-    def wake_a_task_there() -> None:  # an IPI to the isolated CPU, in case its tick is off
-        assert g.console is not None
-        g.console.send(f"taskset -c {cpu} true &")
-
-    trace = from_user(
-        g,
-        cpu,
-        INTERRUPT_ENTRIES,
-        12000,  # a timer interrupt back to user-spin is ~3,100 boundaries
-        in_user_mode(cpu),
-        trigger=wake_a_task_there,
-        tries=8,
-        # an interrupt that ends in a long softirq/schedule run (or in the idle loop: at
-        # ~3,000 steps/s, 60,000 steps were 20 s) is tried again
-        accept=returned,
+    obs = observer_of(g, cpu)
+    g.start_workload("timer-spin", cpu)
+    handlers = {
+        g.symbols.address(n.removeprefix("asm_"))
+        for n in INTERRUPT_ENTRIES
+        if n.removeprefix("asm_") in g.symbols
+    }
+    assert handlers, f"kernel {g.release} has none of the C handlers of {INTERRUPT_ENTRIES}"
+    into = from_user(
+        g, cpu, INTERRUPT_ENTRIES, 400, lambda s: s.pc in handlers, tries=INTERRUPT_TRIES, accept=returned
     )
-    check(signal_guest, trace, round_trip=True)
+    with g.stopped(), g.link() as link:  # the C handler's return address, in the asm stub
+        v = g.vcpu(cpu)
+        back = v.read_u64(link, v.registers(link, ["rsp"])["rsp"])
+    assert back is not None, f"vCPU {cpu}: the C handler's return address cannot be read"
+    for _ in range(INTERRUPT_TRIES):
+        # the first return there to user mode (an interrupt taken in the handler's
+        # softirqs returns there too, to kernel mode: it runs on)
+        g.break_on(back, cpu)
+        if kernel_mode_return(g, cpu, cs_offset=PT_REGS_CS) is None:
+            break
+        g.effort.discarded.append(f"{g.symbols.describe(back)}: a return to kernel mode, not stepped")
+    else:
+        raise AssertionError(
+            f"{INTERRUPT_TRIES} returns to {g.symbols.describe(back)} in a row went to kernel mode"
+        )
+    out = step_watching(g, cpu, 2000, in_user_mode(cpu))
+    assert out.stopped_because == "condition", (
+        f"the interrupt did not return to user mode: {out.stopped_because}"
+    )
+    last, first = into.snapshots[-1], out.snapshots[0]
+    assert (last.cr3[cpu], last.words[SIGNAL][obs]) == (first.cr3[cpu], first.words[SIGNAL][obs]), (
+        f"CR3/signal changed in the C handler: {last.cr3[cpu]:#x}/{last.words[SIGNAL][obs]} at "
+        f"{last.where}, {first.cr3[cpu]:#x}/{first.words[SIGNAL][obs]} at its return"
+    )
+    fail_on(judge(g, into, complete=False) + judge(g, out))
+    assert into.cr3_flips() and out.cr3_flips(), "no CR3 switch in the interrupt's entry or exit"
 
 
 def test_store_then_cr3_write_window(signal_guest: Guest) -> None:
