@@ -84,5 +84,6 @@ def test_window_boundaries() -> None:
     assert boundaries_of(w, store=8, cr3_write=9, last=20) == [0, 4, 6, 7, 8, 9, 10, 11, 12]
     assert boundaries_of(w, store=1, cr3_write=2, last=3) == [0, 1, 2, 3]
     # every boundary: the first instruction to 3 past the CR3 write
+    assert boundaries_of(w, store=8, cr3_write=9, last=20, stride=0) == [0, 6, 7, 8, 9, 10, 11, 12]
     assert boundaries_of(w, store=8, cr3_write=9, last=20, every=True) == list(range(13))
     assert boundaries_of(w, store=8, cr3_write=9, last=10, every=True) == list(range(11))

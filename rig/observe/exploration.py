@@ -42,7 +42,7 @@ from rig.machine.trace import Trace
 from rig.machine.x86 import in_user_half
 from rig.observe.checks import frozen_violations, gs_symbol, signal_problems, window_findings
 from rig.observe.explorer import Explorer
-from rig.observe.windows import BoundaryRun, Exploration, Window, boundaries_of
+from rig.observe.windows import SAMPLE_EVERY, BoundaryRun, Exploration, Window, boundaries_of
 from rig.transport.qemu import NMI_CPU
 
 __all__ = ["explore"]
@@ -57,16 +57,17 @@ def explore(
     cpu: int = NMI_CPU,
     tries: int = 5,
     every: bool = False,
+    stride: int = SAMPLE_EVERY,
 ) -> Exploration:
     """Explore ``window`` on vCPU ``cpu``: an NMI at each of its boundaries (see the module
-    doc; ``every``: all of them, else the sample of :func:`boundaries_of`).
+    doc; ``every``: all of them, else the sample of :func:`boundaries_of` with ``stride``).
 
     The window's workload must already run on ``cpu``. Each boundary's arrival is retried
     up to ``tries`` times when the path differs from the scouted one.
     """
     t0 = time.monotonic()
     with guest.userspace.quiet_console():
-        result = _explore(guest, sites, window, signal, cpu, tries, every=every)
+        result = _explore(guest, sites, window, signal, cpu, tries, every=every, stride=stride)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -81,6 +82,7 @@ def _explore(
     scouts: int = 3,
     *,
     every: bool = False,
+    stride: int = SAMPLE_EVERY,
 ) -> Exploration:
     """Scout, then explore; a scout whose path the arrivals do not follow (it took a rare
     branch) is replaced by a new one, up to ``scouts`` times."""
@@ -103,7 +105,7 @@ def _explore(
         last = len(scout.snapshots) - 1
         guest.stop()
         with guest.link() as link:
-            for k in boundaries_of(window, store, cr3_write, last, every=every):
+            for k in boundaries_of(window, store, cr3_write, last, every=every, stride=stride):
                 if in_user_half(scout.snapshots[k].pc):
                     continue  # user mode: not part of the window
                 run = next(

@@ -509,9 +509,13 @@ class Explorer:
                 if signal != 1:
                     wrong_kernel_since = where
             elif site.kind == "cr3-write" and not user_cr3(cr3) and user_cr3(cr3_after):
-                if not paranoid_restore and returned:
+                if returned and (not paranoid_restore or depth == 0):
                     # an exit to user mode: every frame is unwound (an unexpected event taken
-                    # in user mode after ours returned leaves that way too)
+                    # in user mode after ours returned leaves that way too). Or, once ours
+                    # returned, the paranoid exit of the exception it interrupted (the
+                    # debug-trap window's #DB): that exception's state is then checked, and
+                    # what follows is the window's own path, stepped by the scout (a #DB
+                    # storm of the SYSENTER with TF: ~170 stops more to user mode)
                     depth = 0
                     after_return_user_write = True
                 if depth == 1 and return_to is not None and in_user_half(return_to):

@@ -170,17 +170,19 @@ class Exploration:
 SAMPLE_EVERY = 4
 
 
-def boundaries_of(window: Window, store: int, cr3_write: int, last: int, *, every: bool = False) -> list[int]:
+def boundaries_of(
+    window: Window, store: int, cr3_write: int, last: int, *, every: bool = False, stride: int = SAMPLE_EVERY
+) -> list[int]:
     """The boundaries of a scouted path (last index ``last``) that get an event.
 
     ``every``: all of them, from the first instruction to ``after`` boundaries past the
     CR3 write (an exit's scout ends in user mode: its user-mode boundaries are skipped
     by the caller). Otherwise a deterministic sample: boundary 0, ``before`` boundaries
     ahead of the store through ``after`` past the CR3 write (the race window, always
-    whole), and every :data:`SAMPLE_EVERY`-th boundary of the rest.
+    whole), and every ``stride``-th boundary of the rest (none with ``stride`` 0).
     """
     end = min(last, cr3_write + window.after)
     if every:
         return list(range(end + 1))
     race = set(range(max(0, store - window.before), end + 1))
-    return sorted({0, *race, *range(0, end + 1, SAMPLE_EVERY)})
+    return sorted({0, *race, *(range(0, end + 1, stride) if stride else ())})
