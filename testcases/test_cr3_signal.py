@@ -20,11 +20,12 @@ from collections.abc import Callable
 import pytest
 
 from rig.guest import Guest
-from rig.machine.sites import SIGNAL, find_sites, unreachable_reason
+from rig.machine.sites import SIGNAL, Site, find_sites, unreachable_reason
 from rig.machine.stops import AnyOf, Spinning, StopCondition, in_user_mode
 from rig.machine.storepaths import store_paths
 from rig.machine.trace import Trace, WatchedWord
 from rig.machine.vcpu import read_physical
+from rig.machine.x86 import cr3_side
 from rig.observe.checks import (
     frozen_violations,
     gs_symbol,
@@ -396,6 +397,53 @@ def test_signal_over_a_debug_trap_in_kernel_mode(signal_guest: Guest) -> None:
         "it did not leave through paranoid_exit"
     )
     check(g, trace, round_trip=False)
+
+
+def test_signal_over_a_debug_trap_on_the_kernel_cr3(
+    signal_guest: Guest, watch_sites: tuple[Site, ...]
+) -> None:
+    """A #DB taken in kernel mode on the kernel CR3 (a later single-step trap of a
+    SYSENTER with EFLAGS.TF, after the entry's switch to the kernel CR3), stepped from the
+    exception entry to the interrupted instruction: paranoid_entry finds the kernel CR3
+    and writes none, and paranoid_exit's restore is a signal store without a CR3 write
+    (the value its entry found, 1). The signal must read 1 at every boundary."""
+    g = signal_guest
+    cpu = g.config.isolated
+    g.start_workload("compat-sysenter-tf-loop", cpu)
+    for _ in range(DEBUG_TRAP_TRIES):
+        g.break_on(g.symbols.address("asm_exc_debug"), cpu)
+        at = g.step(cpu, max_steps=0)
+        g.traces.pop()
+        back = kernel_mode_return(g, cpu)
+        if (
+            not at.snapshots[0].user_tables(cpu)
+            and back is not None
+            and g.symbols.describe(back).startswith("entry_SYSENTER_compat")
+        ):
+            break
+        g.effort.discarded.append(
+            f"asm_exc_debug: on the {cr3_side(at.snapshots[0].cr3[cpu])} CR3, returning to "
+            f"{g.symbols.describe(back) if back else 'user mode'}; not stepped"
+        )
+    else:
+        raise AssertionError(
+            f"{DEBUG_TRAP_TRIES} #DBs in a row were not a single-step trap of entry_SYSENTER_compat "
+            "on the kernel CR3"
+        )
+    trace = step_watching(g, cpu, 30000, lambda s: s.pc == back)
+    assert trace.stopped_because == "condition", f"the #DB did not return: {trace.stopped_because}"
+    stores = {
+        site.address
+        for site in watch_sites
+        if site.kind == "signal-store" and site.function == "paranoid_exit"
+    }
+    assert any(s.pc in stores for s in trace.snapshots), (
+        "paranoid_exit stored no signal (its restore on the kernel CR3)"
+    )
+    assert not trace.cr3_flips(), (
+        f"a #DB on the kernel CR3 switched CR3 at {[s.where for s in trace.cr3_flips()]}"
+    )
+    fail_on(judge(g, trace))
 
 
 def test_signal_over_an_nmi_in_kernel_mode(signal_guest: Guest) -> None:

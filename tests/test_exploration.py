@@ -112,3 +112,20 @@ def test_interrupt_entry_explores_under_qemu_10(qemu10_guest: Guest) -> None:
         result = explore(g, sites, INTERRUPT_WINDOW, signal=SIGNAL)
         print(result.table())
         assert result.runs and not result.problems(), render(result.problems()) + "\n" + result.table()
+
+
+def test_a_step_qemu_answered_without_executing_is_found() -> None:
+    """A boundary whose step left rip where it was (a stop QEMU still owed) is found; a
+    ``rep`` string instruction that repeats itself is not one."""
+    from rig.machine.trace import Snapshot, Trace
+    from rig.observe.explorer import not_executed
+
+    def trace(steps: list[tuple[int, str]]) -> Trace:
+        t = Trace(0, 1)
+        t.snapshots = [Snapshot(i, 0, [pc], [0], {}, insn) for i, (pc, insn) in enumerate(steps)]
+        return t
+
+    moving = [(0x10, "push %rax"), (0x11, "mov %cr3,%rax"), (0x14, "rep stos %al,(%rdi)")]
+    assert not_executed(trace(moving)) is None
+    assert not_executed(trace([*moving, (0x14, "rep stos %al,(%rdi)"), (0x16, "ret")])) is None
+    assert not_executed(trace([(0x10, "push %rax"), (0x10, "push %rax"), (0x11, "mov %cr3,%rax")])) == 1

@@ -25,6 +25,7 @@ CASES = [
     ("kernel-mode-hit-first", 3, "0,57,0,3127", KERNEL),  # probe, run back to user; probe, trace
     ("accept-rejected-first", 2, "0,12000,0,3098", REJECTED),  # ran out of steps; then returned
     ("one-scout", 1, "812", ""),  # no probe (an exploration window)
+    ("two-parts", 2, "0,105,45", ""),  # one path stepped in two parts: no retry
     ("no-stepping", 0, "", ""),  # a guest, but nothing stepped
 ]
 
@@ -51,17 +52,18 @@ def test_soak_prints_verdict_steps_and_leftovers(tag: str, tmp_path: Path) -> No
     assert "run 1/1: PASS" in out and "2 passed, 0 failed, 0 error" in out, out
     assert "leftover processes: 0" in out, out
     row = next(ln for ln in out.splitlines() if "test_syscall_entry_flips_cr3_at_mov_to_cr3" in ln)
-    fail, tries_max, _, max_steps, _, discarded = row.split()[1:]
-    assert (fail, tries_max, discarded) == ("0", "1", "0") and int(max_steps) > 10, row
+    fail, retries_max, retries, traces_max, max_steps, _ = row.split()[1:]
+    assert (fail, retries_max, retries, traces_max) == ("0", "0", "0", "1") and int(max_steps) > 10, row
     assert (tmp_path / "run-1.xml").exists() and (tmp_path / "run-1.log").exists()
 
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
-def test_soak_counts_tries_not_probes(tmp_path: Path) -> None:
-    """A 0-step probe trace is no try: a clean first try is 1 try and prints no "retried"
-    line; the JUnit file comes from a real pytest run that records the plugin's properties."""
+def test_soak_counts_discarded_tries_as_retries(tmp_path: Path) -> None:
+    """A retry is a discarded try (with its reason), not a second trace: a clean first try
+    and a path stepped in two parts print no "retried" line; the JUnit file comes from a
+    real pytest run that records the plugin's properties."""
     (tmp_path / "test_effort.py").write_text(RECORDING_TESTS)
     xml = tmp_path / "run-1.xml"
     res = subprocess.run(
@@ -78,30 +80,32 @@ def test_soak_counts_tries_not_probes(tmp_path: Path) -> None:
         "kernel-mode-hit-first": (3, [0, 57, 0, 3127]),
         "accept-rejected-first": (2, [0, 12000, 0, 3098]),
         "one-scout": (1, [812]),
+        "two-parts": (2, [0, 105, 45]),
         "no-stepping": (0, []),
     }
-    assert {n: c.tries for n, c in cases.items()} == {
-        "clean-first-try": 1,
-        "kernel-mode-hit-first": 2,
-        "accept-rejected-first": 2,
-        "one-scout": 1,
-        "no-stepping": 0,
+    assert {n: (c.traces, c.retries) for n, c in cases.items()} == {
+        "clean-first-try": (1, 0),
+        "kernel-mode-hit-first": (2, 1),
+        "accept-rejected-first": (2, 1),
+        "one-scout": (1, 0),
+        "two-parts": (2, 0),
+        "no-stepping": (0, 0),
     }
     run = describe_run(RunResult(1, 0, 1.0, list(cases.values()), []), 1)
     retried = [ln.split("[")[1].split("]")[0] for ln in run.splitlines() if "retried" in ln]
     assert retried == ["kernel-mode-hit-first", "accept-rejected-first"], run
-    assert "steps per try [57, 3127]" in run and "steps per try [12000, 3098]" in run, run
+    assert "steps per stepped trace [57, 3127]" in run and "steps per stepped trace [12000, 3098]" in run, run
     rows = {
         ln.split("[")[1].split("]")[0]: ln.split("]")[1].split()
         for ln in summary([RunResult(1, 0, 1.0, list(cases.values()), [])]).splitlines()
         if "test_effort[" in ln and not ln.startswith("  ")
     }
-    # fail, tries max, tries mean, max steps/try, max s, discarded
-    assert rows["clean-first-try"][:4] == ["0", "1", "1.00", "3127"], rows
-    assert rows["kernel-mode-hit-first"][5] == "1" and rows["clean-first-try"][5] == "0", rows
+    # fail, retries max, retries, traces max, max steps/trace, max s
+    assert rows["clean-first-try"][:5] == ["0", "0", "0", "1", "3127"], rows
+    assert rows["two-parts"][:5] == ["0", "0", "0", "2", "105"], rows
     assert (
         "discarded by test_effort::test_effort[accept-rejected-first]: "
         "asm_sysvec_apic_timer_interrupt+0x0: 12000 steps judged" in run
     ), run
-    assert rows["kernel-mode-hit-first"][:4] == ["0", "2", "2.00", "3127"], rows
-    assert rows["no-stepping"][:4] == ["0", "0", "0.00", "0"], rows
+    assert rows["kernel-mode-hit-first"][:5] == ["0", "1", "1", "2", "3127"], rows
+    assert rows["no-stepping"][:5] == ["0", "0", "0", "0", "0"], rows

@@ -108,17 +108,15 @@ def _explore(
             for k in boundaries_of(window, store, cr3_write, last, every=every, stride=stride):
                 if in_user_half(scout.snapshots[k].pc):
                     continue  # user mode: not part of the window
-                run = next(
-                    (
-                        r
-                        for r in (
-                            ex.run_boundary(link, window, k, scout.snapshots[k], start=scout.snapshots[0].pc)
-                            for _ in range(tries)
-                        )
-                        if r
-                    ),
-                    None,
-                )
+                run = None
+                for _ in range(tries):
+                    run = ex.run_boundary(link, window, k, scout.snapshots[k], start=scout.snapshots[0].pc)
+                    if run is not None:
+                        break
+                    guest.effort.discarded.append(
+                        f"{window.name}: boundary {k}: the arrival took another path ({ex.mismatch}); "
+                        "arrived again"
+                    )
                 if run is None:
                     complete = False
                     break
@@ -138,6 +136,7 @@ def _explore(
             f"scout {attempt}: arrivals took another path to boundary {k} ({ex.mismatch}); "
             f"{len(result.runs)} boundaries explored, no findings"
         )
+        guest.effort.discarded.append(f"{window.name}: {abandoned[-1]}")
         if attempt == scouts:
             raise GuestError(
                 f"{window.name}: {tries} arrivals in a row took another path to boundary {k} "

@@ -28,11 +28,35 @@ from rig.observe.windows import BoundaryRun, Stop, Window
 from rig.transport.qemu import NMI_CPU
 from rig.transport.rsp import RspLink, hex_le, is_error
 
-__all__ = ["CALL_SEARCH", "CONTINUE_TIMEOUT", "MAX_STOPS", "Explorer", "ScoutStop"]
+__all__ = [
+    "CALL_SEARCH",
+    "CONTINUE_TIMEOUT",
+    "MAX_STOPS",
+    "SCOUT_TRIES",
+    "Explorer",
+    "ScoutStop",
+    "not_executed",
+]
 
 #: Most switch-site stops one boundary's run may take before it is declared stuck (a
 #: single-stepped SYSENTER takes ~40 #DBs of 3 stops each before it is back in user mode).
 MAX_STOPS = 400
+#: Scouts of a window tried when QEMU answers one of its single steps without executing.
+SCOUT_TRIES = 3
+
+
+def not_executed(trace: Trace) -> int | None:
+    """The index of the first boundary whose step did not move the vCPU (the same rip as
+    the boundary before, and not a ``rep`` string instruction, which may repeat itself):
+    a single step QEMU answered without executing (a stop it still owed). None if every
+    step executed."""
+    snaps = trace.snapshots
+    for i in range(1, len(snaps)):
+        if snaps[i].pc == snaps[i - 1].pc and not snaps[i - 1].insn.lstrip().startswith("rep"):
+            return i
+    return None
+
+
 #: How many instructions from an entry symbol :meth:`Explorer.entry_addresses` searches
 #: for the call whose return starts an exit window.
 CALL_SEARCH = 200
@@ -130,8 +154,23 @@ class Explorer:
         """Step the window's path once; return (trace, store index, CR3-write index)."""
         want_user = window.direction == "exit"
         stop = ScoutStop(self.cpu, want_user, window.after)
-        self._arrive(window)
-        trace = self.guest.step(self.cpu, words=[self._word()], max_steps=window.scout_steps, stop=stop)
+        for _ in range(SCOUT_TRIES):
+            self._arrive(window)
+            trace = self.guest.step(self.cpu, words=[self._word()], max_steps=window.scout_steps, stop=stop)
+            idle = not_executed(trace)
+            if idle is None:
+                break
+            # a boundary counted twice: every later index would be one off the arrivals'
+            self.guest.effort.discarded.append(
+                f"{window.name}: scout: a single step QEMU answered without executing, at "
+                f"{trace.snapshots[idle].where or hex(trace.snapshots[idle].pc)}; scouted again"
+            )
+            self.guest.traces.pop()
+        else:
+            raise GuestError(
+                f"{window.name}: {SCOUT_TRIES} scouts in a row had a single step QEMU answered "
+                "without executing"
+            )
         snaps = trace.snapshots
         flip = next((i for i in range(1, len(snaps)) if snaps[i].user_tables(self.cpu) == want_user), None)
         if flip is None:
@@ -307,7 +346,13 @@ class Explorer:
         t0 = time.monotonic()
         self.arrive_on_link(link, window, at=start)
         stepper = Stepper(self.guest.regmap, self.guest.config.smp, self.cpu, [self._word()])
-        stepped = stepper.run(link, max_steps=k).snapshots
+        arrival = stepper.run(link, max_steps=k)
+        stepped = arrival.snapshots
+        idle = not_executed(arrival)
+        if idle is not None:
+            where = self.guest.symbols.describe(stepped[idle].pc)
+            self.mismatch = f"a single step QEMU answered without executing, at {where}"
+            return None
         at = stepped[-1]
         # paranoid entries the window's own path took before k: their exits must put back
         # the signal they found

@@ -51,13 +51,19 @@ class CaseResult:
 
     @property
     def try_steps(self) -> list[int]:
-        """Steps of each try: the stepped traces of at least one step (not the 0-step probes)."""
+        """Steps of each stepped trace of at least one step (not the 0-step probes)."""
         return [s for s in self.steps if s > 0]
 
     @property
-    def tries(self) -> int:
-        """How many traces the testcase stepped; more than one means it retried."""
+    def traces(self) -> int:
+        """How many traces the testcase stepped (a testcase may step one path in parts)."""
         return len(self.try_steps)
+
+    @property
+    def retries(self) -> int:
+        """How many tries the testcase discarded (and made again): each was judged first,
+        and each has its reason in :attr:`discarded`."""
+        return len(self.discarded)
 
 
 @dataclass
@@ -160,15 +166,19 @@ def describe_run(r: RunResult, total: int) -> str:
     for c in r.cases:
         if c.outcome in ("failed", "error"):
             lines.append(f"    {c.outcome.upper()} {c.name} ({c.seconds:.1f} s): {c.message}")
-        if c.tries > 1:
-            lines.append(f"    retried {c.name}: {c.breaks} breakpoint hits, steps per try {c.try_steps}")
+        if c.retries:
+            lines.append(
+                f"    retried {c.name}: {c.retries} tries discarded, {c.breaks} breakpoint hits, "
+                f"steps per stepped trace {c.try_steps}"
+            )
         lines += [f"    discarded by {c.name}: {d}" for d in c.discarded]
     lines += [f"    LEFT BEHIND {p}" for p in r.leftovers]
     return "\n".join(lines)
 
 
 def summary(runs: Sequence[RunResult]) -> str:
-    """Totals, and for each testcase its tries (traces of at least one step) and steps over all runs."""
+    """Totals, and for each testcase its retries (discarded tries), stepped traces and
+    steps over all runs."""
     ok = sum(r.passed for r in runs)
     lines = [
         f"soak: {ok}/{len(runs)} runs passed, {len(runs) - ok} failed; "
@@ -177,22 +187,21 @@ def summary(runs: Sequence[RunResult]) -> str:
     ]
     names = sorted({c.name for r in runs for c in r.cases})
     lines.append(
-        f"{'testcase':<70} {'fail':>4} {'tries max':>9} {'tries mean':>10} {'max steps/try':>13} "
-        f"{'max s':>6} {'discarded':>9}"
+        f"{'testcase':<70} {'fail':>4} {'retries max':>11} {'retries':>7} {'traces max':>10} "
+        f"{'max steps/trace':>15} {'max s':>6}"
     )
     for name in names:
         cs = [c for r in runs for c in r.cases if c.name == name]
-        tries = [c.tries for c in cs]
+        retries = [c.retries for c in cs]
         steps = [s for c in cs for s in c.try_steps]
         fails = sum(c.outcome in ("failed", "error") for c in cs)
         lines.append(
-            f"{name[-70:]:<70} {fails:>4} {max(tries):>9} {sum(tries) / len(tries):>10.2f} "
-            f"{max(steps, default=0):>13} {max(c.seconds for c in cs):>6.1f} "
-            f"{sum(len(c.discarded) for c in cs):>9}"
+            f"{name[-70:]:<70} {fails:>4} {max(retries):>11} {sum(retries):>7} "
+            f"{max(c.traces for c in cs):>10} {max(steps, default=0):>15} {max(c.seconds for c in cs):>6.1f}"
         )
     reasons = [f"  {c.name}: {d}" for r in runs for c in r.cases for d in c.discarded]
     if reasons:
-        lines.append("discarded tries (each judged by every check first), with their reasons:")
+        lines.append("retries: the discarded tries (each judged by every check first), with their reasons:")
         lines += reasons
     return "\n".join(lines)
 
