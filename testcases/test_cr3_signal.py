@@ -358,9 +358,11 @@ def kernel_mode_return(guest: Guest, cpu: int, cs_offset: int = 8) -> int | None
     return rip if cs & 3 == 0 else None
 
 
-#: #DB hits looked through for the trap at the first instruction of a SYSENTER (each
-#: SYSENTER with TF traps at every instruction of its entry: ~30 hits, then the user one).
-DEBUG_TRAP_TRIES = 100
+#: Tries at a single-step #DB of a SYSENTER's entry, each from an exit to user mode (past
+#: the ~30 #DBs of the SYSENTER before: one per instruction of its entry until its POPFQ
+#: clears TF); a try is discarded when its first #DB is another (the user-mode trap of
+#: the loop's instruction before the SYSENTER: 0-1 in a try).
+DEBUG_TRAP_TRIES = 20
 
 
 def test_signal_over_a_debug_trap_in_kernel_mode(signal_guest: Guest) -> None:
@@ -374,9 +376,12 @@ def test_signal_over_a_debug_trap_in_kernel_mode(signal_guest: Guest) -> None:
     cpu = g.config.isolated
     g.start_workload("compat-sysenter-tf-loop", cpu)
     entry = g.symbols.address("entry_SYSENTER_compat")
+    exits = [g.symbols.address(n) for n in EXITS_TO_USER if n in g.symbols]
     # the #DBs of one SYSENTER come one per instruction until its POPFQ clears TF (~30):
-    # the hits after a discarded one walk through them to the next system call's first
+    # each try starts at an exit to user mode, past them; then come the user-mode traps
+    # of the loop's instructions up to the next SYSENTER, and the one at its entry
     for _ in range(DEBUG_TRAP_TRIES):
+        g.break_on(exits, cpu)
         g.break_on(g.symbols.address("asm_exc_debug"), cpu)
         at = g.step(cpu, max_steps=0)
         g.traces.pop()
@@ -410,7 +415,15 @@ def test_signal_over_a_debug_trap_on_the_kernel_cr3(
     g = signal_guest
     cpu = g.config.isolated
     g.start_workload("compat-sysenter-tf-loop", cpu)
+    writes = [
+        site.address
+        for site in watch_sites
+        if site.kind == "cr3-write" and site.function == "entry_SYSENTER_compat"
+    ]
+    assert writes, "entry_SYSENTER_compat has no CR3 write site"
     for _ in range(DEBUG_TRAP_TRIES):
+        # at the entry's CR3 write (TF set), the next #DB is its single-step trap after it
+        g.break_on(writes, cpu)
         g.break_on(g.symbols.address("asm_exc_debug"), cpu)
         at = g.step(cpu, max_steps=0)
         g.traces.pop()
