@@ -9,9 +9,10 @@ the one under test; one that fails on both is reported, not failed.
 
 Which selftests: the ones in the guest's initramfs. The default initramfs holds
 :data:`rig.supply.selftests.DEFAULT_SELFTESTS`; ``--selftests all`` parametrizes every one
-that runs here (pass the full initramfs: ``--initrd $(python -m rig.supply.initramfs
---selftests all)``; a selftest the initramfs lacks skips saying so). ``--selftests
-a_64,b_32`` picks some; ``--selftest-seconds S`` bounds each one.
+that runs here. Without ``--initrd`` the session boots an initramfs that holds what
+``--selftests`` chose (:func:`rig.supply.initramfs.selftest_choice`: the full one for
+``all``); with an ``--initrd`` that lacks a chosen selftest, it skips saying so.
+``--selftests a_64,b_32`` picks some; ``--selftest-seconds S`` bounds each one.
 
 The stock verdicts come from :func:`stock_verdicts`: the same binaries run once on
 Debian's stock kernel of the same version as the kernel under test (reference-7.2:
@@ -130,7 +131,7 @@ def test_x86_selftest_under_watch(
         pytest.skip(unbuilt[0])
     if name not in installed:
         pytest.skip(
-            f"{name} is not in this initramfs ({g.config.initrd.name}); pass the full one: "
+            f"{name} is not in this initramfs ({g.config.initrd.name}); drop --initrd, or pass "
             "--initrd $(python -m rig.supply.initramfs --selftests all)"
         )
     # user processes left by earlier tests make transitions that count here too: name them

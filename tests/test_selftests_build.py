@@ -134,3 +134,14 @@ def test_a_verdict_reads_back_from_its_record() -> None:
     assert (
         SelftestVerdict("x", TIMED_OUT, {}, ["did not finish within 60 s"]).describe().startswith("TIMEOUT")
     )
+
+
+def test_the_selftests_option_chooses_the_initramfs() -> None:
+    """``--selftests`` without ``--initrd`` boots an initramfs that holds what it chose."""
+    from rig.supply.initramfs import selftest_choice
+    from rig.supply.selftests import DEFAULT_SELFTESTS
+
+    assert selftest_choice("") == selftest_choice("default") == "default"
+    assert selftest_choice(",".join(DEFAULT_SELFTESTS)) == "default"
+    assert selftest_choice("all") == "all"
+    assert selftest_choice(f"{DEFAULT_SELFTESTS[0]}, sigreturn_64") == "all"

@@ -97,7 +97,7 @@ def options_config(opt: Any, **files: Any) -> GuestConfig:
 
 @pytest.fixture(scope="session")
 def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> RigSettings:
-    from rig.supply.initramfs import build_initramfs
+    from rig.supply.initramfs import build_initramfs, selftest_choice
     from rig.supply.kernel import resolve_kernel
 
     opt = pytestconfig.option
@@ -108,7 +108,9 @@ def rig_settings(pytestconfig: pytest.Config, request: pytest.FixtureRequest) ->
     try:
         with uncaptured:
             kernel = resolve_kernel(opt.kernel, opt.vmlinux, cache)
-            initrd = opt.initrd or build_initramfs(cache)
+            # the initramfs holds the selftests --selftests chose (the full one for all)
+            chosen = selftest_choice(str(getattr(opt, "selftests", "default") or "default"))
+            initrd = opt.initrd or build_initramfs(cache, selftests=chosen)
     except RigError as exc:
         run_ender(request)(f"cr3rig: {exc}", 4, None)
     host = pytestconfig.stash[HOST_KEY]

@@ -59,6 +59,7 @@ __all__ = [
     "build_initramfs",
     "default_cache_dir",
     "initramfs_cache_key",
+    "selftest_choice",
 ]
 
 #: Workload binaries installed as ``/bin/<name>`` (from ``workloads/<name>.c``).
@@ -88,6 +89,19 @@ COMPAT_WORKLOADS: tuple[str, ...] = (
 #: ``selftests=`` choices of :func:`build_initramfs`: the default subset
 #: (:data:`rig.supply.selftests.DEFAULT_SELFTESTS`), every one that runs here, or none.
 SELFTEST_CHOICES = ("default", "all", "none")
+
+
+def selftest_choice(spec: str) -> str:
+    """The initramfs (:data:`SELFTEST_CHOICES`) that holds the selftests ``--selftests``
+    names: ``default`` for the default subset (or names all in it), else ``all``."""
+    spec = spec.strip()
+    if spec in ("", "default"):
+        return "default"
+    if spec == "all":
+        return "all"
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return "default" if all(n in DEFAULT_SELFTESTS for n in names) else "all"
+
 
 #: Guest sources: ``init`` and ``workloads/*.c`` / ``*.h``.
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "guests" / "initramfs"
