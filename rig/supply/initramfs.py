@@ -66,6 +66,7 @@ __all__ = [
 WORKLOADS: tuple[str, ...] = (
     "syscall-loop",
     "fault-loop",
+    "read-fault-loop",
     "iret-loop",
     "user-spin",
     "timer-spin",
