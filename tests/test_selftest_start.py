@@ -25,8 +25,8 @@ def test_a_continue_waits_for_the_wrapper_to_stop(booted: Guest, monkeypatch: py
     assert NAME in installed, why
     plain = selftestwatch._wrapper
 
-    def slow_to_stop(name: str) -> str:
-        text = plain(name)
+    def slow_to_stop(name: str, cpu: int) -> str:
+        text = plain(name, cpu)
         assert "kill -STOP $$" in text
         return text.replace("kill -STOP $$", f"sleep {WINDOW}; kill -STOP $$")
 
@@ -36,3 +36,12 @@ def test_a_continue_waits_for_the_wrapper_to_stop(booted: Guest, monkeypatch: py
     assert run.verdict.passed, run.verdict.describe()
     assert run.verdict.counts.get("OK", 0) > 0, run.verdict
     assert time.monotonic() - t0 < TIMEOUT, "it waited out the timeout"
+
+
+def test_a_selftest_runs_on_the_isolated_vcpu(booted: Guest) -> None:
+    """The wrapper pins the selftest to the isolated vCPU (whose tick stops with it alone
+    there): the wrapper's exec line names it, and the guest runs it there."""
+    cpu = booted.config.isolated
+    assert f"exec taskset -c {cpu} /" in selftestwatch._wrapper(NAME, cpu)
+    out, status = booted.shell(f"taskset -c {cpu} sh -c 'grep Cpus_allowed_list /proc/self/status'")
+    assert status == 0 and out.split()[-1] == str(cpu), out

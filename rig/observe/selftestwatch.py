@@ -109,16 +109,23 @@ def installed_selftests(guest: Guest) -> tuple[list[str], str]:
     return sorted(n for n in names if n != "MISSING"), why
 
 
-def _wrapper(name: str) -> str:
+def _wrapper(name: str, cpu: int) -> str:
     """The shell that runs ``name``: it prints its pid, stops itself, and once continued
-    becomes the selftest (output to ``/tmp/<name>.out``, removed first: a selftest that
-    never ran leaves no output of an earlier run behind)."""
+    becomes the selftest, pinned to vCPU ``cpu`` (output to ``/tmp/<name>.out``, removed
+    first: a selftest that never ran leaves no output of an earlier run behind).
+
+    ``cpu`` is the isolated (nohz_full) vCPU: with the selftest alone there, its tick
+    stops, so the transitions watched are the selftest's own. Unpinned it ran on the
+    housekeeping vCPU 0, whose tick never stops (it keeps time for the nohz_full CPUs):
+    a tick from user mode every 4 ms of guest time made most of its transitions, and the
+    slower the watch, the more of them (574 to 2,857 transitions, 3-24 s, for
+    syscall_arg_fault_32 on reference-7.2)."""
     out = f"/tmp/{name}.out"
     # the markers are split by quotes in the typed line, so only the real output matches
     head, tail = START_MARKER.split("-", 1)
     return (
         f'rm -f {out}; echo {head}-"{tail}" {name} pid=$$; kill -STOP $$; '
-        f"exec /{SELFTESTS_DIR}/{name} >{out} 2>&1 </dev/null"
+        f"exec taskset -c {cpu} /{SELFTESTS_DIR}/{name} >{out} 2>&1 </dev/null"
     )
 
 
@@ -132,8 +139,9 @@ def _start(guest: Guest, name: str) -> int:
     """
     assert guest.console is not None
     guest.resume()
+    wrapper = _wrapper(name, guest.config.isolated)
     line = guest.console.start_background(
-        f"(sh -c '{_wrapper(name)}'; echo {DONE_MARKER[:-4]}\"\"{DONE_MARKER[-4:]} {name} $?)",
+        f"(sh -c '{wrapper}'; echo {DONE_MARKER[:-4]}\"\"{DONE_MARKER[-4:]} {name} $?)",
         re.escape(f"{START_MARKER} {name} pid="),
     )
     m = re.search(r"pid=(\d+)", line)
