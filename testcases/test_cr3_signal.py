@@ -180,18 +180,19 @@ def test_signal_on_page_fault_entry(signal_guest: Guest) -> None:
 #: Hits of an interrupt entry tried before the testcase fails; each one that is not
 #: stepped to its C handler is judged, then listed with its reason.
 INTERRUPT_TRIES = 3
-#: Returns of nested interrupts (taken in the C handler's softirqs) looked through for the
-#: stepped interrupt's own.
-NESTED_RETURNS = 100
-#: Offset of the saved CS in the pt_regs an interrupt stub hands its C handler.
-PT_REGS_CS = 0x88
+#: Where an interrupt from user mode leaves for user mode (error_return's way out).
+INTERRUPT_EXIT = "swapgs_restore_regs_and_return_to_usermode"
+#: Exits to user mode on the isolated vCPU looked through for the stepped interrupt's own
+#: (another task the handler scheduled there may leave first).
+EXIT_TRIES = 10
 
 
 def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
     """An interrupt from user mode on the isolated vCPU, stepped in its two asm parts:
     from the interrupt entry (user CR3) through error_entry's switch to the kernel CR3
-    into the C handler (``sysvec_*``, the entry's name without ``asm_``), and from the C
-    handler's return through error_return's switch to the user CR3 back to user mode.
+    into the C handler (``sysvec_*``, the entry's name without ``asm_``), and from its
+    exit (``swapgs_restore_regs_and_return_to_usermode`` on its own pt_regs) through the
+    switch to the user CR3 back to user mode.
 
     The C handler runs at full speed between them, with every vCPU running: what it does
     (a softirq run, a schedule, a signal delivery) depends on the guest's state, and
@@ -211,25 +212,26 @@ def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
     into = from_user(
         g, cpu, INTERRUPT_ENTRIES, 400, lambda s: s.pc in handlers, tries=INTERRUPT_TRIES, accept=returned
     )
-    with g.stopped(), g.link() as link:  # the C handler's return address, in the asm stub
+    with g.stopped(), g.link() as link:  # the C handler's frame: pt_regs above its return address
         v = g.vcpu(cpu)
-        rsp = v.registers(link, ["rsp"])["rsp"]
-        back = v.read_u64(link, rsp)
-    assert back is not None, f"vCPU {cpu}: the C handler's return address cannot be read"
-    for _ in range(NESTED_RETURNS):
-        # this interrupt's return, on its own frame (an interrupt taken in the handler's
-        # softirqs returns to the same address first, on a frame of its own)
-        g.break_on(back, cpu)
+        regs = v.registers(link, ["rsp"])["rsp"] + 8
+    exit_to_user = g.symbols.address(INTERRUPT_EXIT)
+    for _ in range(EXIT_TRIES):
+        # its exit to user mode, on its own pt_regs. Not a breakpoint on the C handler's
+        # return address: an interrupt taken in the handler's softirqs returns there too,
+        # and under QEMU 10 each stop made the next timer interrupt due, so the vCPU
+        # stopped at nested returns without end (100 in 1.3 s). A return to kernel
+        # mode does not pass here.
+        g.break_on(exit_to_user, cpu)
         with g.stopped(), g.link() as link:
-            if v.registers(link, ["rsp"])["rsp"] == rsp + 8:
-                break
-    else:
-        raise AssertionError(
-            f"{NESTED_RETURNS} returns to {g.symbols.describe(back)}, none on this interrupt's frame"
+            at = v.registers(link, ["rsp"])["rsp"]
+        if at == regs:
+            break
+        g.effort.discarded.append(
+            f"{INTERRUPT_EXIT}: another exit to user mode (pt_regs at {at:#x}, not {regs:#x}); not stepped"
         )
-    assert kernel_mode_return(g, cpu, cs_offset=PT_REGS_CS) is None, (
-        "the interrupt taken in user mode returns to kernel mode"
-    )
+    else:
+        raise AssertionError(f"{EXIT_TRIES} exits through {INTERRUPT_EXIT}, none of this interrupt's")
     out = step_watching(g, cpu, 2000, in_user_mode(cpu))
     assert out.stopped_because == "condition", (
         f"the interrupt did not return to user mode: {out.stopped_because}"
