@@ -178,7 +178,9 @@ class SocketForwarder:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-            chan.close()
+            # closing sends a message: on a dropped connection that raises EOFError
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                chan.close()
 
     def close(self) -> None:
         """Stop listening, cut every forwarded connection, remove the local socket."""
