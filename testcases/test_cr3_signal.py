@@ -180,6 +180,22 @@ def test_signal_on_page_fault_entry(signal_guest: Guest) -> None:
 #: Hits of an interrupt entry tried before the testcase fails; each one that is not
 #: stepped to its C handler is judged, then listed with its reason.
 INTERRUPT_TRIES = 3
+
+
+def check_two_parts(guest: Guest, into: Trace, out: Trace, event: str) -> None:
+    """An event stepped in two parts, its handler at full speed between them: CR3 and the
+    signal where the first part left them when the second begins, every stepped rule on
+    both parts, and a CR3 switch in each."""
+    cpu, obs = into.cpu, observer_of(guest, into.cpu)
+    last, first = into.snapshots[-1], out.snapshots[0]
+    assert (last.cr3[cpu], last.words[SIGNAL][obs]) == (first.cr3[cpu], first.words[SIGNAL][obs]), (
+        f"CR3/signal changed in the {event}'s handler: {last.cr3[cpu]:#x}/{last.words[SIGNAL][obs]} at "
+        f"{last.where}, {first.cr3[cpu]:#x}/{first.words[SIGNAL][obs]} at {first.where}"
+    )
+    fail_on(judge(guest, into, complete=False) + judge(guest, out))
+    assert into.cr3_flips() and out.cr3_flips(), f"no CR3 switch in the {event}'s entry or exit"
+
+
 #: Where an interrupt from user mode leaves for user mode (error_return's way out).
 INTERRUPT_EXIT = "swapgs_restore_regs_and_return_to_usermode"
 #: Exits to user mode on the isolated vCPU looked through for the stepped interrupt's own
@@ -201,7 +217,6 @@ def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
     interval timer interrupts the isolated vCPU in user mode even with nohz_full."""
     g = signal_guest
     cpu = g.config.isolated
-    obs = observer_of(g, cpu)
     g.start_workload("timer-spin", cpu)
     handlers = {
         g.symbols.address(n.removeprefix("asm_"))
@@ -236,13 +251,7 @@ def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
     assert out.stopped_because == "condition", (
         f"the interrupt did not return to user mode: {out.stopped_because}"
     )
-    last, first = into.snapshots[-1], out.snapshots[0]
-    assert (last.cr3[cpu], last.words[SIGNAL][obs]) == (first.cr3[cpu], first.words[SIGNAL][obs]), (
-        f"CR3/signal changed in the C handler: {last.cr3[cpu]:#x}/{last.words[SIGNAL][obs]} at "
-        f"{last.where}, {first.cr3[cpu]:#x}/{first.words[SIGNAL][obs]} at its return"
-    )
-    fail_on(judge(g, into, complete=False) + judge(g, out))
-    assert into.cr3_flips() and out.cr3_flips(), "no CR3 switch in the interrupt's entry or exit"
+    check_two_parts(g, into, out, "interrupt")
 
 
 def test_store_then_cr3_write_window(signal_guest: Guest) -> None:
@@ -470,7 +479,6 @@ def test_signal_over_an_nmi_in_kernel_mode(signal_guest: Guest) -> None:
     second begins. NMIs reach vCPU 0 only, so this runs there."""
     g = signal_guest
     cpu = NMI_CPU
-    obs = observer_of(g, cpu)
     g.start_workload("syscall-loop", cpu)
     entry = g.symbols.address("entry_SYSCALL_64")
     handler = g.symbols.address("exc_nmi")
@@ -491,10 +499,4 @@ def test_signal_over_an_nmi_in_kernel_mode(signal_guest: Guest) -> None:
     assert any(s.where.startswith("paranoid_entry") for s in into.snapshots), (
         "it did not enter paranoid_entry"
     )
-    last, first = into.snapshots[-1], out.snapshots[0]
-    assert (last.cr3[cpu], last.words[SIGNAL][obs]) == (first.cr3[cpu], first.words[SIGNAL][obs]), (
-        f"CR3/signal changed in the handler: {last.cr3[cpu]:#x}/{last.words[SIGNAL][obs]} at exc_nmi, "
-        f"{first.cr3[cpu]:#x}/{first.words[SIGNAL][obs]} at its return"
-    )
-    fail_on(judge(g, into, complete=False) + judge(g, out))
-    assert into.cr3_flips() and out.cr3_flips(), "no CR3 switch in the NMI's entry or exit"
+    check_two_parts(g, into, out, "NMI")
