@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rig.supply.kernel import stock_image_path, stock_packages
 
 # `apt-cache depends` as printed in the suites' containers (2026-11)
@@ -73,3 +75,30 @@ def test_a_stock_kernel_of_the_same_version_comes_from_another_suite() -> None:
     assert other is not None and other.image.is_file(), other
     assert major_minor(other.label.split()[1]) == "7.2" and "stock sid" in other.label, other.label
     assert stock_kernel_of_version("5.10.0", cache) is None
+
+
+def test_the_stock_release_is_asked_again_only_when_the_package_lists_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first answer comes from the real apt-cache; the next one from the memo while the
+    lists are unchanged, and from apt-cache again once an `apt-get update` changed one."""
+    import rig.supply.kernel as kernel
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text("a")
+    monkeypatch.setattr(kernel, "SYSTEM_APT_LISTS", lists)
+    cache = tmp_path / "cache"
+    first = kernel.stock_release(cache)
+    assert first.startswith(("6.", "7.")), first
+    asked: list[list[str]] = []
+
+    def counting_run(argv: list[str], cwd: Path | None = None) -> str:
+        asked.append(argv)
+        return "linux-image-amd64\n  Depends: linux-image-9.9.9-1-amd64\n"
+
+    monkeypatch.setattr(kernel, "_run", counting_run)
+    assert kernel.stock_release(cache) == first and asked == []
+    (lists / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text("ab")
+    assert kernel.stock_release(cache) == "9.9.9-1-amd64" and len(asked) == 1
+    assert kernel.stock_release(cache) == "9.9.9-1-amd64" and len(asked) == 1

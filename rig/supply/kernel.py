@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +100,62 @@ def _apt(cache_dir: Path, suite: str | None) -> list[str]:
     return opts
 
 
+#: Where the system's APT keeps its package lists (``Dir::State::Lists``).
+SYSTEM_APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def apt_lists_signature(lists: Path) -> list[list[object]]:
+    """What an answer of APT about ``lists`` depends on: each package list's name, size
+    and modification time (an ``apt-get update`` that changed one changes this)."""
+    try:
+        entries = sorted(os.scandir(lists), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [
+        [e.name, e.stat().st_size, e.stat().st_mtime_ns]
+        for e in entries
+        if e.is_file() and "_Packages" in e.name
+    ]
+
+
 def stock_release(cache_dir: Path, suite: str | None = None) -> str:
-    """The release of ``suite``'s ``linux-image-amd64`` (None: the system's)."""
+    """The release of ``suite``'s ``linux-image-amd64`` (None: the system's).
+
+    ``apt-cache`` takes most of a second a suite; the answer is kept in
+    ``<cache>/debian/stock-releases.json`` with the signature of the package lists it
+    came from (:func:`apt_lists_signature`), and asked again when they changed.
+    """
     opts = _apt(cache_dir, suite)
+    lists = SYSTEM_APT_LISTS if suite is None else cache_dir / "debian" / "apt" / suite / "lists"
+    signature = apt_lists_signature(lists)
+    memo = cache_dir / "debian" / "stock-releases.json"
+    key = suite or "system"
+    known: dict[str, dict[str, object]] = {}
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if signature and isinstance(entry, dict) and entry.get("lists") == signature:
+        return str(entry["release"])
     meta = _run(["apt-cache", *opts, "depends", "linux-image-amd64"])
     pkg = next((d for d in _depends(meta) if d.startswith("linux-image-")), None)
     if pkg is None:
         where = f" in {suite}" if suite else ""
         raise ConfigError(f"apt knows no linux-image-amd64 dependency{where}; run `apt-get update` first")
-    return pkg.removeprefix("linux-image-")
+    release = pkg.removeprefix("linux-image-")
+    if signature:
+        with locked(memo.with_suffix(".lock")):
+            try:
+                known = json.loads(memo.read_text())
+            except (OSError, ValueError):
+                known = {}
+            known[key] = {"lists": signature, "release": release}
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+            tmp.replace(memo)
+    return release
 
 
 def debian_stock_kernel(cache_dir: Path, suite: str | None = None) -> Kernel:
