@@ -48,10 +48,9 @@ WINDOWS = (
         after_call_to="do_syscall_64",
     ),
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
-    # timer-spin's 10 ms interval timer interrupts it in user mode (even on a nohz_full
-    # CPU, whose tick stops while it runs alone there). The local timer's entry only: the
-    # arrivals come back to the scout's entry, and a scout of a rarer vector (a reschedule
-    # IPI, seen once under QEMU 10) left them waiting; every system vector's stub runs the
+    # timer-spin's CPU-time timer keeps its CPU's tick running, even on a nohz_full CPU: a
+    # timer interrupt from user mode every 4 ms. The local timer's entry only: the arrivals come back to the scout's entry, and a scout of a rarer vector (a reschedule IPI,
+    # seen once under QEMU 10) left them waiting; every system vector's stub runs the
     # same error_entry path (the watch modes see them all)
     Window("interrupt-entry", "timer-spin", ("asm_sysvec_apic_timer_interrupt",), "entry"),
     Window("nmi-entry", "user-spin", ("asm_exc_nmi",), "entry", nmi_arrival=True),

@@ -213,8 +213,8 @@ def test_signal_on_interrupt_from_user(signal_guest: Guest) -> None:
     The C handler runs at full speed between them, with every vCPU running: what it does
     (a softirq run, a schedule, a signal delivery) depends on the guest's state, and
     stepped with the siblings frozen it could wait on one of them. CR3 and the signal
-    must be as the first part left them when the second begins. timer-spin's 10 ms
-    interval timer interrupts the isolated vCPU in user mode even with nohz_full."""
+    must be as the first part left them when the second begins. timer-spin's CPU-time
+    timer keeps the isolated vCPU's tick running: it is interrupted in user mode every 4 ms."""
     g = signal_guest
     cpu = g.config.isolated
     g.start_workload("timer-spin", cpu)
