@@ -49,9 +49,10 @@ WINDOWS = (
     ),
     Window("page-fault-entry", "fault-loop", ("asm_exc_page_fault",), "entry"),
     # timer-spin's CPU-time timer keeps its CPU's tick running, even on a nohz_full CPU: a
-    # timer interrupt from user mode every 4 ms. The local timer's entry only: the arrivals come back to the scout's entry, and a scout of a rarer vector (a reschedule IPI,
-    # seen once under QEMU 10) left them waiting; every system vector's stub runs the
-    # same error_entry path (the watch modes see them all)
+    # timer interrupt from user mode every 4 ms. The local timer's entry only: the arrivals
+    # come back to the scout's entry, and a scout of a rarer vector (a reschedule IPI, seen
+    # once under QEMU 10) left them waiting; every system vector's stub runs the same
+    # error_entry path (the watch modes see them all)
     Window("interrupt-entry", "timer-spin", ("asm_sysvec_apic_timer_interrupt",), "entry"),
     Window("nmi-entry", "user-spin", ("asm_exc_nmi",), "entry", nmi_arrival=True),
     # an IRET to user mode that faults: #GP from kernel mode on the user CR3, error_entry's
