@@ -21,6 +21,11 @@ class BootEnd:
     triple_fault: bool
     #: the last :attr:`LINES` lines of the serial console
     console: str
+    #: a boot that timed out with QEMU running: its boot state and where each vCPU was
+    #: (``rig.guest.hang.HungBoot.describe``; "" if it did not time out or was not read)
+    hang: str = ""
+    #: that hang was the kernel's own: it had not started init yet
+    hung_before_init: bool = False
 
     def tail(self, lines: int) -> str:
         """The last ``lines`` lines of :attr:`console`."""

@@ -193,6 +193,20 @@ def test_what_is_a_fault() -> None:
     killed = boot_fault(error(BootEnd("QEMU exited with signal 9 (SIGKILL)", False, "Linux version")), "c", 1)
     assert killed is not None and killed.kind == "QEMU exit"
     assert boot_fault(error(BootEnd(None, False, "Linux version")), "c", 1) is None  # a hang
+    after_init = BootEnd(None, False, "", "SYSTEM_RUNNING; vCPU 0 halted at default_idle+0x9", False)
+    assert boot_fault(error(after_init), "c", 1) is None  # user space never became ready
+    before = BootEnd(
+        None, False, "", "SYSTEM_SCHEDULING; vCPU 0 at check_timer+0x3c; vCPU 1 halted at x", True
+    )
+    hang = boot_fault(GuestError("k did not boot: no boot within 180 s; console tail:"), "c", 1)
+    assert hang is None  # no boot_end: not from a boot
+    exc = GuestError("k did not boot: no boot within 180 s; console tail:\n")
+    exc.boot_end = before
+    hang = boot_fault(exc, "c", 1)
+    assert hang is not None and hang.kind == "hang", hang
+    assert hang.what == "no boot within 180 s, the kernel still at SYSTEM_SCHEDULING", hang.what
+    assert hang.rip == "vCPU 0 at check_timer+0x3c; vCPU 1 halted at x"
+    assert "(vCPU 0 at check_timer+0x3c; vCPU 1 halted at x)" in hang.line()
     assert boot_fault(error(BootEnd(None, False, oops), ConfigError), "c", 1) is None  # bad input
     assert boot_fault(GuestError("not from a boot"), "c", 1) is None
 
@@ -217,3 +231,46 @@ def test_boot_faults_travel_from_a_worker_and_render() -> None:
     assert "tail &lt;b&gt;" in page and "0010:f+0x1/0x2" in page and NO_TESTCASE in page
     lines = boot_fault_summary(controller)
     assert lines[0].startswith("flaky boot fault (boot 1, for t::a): triple fault") and "repeated" in lines[1]
+
+
+def test_a_boot_that_hangs_before_init_is_a_fault_and_one_after_it_is_not() -> None:
+    """The reference kernel told to wait 600 s before it mounts a root (no initramfs init,
+    ``rootdelay``) hangs before init (a fault: booted once more); told to run a shell as
+    init, it hangs after (user space never printed the marker: not booted again). Real
+    boots, 15 s timeouts."""
+    from rig.errors import GuestError
+    from rig.guest import Guest, GuestConfig
+    from rig.pytestplugin.failfast import boot_fault
+    from rig.supply.kernel import DEFAULT_KERNEL, resolve_kernel
+
+    cache = default_cache_dir()
+    kernel = resolve_kernel(DEFAULT_KERNEL, None, cache)
+    ends = {}
+    for name, append in (
+        ("rootdelay", "rdinit=/nonexistent rootdelay=600"),
+        ("shell", "rdinit=/bin/sh"),
+    ):
+        config = GuestConfig(
+            kernel=kernel.image,
+            initrd=build_initramfs(cache),
+            vmlinux=kernel.vmlinux,
+            label=kernel.label,
+            cache_dir=cache,
+            append=append,
+            boot_timeout=15,
+        )
+        try:
+            Guest.boot(config).close()
+        except GuestError as exc:
+            assert exc.boot_end is not None, exc
+            ends[name] = (exc, exc.boot_end)
+        else:
+            raise AssertionError(f"{append}: the guest booted")
+    exc, end = ends["rootdelay"]
+    assert end.hung_before_init and end.hang.startswith("SYSTEM_SCHEDULING; vCPU 0 "), end.hang
+    fault = boot_fault(exc, "c", 1)
+    assert fault is not None and fault.kind == "hang", fault
+    assert "no boot within 15 s, the kernel still at SYSTEM_SCHEDULING" in fault.what, fault.what
+    exc, end = ends["shell"]
+    assert not end.hung_before_init and end.hang.startswith("SYSTEM_RUNNING; vCPU 0 "), end.hang
+    assert boot_fault(exc, "c", 1) is None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from rig.errors import BootEnd, ConfigError, GuestError, RigError
 from rig.guest.config import GuestConfig
+from rig.guest.hang import HungBoot, sample_hung_boot
 from rig.guest.kernel import KernelIdentity
 from rig.guest.runcontrol import RunControl
 from rig.guest.userspace import Userspace
@@ -88,6 +89,8 @@ class Guest:
             self.run.resume, lambda: self.machine.alive and not self.closed, config.isolated
         )
         self.boot_seconds = 0.0
+        #: the boot ran out of its timeout waiting for the readiness marker
+        self.boot_timed_out = False
         self.started_at = 0.0
         #: Seconds since :attr:`started_at` at which each boot phase ended, in order.
         self.boot_phases: dict[str, float] = {}
@@ -168,11 +171,23 @@ class Guest:
             else:
                 machine.proc.wait_exit(0.1)
         ended = machine.proc is not None and not machine.alive
+        hung = self._sample_hang() if self.boot_timed_out and not ended else None
         return BootEnd(
             qemu_exit=machine.exit_reason() if ended else None,
             triple_fault=machine.triple_faulted(),
             console=machine.console_tail(BootEnd.LINES),
+            hang=hung.describe() if hung is not None else "",
+            hung_before_init=hung is not None and hung.before_init,
         )
+
+    def _sample_hang(self) -> HungBoot | None:
+        """Where a boot that timed out was (:mod:`rig.guest.hang`); None if GDB or QEMU
+        could not tell (the hang is then reported as it was)."""
+        try:
+            symbols = self.kernel.loaded_symbols(self.config.vmlinux, timeout=10.0)
+            return sample_hung_boot(self.run, symbols, self.config.smp)
+        except (RigError, OSError, TimeoutError):
+            return None
 
     def _boot(self) -> None:
         """Start QEMU and GDB side by side, let the kernel boot while GDB attaches.
@@ -212,6 +227,7 @@ class Guest:
         try:
             self.console.wait_ready(self.config.boot_timeout)
         except GuestError as exc:
+            self.boot_timed_out = str(exc).startswith("no boot within")
             raise GuestError(f"{self.config.kernel} did not boot: {exc}") from None
 
     def close(self) -> None:

@@ -60,6 +60,18 @@ class KernelIdentity:
         """Parse ``vmlinux``'s symbols on a thread of their own (while the kernel boots)."""
         self._symbols_loading = _background(elf_symbols, vmlinux)
 
+    def loaded_symbols(self, vmlinux: Path | None, timeout: float) -> SymbolTable | None:
+        """The vmlinux symbols :meth:`start_loading` is parsing, waiting up to ``timeout``
+        seconds; None without a vmlinux. For a boot that failed before :meth:`learn`.
+
+        Raises:
+            TimeoutError: still parsing after ``timeout`` seconds.
+            ConfigError: the vmlinux has no symbol table.
+        """
+        if vmlinux is None or self._symbols_loading is None:
+            return None
+        return SymbolTable(self._symbols_loading.result(timeout), str(vmlinux))
+
     def learn(self, run: RunControl, console: Console, config: GuestConfig) -> None:
         """Learn the running kernel of a booted guest (see the module doc)."""
         if config.vmlinux is not None:

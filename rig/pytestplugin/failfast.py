@@ -7,8 +7,9 @@
   on) is reported as one line, not a traceback (``--tb=long`` keeps the traceback).
 * :func:`check_writable`: the static check of the trace and cache directories.
 * :class:`BootFault`, :func:`boot_fault`: a boot that faulted before its readiness marker
-  (the kernel crashed, or QEMU ended by itself: killed, aborted, a triple fault), told
-  apart from a boot that hung (a timeout) or failed in the rig. The guest pool boots a
+  (the kernel crashed, QEMU ended by itself: killed, aborted, a triple fault, or the
+  kernel hung before it started init), told apart from a boot whose user space never
+  became ready (a timeout after init started) or that failed in the rig. The guest pool boots a
   faulted configuration once more; each fault is recorded with its console tail and RIP.
 """
 
@@ -66,12 +67,14 @@ def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
     """The fault behind the boot error ``exc``, or None if the boot did not fault.
 
     A fault is what a second boot can tell apart, an emulator's one-off from a broken
-    kernel: the kernel crashed (panic, oops, BUG on the console) or QEMU ended by itself
-    (a signal, an abort, a triple fault) before the readiness marker. Not faults, never
-    booted again: bad input (:class:`ConfigError`, QEMU refusing to start among it), a
-    boot that hung until the boot timeout (another try would cost the whole timeout
-    again, and the hangs seen so far were deterministic: a wrong init, no console), and
-    errors of the rig's own parts while QEMU still ran (GDB, QMP).
+    kernel: the kernel crashed (panic, oops, BUG on the console), QEMU ended by itself
+    (a signal, an abort, a triple fault), or the kernel hung before it started init
+    (a ``hang``: the boot timed out with the kernel's ``system_state`` still before
+    ``SYSTEM_RUNNING``, :mod:`rig.guest.hang`; its "RIP" is where each vCPU was). Not
+    faults, never booted again: bad input (:class:`ConfigError`, QEMU refusing to start
+    among it), a boot that timed out after the kernel started init, or whose state could
+    not be read (a wrong init, an initramfs without the rig's: the same every time),
+    and errors of the rig's own parts while QEMU still ran (GDB, QMP).
     """
     end = exc.boot_end
     if end is None or isinstance(exc, ConfigError):
@@ -84,6 +87,11 @@ def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
     elif end.qemu_exit is not None:
         kind = "triple fault" if end.triple_fault else "QEMU exit"
         what = end.qemu_exit
+    elif end.hung_before_init:
+        state, _, where = end.hang.partition("; ")
+        head = split_boot_error(exc)[0]
+        timeout = head[head.index("no boot within") :] if "no boot within" in head else "no boot"
+        return BootFault(cmdline, boot, "hang", f"{timeout}, the kernel still at {state}", where, end.console)
     else:
         return None
     return BootFault(cmdline, boot, kind, what, fault_rip(end.console), end.console)

@@ -27,14 +27,14 @@ __all__ = ["GuestPool"]
 class GuestPool:
     """Boots guests on demand, one per distinct command line, at most one alive.
 
-    A boot that faults before its readiness marker (the kernel crashed, or QEMU ended by
-    itself: :func:`~rig.pytestplugin.failfast.boot_fault`) is made once more: an
-    emulator's one-off fault is not a test result. Each fault goes to ``on_boot_fault``
-    (and :attr:`boot_faults`) with its console tail, its RIP and what the second boot
-    did. A configuration that fails to boot (a second fault, a hang, a rig error) is not
-    booted again: later tests needing it get the same one-line error at once. If the
-    default configuration (no ``cmdline`` marker) cannot boot, the session ends, as it
-    does for bad input.
+    A boot that faults before its readiness marker (the kernel crashed, QEMU ended by
+    itself, or the kernel hung before init: :func:`~rig.pytestplugin.failfast.boot_fault`)
+    is made once more: an emulator's one-off fault is not a test result. Each fault goes
+    to ``on_boot_fault`` (and :attr:`boot_faults`) with its console tail, its RIP and what
+    the second boot did. A configuration that fails to boot (a second fault, a timeout
+    after init, a rig error) is not booted again: later tests needing it get the same
+    one-line error at once. If the default configuration (no ``cmdline`` marker) cannot
+    boot, the session ends, as it does for bad input.
     """
 
     def __init__(

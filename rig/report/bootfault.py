@@ -26,11 +26,13 @@ class BootFault:
     cmdline: str
     #: which boot of the configuration faulted (1: the first; 2: the one made after a fault)
     boot: int
-    #: ``kernel crash`` (a panic, oops or BUG on the console), ``triple fault`` or ``QEMU exit``
+    #: ``kernel crash`` (a panic, oops or BUG on the console), ``triple fault``, ``QEMU exit``
+    #: or ``hang`` (the boot timed out before the kernel started init)
     kind: str
     #: one line: the console's panic/oops line, or how QEMU ended
     what: str
-    #: the faulting RIP from the console's register dump ("" if the console shows none)
+    #: the faulting RIP from the console's register dump ("" if the console shows none); of
+    #: a hang, where each vCPU was (``vCPU 0 at check_timer+0x3c; vCPU 1 halted at ...``)
     rip: str
     #: the last lines of the serial console
     console_tail: str
@@ -44,7 +46,10 @@ class BootFault:
 
     def line(self) -> str:
         """One line: which boot, what, where, and what came of it."""
-        where = f"RIP {self.rip}" if self.rip else "no RIP on the console"
+        if self.kind == "hang":
+            where = self.rip or "the vCPUs unread"
+        else:
+            where = f"RIP {self.rip}" if self.rip else "no RIP on the console"
         return f"boot {self.boot} ({self.cmdline}): {self.kind}: {self.what} ({where}); {self.then}"
 
     def to_json(self) -> dict[str, object]:
