@@ -1,17 +1,30 @@
 """Run Linux's x86 selftests in the guest, each under watch mode (or unwatched).
 
 A selftest (``/selftests/<name>`` of the initramfs, see :mod:`rig.supply.selftests`)
-starts stopped (``kill -STOP`` of its own shell), so the breakpoints of watch mode
-(:class:`rig.observe.watching.Watcher`: every CR3 write and signal store of the entry
-code, on every vCPU) are armed before its first instruction. It is continued with
-``kill -CONT`` and watched until it has exited: its wrapper then prints
-``CR3RIG-SELFTEST-DONE <name> <status>`` on the console, and the guest goes idle (no
-more switch sites run, so a continue runs out its poll interval and the console is
+runs from a wrapper shell started in the console shell's foreground, pinned with
+everything it starts to the isolated vCPU. The wrapper prints its pid and reads a line
+from the console before the selftest's first instruction, so the breakpoints of watch
+mode (:class:`rig.observe.watching.Watcher`: every CR3 write and signal store of the
+entry code, on every vCPU) are armed first; then the rig types an empty line. Once the
+selftest has exited the wrapper prints ``CR3RIG-SELFTEST-DONE <name> <status>`` and
+reads a line again, which the rig types once the watch is over. The guest goes idle
+(no more switch sites run, so a continue runs out its poll interval and the console is
 read). Its output goes to ``/tmp/<name>.out`` (a console line costs the vCPU a lot
 under TCG); afterwards its ``[OK]``/``[FAIL]``/``[SKIP]`` lines are counted.
 
+Why nothing of the rig's runs on the housekeeping vCPU meanwhile (the console shell
+waits in the kernel for its foreground job): that vCPU's tick never stops, and under
+watch mode a tick that finds it in user mode costs four stops (the interrupt's entry
+and exit, each a store and a CR3 write) while the guest's clock runs on through every
+continue and step. At ~1 ms a stop that is the 4 ms tick period: a process there in
+user mode gets a tick on every return to it and makes almost no progress, and the ticks
+become most of what is watched. Typing ``kill -CONT`` into the shell meanwhile (its line
+editor handles each character in user mode) made 550 to 5,000 transitions of a run of
+syscall_arg_fault_32 (4 to 49 s, the longer the more loaded the host), the same tick
+returning to the same user instruction up to 15 times in a row.
+
 The transitions counted for a selftest are those of every vCPU while it ran: its own,
-and the few of its shell (``kill -CONT``, ``wait``).
+its wrapper's, and the idle housekeeping vCPU's interrupts.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from rig.transport.rsp import RspLink
 
 #: Printed by the wrapper once the selftest has exited: ``… <name> <status>``.
 DONE_MARKER = "CR3RIG-SELFTEST-DONE"
-#: Printed by the wrapper before it stops itself: ``… <name> pid=<pid>``.
+#: Printed by the wrapper before it reads its starting line: ``… <name> pid=<pid>``.
 START_MARKER = "CR3RIG-SELFTEST"
 #: Seconds a continue may run without a site hit before the console is read.
 POLL_SECONDS = 0.5
@@ -42,8 +55,6 @@ POLL_SECONDS = 0.5
 POLL_EVERY_HITS = 200
 #: The status of a selftest that was killed because it ran out of time.
 TIMED_OUT = -1
-#: Seconds the wrapper of a selftest may take to stop itself after printing its pid.
-STOP_SECONDS = 30.0
 #: Result lines of the kselftest helpers (``[OK]``, ``[FAIL]``, ``[SKIP]``).
 VERDICT_WORDS = ("OK", "FAIL", "SKIP")
 
@@ -109,54 +120,57 @@ def installed_selftests(guest: Guest) -> tuple[list[str], str]:
     return sorted(n for n in names if n != "MISSING"), why
 
 
-def _wrapper(name: str, cpu: int) -> str:
-    """The shell that runs ``name``: it prints its pid, stops itself, and once continued
-    becomes the selftest, pinned to vCPU ``cpu`` (output to ``/tmp/<name>.out``, removed
-    first: a selftest that never ran leaves no output of an earlier run behind).
+def _wrapper(name: str) -> str:
+    """The shell that runs ``name``: it prints its pid, reads a line, runs the selftest
+    (output to ``/tmp/<name>.out``, removed first: a selftest that never ran leaves no
+    output of an earlier run behind), prints the done line with its status and reads a
+    line again."""
+    out = f"/tmp/{name}.out"
+    # the markers are split by quotes in the typed line, so only the real output matches
+    head, tail = START_MARKER.split("-", 1)
+    dhead, dtail = DONE_MARKER[:-4], DONE_MARKER[-4:]
+    return (
+        f'rm -f {out}; echo {head}-"{tail}" {name} pid=$$; read -r _; '
+        f'/{SELFTESTS_DIR}/{name} >{out} 2>&1 </dev/null; echo {dhead}"{dtail}" {name} $?; read -r _'
+    )
+
+
+def _job(name: str, cpu: int) -> str:
+    """The console shell's foreground job of selftest ``name``: its wrapper, pinned to
+    vCPU ``cpu``.
 
     ``cpu`` is the isolated (nohz_full) vCPU: with the selftest alone there, its tick
     stops, so the transitions watched are the selftest's own. Unpinned it ran on the
     housekeeping vCPU 0, whose tick never stops (it keeps time for the nohz_full CPUs):
     a tick from user mode every 4 ms of guest time made most of its transitions, and the
     slower the watch, the more of them (574 to 2,857 transitions, 3-24 s, for
-    syscall_arg_fault_32 on reference-7.2)."""
-    out = f"/tmp/{name}.out"
-    # the markers are split by quotes in the typed line, so only the real output matches
-    head, tail = START_MARKER.split("-", 1)
-    return (
-        f'rm -f {out}; echo {head}-"{tail}" {name} pid=$$; kill -STOP $$; '
-        f"exec taskset -c {cpu} /{SELFTESTS_DIR}/{name} >{out} 2>&1 </dev/null"
-    )
+    syscall_arg_fault_32 on reference-7.2). The wrapper runs there too, so that reading
+    its lines and printing its done line are not user-mode work on the housekeeping vCPU
+    (see the module doc)."""
+    return f"taskset -c {cpu} sh -c '{_wrapper(name)}'"
 
 
 def _start(guest: Guest, name: str) -> int:
-    """Start ``name`` stopped; return the pid of its shell once it is stopped.
+    """Start ``name``'s wrapper, waiting for its starting line; return the wrapper's pid.
 
-    The wrapper prints its pid *before* its ``kill -STOP $$``: a ``kill -CONT`` sent on
-    seeing that line can come first and is then lost, and the wrapper stops for good
-    (the selftest never runs: a TIMEOUT, seen once in 15 watched runs under QEMU 10).
-    So the guest's shell waits here, unwatched, until the wrapper's state is ``T``.
+    The line the rig types next is kept by the console's line discipline until the
+    wrapper reads it: typed early, it is not lost.
     """
     assert guest.console is not None
     guest.resume()
-    wrapper = _wrapper(name, guest.config.isolated)
-    line = guest.console.start_background(
-        f"(sh -c '{wrapper}'; echo {DONE_MARKER[:-4]}\"\"{DONE_MARKER[-4:]} {name} $?)",
-        re.escape(f"{START_MARKER} {name} pid="),
+    line = guest.console.start_foreground(
+        _job(name, guest.config.isolated), re.escape(f"{START_MARKER} {name} pid=")
     )
     m = re.search(r"pid=(\d+)", line)
     if m is None:
         raise GuestError(f"selftest {name} printed no pid: {line!r}")
-    pid = int(m.group(1))
-    # builtins only (no process per poll); ends too if the wrapper is gone
-    state, _ = guest.shell(
-        f"while read -r _ _ s _ </proc/{pid}/stat && [ $s != T ]; do :; done; "
-        f"read -r _ _ s _ </proc/{pid}/stat && echo state=$s",
-        timeout=STOP_SECONDS,
-    )
-    if "state=T" not in state:
-        raise GuestError(f"the wrapper of selftest {name} (pid {pid}) did not stop: {state.strip()[:120]!r}")
-    return pid
+    return int(m.group(1))
+
+
+def _line(guest: Guest) -> None:
+    """Type the empty line the wrapper reads (to start the selftest, or to end)."""
+    assert guest.console is not None
+    guest.console.send("")
 
 
 def _done(guest: Guest, name: str, timeout: float) -> int | None:
@@ -189,14 +203,13 @@ def _verdict(guest: Guest, name: str, status: int) -> SelftestVerdict:
     return SelftestVerdict(name, status, found, notes)
 
 
-def _kill(guest: Guest, name: str, pid: int, why: str) -> SelftestVerdict:
-    """Kill a selftest that ran out of time; its verdict says so."""
+def _kill(guest: Guest, name: str, why: str) -> SelftestVerdict:
+    """Interrupt a selftest that ran out of time (Ctrl-C: the foreground job, the
+    selftest and its wrapper); its verdict says so."""
     assert guest.console is not None
     guest.resume()
-    # typed without waiting for the shell: its wrapper's done line (status 137) may come
-    # before the shell's own end marker and must not be consumed by waiting for that
-    guest.console.send(f"kill -9 {pid}")
-    _done(guest, name, 30.0)
+    guest.console.send("\x03")
+    guest.shell("true")  # the console shell is back at its prompt
     return SelftestVerdict(name, TIMED_OUT, {}, [why])
 
 
@@ -204,13 +217,13 @@ def run_unwatched(guest: Guest, name: str, timeout: float = 60.0) -> SelftestRun
     """Run one selftest with the guest running freely (e.g. on a kernel without a vmlinux)."""
     t0 = time.monotonic()
     with guest.userspace.quiet_console():
-        pid = _start(guest, name)
-        assert guest.console is not None
-        guest.console.send(f"kill -CONT {pid}")
+        _start(guest, name)
+        _line(guest)
         status = _done(guest, name, timeout)
         if status is None:
-            verdict = _kill(guest, name, pid, f"did not finish within {timeout:.0f} s (unwatched)")
+            verdict = _kill(guest, name, f"did not finish within {timeout:.0f} s (unwatched)")
         else:
+            _line(guest)
             verdict = _verdict(guest, name, status)
     return SelftestRun(verdict, None, time.monotonic() - t0)
 
@@ -268,22 +281,24 @@ def run_watched(
     """Run one selftest under watch mode (see the module doc); the guest runs on after."""
     t0 = time.monotonic()
     with guest.userspace.quiet_console():
-        pid = _start(guest, name)
+        _start(guest, name)
         watcher = SelftestWatcher(guest, sites, signal=signal)
         guest.stop()
         with guest.link() as link:
             watcher.arm(link)
             assert guest.console is not None
-            guest.console.send(f"kill -CONT {pid}")  # typed now, read once the guest runs
+            _line(guest)  # typed now, read once the guest runs
             status: int | None = None
             try:
                 result, status = watcher.run_selftest(link, name, max_seconds)
             finally:
                 if status is None:  # a rig error: the guest is thrown away, but stop it anyway
-                    guest.console.send(f"kill -9 {pid}")
+                    guest.console.send("\x03")
         if status == TIMED_OUT:
             why = f"did not finish within {max_seconds:.0f} s under watch mode"
-            verdict = _kill(guest, name, pid, why)
+            verdict = _kill(guest, name, why)
         else:
+            guest.resume()
+            _line(guest)
             verdict = _verdict(guest, name, status)
     return SelftestRun(verdict, result, time.monotonic() - t0)

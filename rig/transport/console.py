@@ -102,7 +102,12 @@ class Console:
 
     def start_background(self, command: str, marker: str, timeout: float = 30.0) -> str:
         """Start ``command &`` and wait for a line matching regex ``marker``; return the line."""
-        self._sendline(f"{command} &", command)
+        return self.start_foreground(f"{command} &", marker, timeout)
+
+    def start_foreground(self, command: str, marker: str, timeout: float = 30.0) -> str:
+        """Type ``command`` and wait for a line matching regex ``marker`` (the command may
+        still run, e.g. waiting for input); return the line."""
+        self._sendline(command, command)
         idx = self._expect([marker + r"[^\r\n]*\r?\n", *PANIC_PATTERNS], timeout, f"{marker!r}")
         if idx != 0:
             raise GuestError(f"the guest kernel crashed while starting {command!r}")
