@@ -97,6 +97,21 @@ def test_nothing_runs_in_user_mode_on_the_housekeeping_vcpu_under_watch(referenc
     assert status == 0 and "back at the prompt" in out, out
 
 
+def test_the_sched_clock_stays_stable_through_the_rigs_stops(reference: Guest) -> None:
+    """The rig's stops and steps (QEMU's clocks run on through them) must not make the
+    kernel mark its TSC or sched clock unstable: that would keep every CPU's tick on
+    (``TICK_DEP_BIT_CLOCK_UNSTABLE``), the isolated one's too. The guest boots with
+    ``tsc=reliable``; without it the clocksource watchdog marked the TSC unstable in
+    about one full run in three (the tick dependency then read 0x8 under watch)."""
+    assert "tsc=reliable" in reference.config.cmdline().split()
+    assert reference.config.vmlinux is not None
+    sites = tuple(find_sites(reference.config.vmlinux, reference.symbols, SIGNAL))
+    run = selftestwatch.run_watched(reference, sites, NAME, signal=SIGNAL, max_seconds=120)
+    assert run.verdict.passed, run.verdict.describe()
+    out, status = reference.shell("dmesg | grep -i -e unstable -e 'read timed out' || echo none")
+    assert status == 0 and out.strip() == "none", out
+
+
 def test_init_and_the_console_shell_stay_off_the_isolated_cpu(reference: Guest) -> None:
     """The guest's init pins itself, and so the console shell and what it starts, to the
     housekeeping CPUs: only what the rig pins to the nohz_full CPU runs there. (The
