@@ -15,7 +15,7 @@ import pytest
 from rig.guest import Guest, GuestConfig
 from rig.supply.cache import default_cache_dir
 from rig.supply.initramfs import build_initramfs
-from rig.supply.kernel import Kernel, resolve_kernel
+from rig.supply.kernel import DEFAULT_KERNEL, Kernel, resolve_kernel
 from rig.transport.host import processes_with_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +48,21 @@ def initrd() -> Path:
 def base_config(stock_kernel: Kernel, initrd: Path) -> GuestConfig:
     return GuestConfig(
         kernel=stock_kernel.image, initrd=initrd, label=stock_kernel.label, cache_dir=default_cache_dir()
+    )
+
+
+def reference_config(kernel: str = DEFAULT_KERNEL, **options: object) -> GuestConfig:
+    """The config of a reference kernel (built once into the cache) with the default
+    initramfs and its vmlinux; ``options`` are further :class:`GuestConfig` fields."""
+    cache = default_cache_dir()
+    k = resolve_kernel(kernel, None, cache)
+    return GuestConfig(
+        kernel=k.image,
+        initrd=build_initramfs(cache),
+        vmlinux=k.vmlinux,
+        label=k.label,
+        cache_dir=cache,
+        **options,  # type: ignore[arg-type]
     )
 
 

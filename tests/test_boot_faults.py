@@ -239,26 +239,16 @@ def test_a_boot_that_hangs_before_init_is_a_fault_and_one_after_it_is_not() -> N
     init, it hangs after (user space never printed the marker: not booted again). Real
     boots, 15 s timeouts."""
     from rig.errors import GuestError
-    from rig.guest import Guest, GuestConfig
+    from rig.guest import Guest
     from rig.pytestplugin.failfast import boot_fault
-    from rig.supply.kernel import DEFAULT_KERNEL, resolve_kernel
+    from tests.conftest import reference_config
 
-    cache = default_cache_dir()
-    kernel = resolve_kernel(DEFAULT_KERNEL, None, cache)
     ends = {}
     for name, append in (
         ("rootdelay", "rdinit=/nonexistent rootdelay=600"),
         ("shell", "rdinit=/bin/sh"),
     ):
-        config = GuestConfig(
-            kernel=kernel.image,
-            initrd=build_initramfs(cache),
-            vmlinux=kernel.vmlinux,
-            label=kernel.label,
-            cache_dir=cache,
-            append=append,
-            boot_timeout=15,
-        )
+        config = reference_config(append=append, boot_timeout=15)
         try:
             Guest.boot(config).close()
         except GuestError as exc:

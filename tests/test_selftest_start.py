@@ -9,13 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from rig.guest import Guest, GuestConfig
+from rig.guest import Guest
 from rig.machine.sites import SIGNAL, find_sites
 from rig.observe import selftestwatch
-from rig.supply.cache import default_cache_dir
-from rig.supply.initramfs import build_initramfs
-from rig.supply.kernel import DEFAULT_KERNEL, resolve_kernel
 from rig.supply.selftests import DEFAULT_SELFTESTS
+from tests.conftest import reference_config
 
 NAME = DEFAULT_SELFTESTS[0]
 #: seconds the wrapper sleeps between printing its pid and reading its starting line
@@ -58,16 +56,7 @@ def test_a_selftest_runs_on_the_isolated_vcpu(booted: Guest) -> None:
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Guest]:
-    cache = default_cache_dir()
-    kernel = resolve_kernel(DEFAULT_KERNEL, None, cache)
-    config = GuestConfig(
-        kernel=kernel.image,
-        initrd=build_initramfs(cache),
-        vmlinux=kernel.vmlinux,
-        label=kernel.label,
-        cache_dir=cache,
-    )
-    with Guest.boot(config) as g:
+    with Guest.boot(reference_config()) as g:
         yield g
 
 

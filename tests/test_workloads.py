@@ -32,14 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from rig.guest import Guest, GuestConfig
+from rig.guest import Guest
 from rig.machine.sites import find_sites
 from rig.machine.stops import in_user_mode, on_kernel_tables
 from rig.machine.trace import Snapshot, Trace
-from rig.supply.cache import default_cache_dir
-from rig.supply.initramfs import COMPAT_WORKLOADS, build_initramfs
-from rig.supply.kernel import resolve_kernel
+from rig.supply.initramfs import COMPAT_WORKLOADS
 from testcases.test_cr3_signal import EXITS_TO_USER
+from tests.conftest import reference_config
 
 #: The default kernel of the rig (PTI, CONFIG_IA32_EMULATION).
 KERNEL = "reference-7.2"
@@ -55,15 +54,7 @@ PARANOID_EXIT_STEPS = 60
 
 @pytest.fixture(scope="module")
 def ref_guest() -> Iterator[Guest]:
-    cache = default_cache_dir()
-    kernel = resolve_kernel(KERNEL, None, cache)
-    config = GuestConfig(
-        kernel=kernel.image,
-        initrd=build_initramfs(cache),
-        vmlinux=kernel.vmlinux,
-        label=kernel.label,
-        cache_dir=cache,
-    )
+    config = reference_config(KERNEL)
     g = Guest.boot(config)
     try:
         if not g.pti_enabled:
