@@ -113,3 +113,17 @@ def test_init_and_the_console_shell_stay_off_the_isolated_cpu(reference: Guest) 
     assert status == 0 and lines[0].strip() == str(iso), out
     housekeeping = ",".join(str(c) for c in range(reference.config.smp) if c != iso)
     assert [ln.split()[-1] for ln in lines[1:3]] == [housekeeping] * 2, out
+
+
+def test_a_selftest_out_of_time_is_interrupted_and_the_shell_comes_back(reference: Guest) -> None:
+    """A watched selftest past its bound is interrupted (Ctrl-C to the foreground job): its
+    verdict says TIMEOUT, no process of it is left, and the console shell answers."""
+    assert reference.config.vmlinux is not None
+    sites = tuple(find_sites(reference.config.vmlinux, reference.symbols, SIGNAL))
+    run = selftestwatch.run_watched(reference, sites, NAME, signal=SIGNAL, max_seconds=0.2)
+    assert run.verdict.status == selftestwatch.TIMED_OUT, run.verdict.describe()
+    assert run.verdict.describe().startswith("TIMEOUT"), run.verdict.describe()
+    out, status = reference.shell(f"ps -o pid,comm | grep -c {NAME[:15]} || true")
+    assert status == 0 and out.strip() == "0", out
+    again = selftestwatch.run_watched(reference, sites, NAME, signal=SIGNAL, max_seconds=120)
+    assert again.verdict.passed, again.verdict.describe()
