@@ -27,7 +27,7 @@ from typing import Any
 from rig.diagnosis import console_death
 from rig.errors import ConfigError, GuestError, RigError
 from rig.guest import Guest, GuestConfig
-from rig.report.bootfault import BootFault
+from rig.report.bootfault import TIMEOUT_BEFORE_INIT, BootFault
 
 _TAIL_MARK = "; console tail:"
 
@@ -69,8 +69,9 @@ def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
     A fault is what a second boot can tell apart, an emulator's one-off from a broken
     kernel: the kernel crashed (panic, oops, BUG on the console), QEMU ended by itself
     (a signal, an abort, a triple fault), or the kernel hung before it started init
-    (a ``hang``: the boot timed out with the kernel's ``system_state`` still before
-    ``SYSTEM_RUNNING``, :mod:`rig.guest.hang`; its "RIP" is where each vCPU was). Not
+    (:data:`~rig.report.bootfault.TIMEOUT_BEFORE_INIT`: the boot timed out with the
+    kernel's ``system_state`` still before ``SYSTEM_RUNNING``, :mod:`rig.guest.hang`; its
+    "RIP" is where each vCPU was; a timeout too short for the boot looks the same). Not
     faults, never booted again: bad input (:class:`ConfigError`, QEMU refusing to start
     among it), a boot that timed out after the kernel started init, or whose state could
     not be read (a wrong init, an initramfs without the rig's: the same every time),
@@ -89,9 +90,8 @@ def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
         what = end.qemu_exit
     elif end.hung_before_init:
         state, _, where = end.hang.partition("; ")
-        head = split_boot_error(exc)[0]
-        timeout = head[head.index("no boot within") :] if "no boot within" in head else "no boot"
-        return BootFault(cmdline, boot, "hang", f"{timeout}, the kernel still at {state}", where, end.console)
+        what = f"the kernel still at {state}"
+        return BootFault(cmdline, boot, TIMEOUT_BEFORE_INIT, what, where, end.console)
     else:
         return None
     return BootFault(cmdline, boot, kind, what, fault_rip(end.console), end.console)

@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-__all__ = ["RETRY_BOOTED", "BootFault"]
+__all__ = ["RETRY_BOOTED", "TIMEOUT_BEFORE_INIT", "BootFault"]
 
+#: :attr:`BootFault.kind` of a boot whose timeout ran out before the kernel started init:
+#: a hang of the kernel (a lost interrupt, an emulator fault) or a timeout too short.
+TIMEOUT_BEFORE_INIT = "timeout before init"
 #: :attr:`BootFault.then` of a fault whose configuration booted the next time.
 RETRY_BOOTED = "booted again: the second boot reached the readiness marker"
 
@@ -27,7 +30,7 @@ class BootFault:
     #: which boot of the configuration faulted (1: the first; 2: the one made after a fault)
     boot: int
     #: ``kernel crash`` (a panic, oops or BUG on the console), ``triple fault``, ``QEMU exit``
-    #: or ``hang`` (the boot timed out before the kernel started init)
+    #: or ``timeout before init`` (the boot timeout ran out before the kernel started init)
     kind: str
     #: one line: the console's panic/oops line, or how QEMU ended
     what: str
@@ -46,7 +49,7 @@ class BootFault:
 
     def line(self) -> str:
         """One line: which boot, what, where, and what came of it."""
-        if self.kind == "hang":
+        if self.kind == TIMEOUT_BEFORE_INIT:
             where = self.rip or "the vCPUs unread"
         else:
             where = f"RIP {self.rip}" if self.rip else "no RIP on the console"
