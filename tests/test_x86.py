@@ -109,3 +109,38 @@ def test_may_leave_kernel_half_only_for_returns_indirect_and_far_transfers() -> 
     assert may_leave_kernel_half(bytes.fromhex("e9f0ffffff"), 1 << 63)
     assert not may_leave_kernel_half(bytes.fromhex("e900000000"), 1 << 63)
     assert may_leave_kernel_half(bytes.fromhex("4889e7"), 0x401000)
+
+
+def _map(mem: dict[int, int], pgd: int, virtual: int, frame: int, alloc: list[int]) -> None:
+    """Map the 4 KiB page of ``virtual`` to ``frame`` under ``pgd`` (4-level), taking new
+    table pages from ``alloc``."""
+    table = pgd
+    for shift in (39, 30, 21):
+        slot = table + 8 * ((virtual >> shift) & 0x1FF)
+        if not mem.get(slot, 0) & P:
+            mem[slot] = alloc.pop() | P | RW
+        table = mem[slot] & ~0xFFF
+    mem[table + 8 * ((virtual >> 12) & 0x1FF)] = frame | P | RW
+
+
+def test_pti_pair_tells_a_user_half_from_a_neighbouring_pgd() -> None:
+    """PTI on: the user half maps the entry text, not kernel data. PTI off: the page
+    after the PGD maps nothing (a zeroed pair), or is another process's PGD, which maps
+    both (7.x allocates one page per PGD when PTI is off): neither is PTI."""
+    from rig.machine.walks import pti_pair
+
+    entry, private = 0xFFFFFFFF81000040, 0xFFFFFFFF82A00000
+    kernel, user = 0x100000, 0x101000
+
+    def pair(user_maps: tuple[int, ...]) -> bool:
+        mem: dict[int, int] = {}
+        alloc = list(range(0x200000, 0x300000, 0x1000))
+        _map(mem, kernel, entry, 0x1000000, alloc)
+        _map(mem, kernel, private, 0x2A00000, alloc)
+        for v in user_maps:
+            _map(mem, user, v, 0x1000000 if v == entry else 0x2A00000, alloc)
+        return pti_pair(kernel, user, entry, private, lambda a: mem.get(a, 0), five_level=False)
+
+    assert pair((entry,)) is True
+    assert pair(()) is False
+    assert pair((entry, private)) is False

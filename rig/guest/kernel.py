@@ -98,7 +98,14 @@ class KernelIdentity:
         loading, self._symbols_loading = self._symbols_loading, None
         symbols = SymbolTable(loading.result() if loading is not None else elf_symbols(vmlinux), str(vmlinux))
         vid = elf_build_id(vmlinux) or ""
-        needed = ("linux_banner", "__start_notes", "__stop_notes", "__per_cpu_offset", "entry_SYSCALL_64")
+        needed = (
+            "linux_banner",
+            "__start_notes",
+            "__stop_notes",
+            "__per_cpu_offset",
+            "entry_SYSCALL_64",
+            "init_task",
+        )
         missing = [n for n in needed if n not in symbols]
         if missing:
             raise ConfigError(
@@ -128,7 +135,7 @@ class KernelIdentity:
             self._read_per_cpu_offsets(reader, link, run.smp)
             # a kernel built without PTI (no pti_init) has no user half of its PGD pair
             self.pti_enabled = "pti_init" in symbols and pti_active(
-                link, reader, symbols.address("entry_SYSCALL_64")
+                link, reader, symbols.address("entry_SYSCALL_64"), symbols.address("init_task")
             )
 
     @staticmethod
