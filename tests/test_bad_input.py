@@ -176,6 +176,6 @@ def test_vmlinux_that_does_not_match(tag: str, small_elf: Path) -> None:
     when the rig looks for the kernel's symbols in it, and the session ends on one line."""
     line, elapsed = _boot_case(tag, ["--vmlinux", str(small_elf)], kernel=[])
     assert f"cr3rig: --vmlinux {small_elf} does not match the running kernel: " in line, line
-    missing = "linux_banner, __start_notes, __stop_notes, __per_cpu_offset, entry_SYSCALL_64"
+    missing = "linux_banner, __start_notes, __stop_notes, __per_cpu_offset, entry_SYSCALL_64, init_task"
     assert f"it has no {missing}; pass the unstripped vmlinux of this build" in line, line
     assert elapsed < BOOT_CASE_SECONDS, f"{elapsed:.1f} s"

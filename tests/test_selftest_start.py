@@ -65,8 +65,8 @@ def test_nothing_runs_in_user_mode_on_the_housekeeping_vcpu_under_watch(referenc
     console shell waits in the kernel for its foreground job, the wrapper runs on the
     isolated vCPU. (Typing into the shell meanwhile left it in user mode under a tick on
     every return: 27-289 interrupts from user mode there a run, 550-5,000 transitions.)
-    Three runs: their counts are within a quarter of each other (the storm made them vary
-    ninefold)."""
+    Three runs: none has twice the transitions of another (the storm made them vary
+    ninefold; a loaded host adds a few interrupts: 352-488 in one CI run)."""
     assert reference.config.vmlinux is not None
     sites = tuple(find_sites(reference.config.vmlinux, reference.symbols, SIGNAL))
     housekeeping = 1 - reference.config.isolated
@@ -81,7 +81,7 @@ def test_nothing_runs_in_user_mode_on_the_housekeeping_vcpu_under_watch(referenc
         }
         assert not there, f"site hits on the housekeeping vCPU {housekeeping}: {there}\n{run.watch.table()}"
         counts.append(run.watch.transitions)
-    assert max(counts) <= 1.25 * min(counts), f"transitions of three runs: {counts}"
+    assert max(counts) < 2 * min(counts), f"transitions of three runs: {counts}"
     out, status = reference.shell("echo back at the prompt")
     assert status == 0 and "back at the prompt" in out, out
 
