@@ -21,9 +21,11 @@ class BootEnd:
     triple_fault: bool
     #: the last :attr:`LINES` lines of the serial console
     console: str
-    #: a boot that timed out with QEMU running: its boot state and where each vCPU was
-    #: (``rig.guest.hang.HungBoot.describe``; "" if it did not time out or was not read)
-    hang: str = ""
+    #: a boot that timed out with QEMU running: the kernel's boot state
+    #: (``SYSTEM_SCHEDULING``; "" if it did not time out or was not read)
+    hang_state: str = ""
+    #: and where each vCPU was (``vCPU 0 at check_timer+0x3c; vCPU 1 halted at ...``)
+    hang_where: str = ""
     #: that hang was the kernel's own: it had not started init yet
     hung_before_init: bool = False
 

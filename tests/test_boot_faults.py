@@ -193,10 +193,10 @@ def test_what_is_a_fault() -> None:
     killed = boot_fault(error(BootEnd("QEMU exited with signal 9 (SIGKILL)", False, "Linux version")), "c", 1)
     assert killed is not None and killed.kind == "QEMU exit"
     assert boot_fault(error(BootEnd(None, False, "Linux version")), "c", 1) is None  # a hang
-    after_init = BootEnd(None, False, "", "SYSTEM_RUNNING; vCPU 0 halted at default_idle+0x9", False)
+    after_init = BootEnd(None, False, "", "SYSTEM_RUNNING", "vCPU 0 halted at default_idle+0x9", False)
     assert boot_fault(error(after_init), "c", 1) is None  # user space never became ready
     before = BootEnd(
-        None, False, "", "SYSTEM_SCHEDULING; vCPU 0 at check_timer+0x3c; vCPU 1 halted at x", True
+        None, False, "", "SYSTEM_SCHEDULING", "vCPU 0 at check_timer+0x3c; vCPU 1 halted at x", True
     )
     hang = boot_fault(GuestError("k did not boot: no boot within 180 s; console tail:"), "c", 1)
     assert hang is None  # no boot_end: not from a boot
@@ -257,10 +257,12 @@ def test_a_boot_that_hangs_before_init_is_a_fault_and_one_after_it_is_not() -> N
         else:
             raise AssertionError(f"{append}: the guest booted")
     exc, end = ends["rootdelay"]
-    assert end.hung_before_init and end.hang.startswith("SYSTEM_SCHEDULING; vCPU 0 "), end.hang
+    assert end.hung_before_init and end.hang_state == "SYSTEM_SCHEDULING", end
+    assert end.hang_where.startswith("vCPU 0 "), end.hang_where
     fault = boot_fault(exc, "c", 1)
     assert fault is not None and fault.kind == "timeout before init", fault
     assert fault.what == "the kernel still at SYSTEM_SCHEDULING", fault.what
     exc, end = ends["shell"]
-    assert not end.hung_before_init and end.hang.startswith("SYSTEM_RUNNING; vCPU 0 "), end.hang
+    assert not end.hung_before_init and end.hang_state == "SYSTEM_RUNNING", end
+    assert end.hang_where.startswith("vCPU 0 "), end.hang_where
     assert boot_fault(exc, "c", 1) is None

@@ -176,7 +176,8 @@ class Guest:
             qemu_exit=machine.exit_reason() if ended else None,
             triple_fault=machine.triple_faulted(),
             console=machine.console_tail(BootEnd.LINES),
-            hang=hung.describe() if hung is not None else "",
+            hang_state=hung.state() if hung is not None else "",
+            hang_where=hung.where() if hung is not None else "",
             hung_before_init=hung is not None and hung.before_init,
         )
 

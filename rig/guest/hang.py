@@ -43,15 +43,17 @@ class HungBoot:
         """True if the kernel provably had not started init: a kernel hang, not user space's."""
         return self.system_state is not None and self.system_state < SYSTEM_RUNNING
 
-    def describe(self) -> str:
-        """One line: the boot state and where each vCPU was."""
+    def state(self) -> str:
+        """The boot state's name (``SYSTEM_SCHEDULING``)."""
         if self.system_state is None:
-            state = "system_state unread"
-        elif self.system_state < len(_STATES):
-            state = _STATES[self.system_state]
-        else:
-            state = f"system_state {self.system_state}"
-        return "; ".join((state, *self.vcpus))
+            return "system_state unread"
+        if self.system_state < len(_STATES):
+            return _STATES[self.system_state]
+        return f"system_state {self.system_state}"
+
+    def where(self) -> str:
+        """Where each vCPU was, ``; ``-separated."""
+        return "; ".join(self.vcpus)
 
 
 def sample_hung_boot(run: RunControl, symbols: SymbolTable | None, smp: int) -> HungBoot:

@@ -89,9 +89,8 @@ def boot_fault(exc: RigError, cmdline: str, boot: int) -> BootFault | None:
         kind = "triple fault" if end.triple_fault else "QEMU exit"
         what = end.qemu_exit
     elif end.hung_before_init:
-        state, _, where = end.hang.partition("; ")
-        what = f"the kernel still at {state}"
-        return BootFault(cmdline, boot, TIMEOUT_BEFORE_INIT, what, where, end.console)
+        what = f"the kernel still at {end.hang_state}"
+        return BootFault(cmdline, boot, TIMEOUT_BEFORE_INIT, what, end.hang_where, end.console)
     else:
         return None
     return BootFault(cmdline, boot, kind, what, fault_rip(end.console), end.console)
