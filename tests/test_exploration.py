@@ -1,5 +1,6 @@
-"""rig.observe.exploration: what a window's result counts as explored (no guest), and a
-QEMU-version difference the container matrix found (a real guest on QEMU 10)."""
+"""rig.observe.exploration: what a window's result counts as explored (no guest), a
+QEMU-version difference the container matrix found (a real guest on QEMU 10), and the
+way back to user mode between arrivals on an isolated vCPU (a real reference guest)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import pytest
 from rig.guest import Guest, GuestConfig
 from rig.machine.sites import find_sites
 from rig.machine.trace import Snapshot, Trace
+from rig.machine.vcpu import thread_id
+from rig.machine.x86 import user_cr3
 from rig.observe.exploration import explore
-from rig.observe.explorer import ScoutStop
+from rig.observe.explorer import Explorer, ScoutStop
 from rig.observe.findings import Rule, render
 from rig.observe.windows import BoundaryRun, Exploration, Window
 from rig.supply.cache import default_cache_dir
 from rig.supply.kernel import resolve_kernel
 from rig.supply.qemu import fetch_qemu
 from rig.transport.qemu import NMI_CPU
+from rig.transport.rsp import hex_le
 from testcases.conftest import SIGNAL
 from testcases.test_cr3_exploration import WINDOWS
+from tests.conftest import reference_config
 
 WINDOW = Window("syscall-entry", "syscall-loop", ("entry_SYSCALL_64",), "entry")
 
@@ -129,3 +134,51 @@ def test_a_step_qemu_answered_without_executing_is_found() -> None:
     assert not_executed(trace(moving)) is None
     assert not_executed(trace([*moving, (0x14, "rep stos %al,(%rdi)"), (0x16, "ret")])) is None
     assert not_executed(trace([(0x10, "push %rax"), (0x10, "push %rax"), (0x11, "mov %cr3,%rax")])) == 1
+
+
+NMI_WINDOW = next(w for w in WINDOWS if w.name == "nmi-entry")
+
+
+@pytest.fixture(scope="module")
+def isolated_vcpu0_guest() -> Iterator[Guest]:
+    """The reference kernel with vCPU 0, the one QMP's NMIs reach, as the nohz_full CPU."""
+    g = Guest.boot(reference_config(isolated_cpu=0))
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_the_way_back_to_user_mode_after_an_nmi_from_user_is_stepped(
+    isolated_vcpu0_guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A boundary run of the nmi-entry window ends just past the NMI's switch to the user
+    CR3, in kernel mode. The next arrival used to continue from there to the next exit,
+    that is to the spinning vCPU's next kernel entry: on a nohz_full CPU none came for
+    10 s in 2 of 40 soak runs ("nmi-entry arrival: vCPU 0 hit no switch site"). The rest
+    of the way to user mode is now stepped: no continue at all."""
+    g = isolated_vcpu0_guest
+    assert g.config.vmlinux is not None
+    ex = Explorer(g, find_sites(g.config.vmlinux, g.symbols), cpu=0, signal=SIGNAL)
+    g.start_workload(NMI_WINDOW.workload, 0)
+    scout, _, _ = ex.scout(NMI_WINDOW)
+    start = scout.snapshots[0]
+    g.stop()
+    with g.link() as link:
+        resumes: list[str] = []
+        resume = link.resume
+        monkeypatch.setattr(link, "resume", lambda p, t: resumes.append(p) or resume(p, t))
+        for k in (0, 3):
+            run = ex.run_boundary(link, NMI_WINDOW, k, scout.snapshots[k], start=start.pc)
+            assert run is not None and not run.problems, render(run.problems if run else [])
+            packets = [f"Hg{thread_id(0)}", *(g.regmap.packet(r) for r in ("cs", "cr3"))]
+            cs, cr3 = (hex_le(v) for v in link.transact(packets)[1:])
+            assert not cs & 3 and user_cr3(cr3), (
+                f"boundary {k}: the run did not end past the exit's user CR3 write in kernel mode "
+                f"(cs {cs:#x}, cr3 {cr3:#x})"
+            )
+            before = len(resumes)
+            ex.to_user_mode(link, NMI_WINDOW)
+            cs = hex_le(link.transact([packets[0], g.regmap.packet("cs")])[1])
+            assert cs & 3 == 3, f"boundary {k}: not in user mode (cs {cs:#x})"
+            assert resumes[before:] == [], f"boundary {k}: the way back to user mode resumed the guest"

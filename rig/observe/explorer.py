@@ -114,7 +114,7 @@ class Explorer:
         self.signal_address = guest.per_cpu(signal, cpu)
         self.sites = {s.address: s for s in sites}
         #: the CR3 writes of exits to user mode (a paranoid exit's restore of a user CR3
-        #: may return to kernel mode: see :meth:`_to_user_mode`)
+        #: may return to kernel mode: see :meth:`to_user_mode`)
         self._exit_writes = [
             s.address for s in sites if s.kind == "cr3-write" and s.function not in PARANOID_RESTORE_FUNCTIONS
         ]
@@ -235,7 +235,7 @@ class Explorer:
                         f"(is {window.workload} running there? last hits: {seen})"
                     )
                 if window.nmi_arrival:
-                    self._to_user_mode(link, window)
+                    self.to_user_mode(link, window)
                     self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
                 pc = self._continue(link, window, None)
                 cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
@@ -258,7 +258,7 @@ class Explorer:
                     # time the handler's softirqs enable interrupts again.
                     for a in entries:
                         self._disarm(link, a)
-                    self._to_user_mode(link, window)
+                    self.to_user_mode(link, window)
                     self._arm(link, entries)
         finally:
             for a in entries:
@@ -307,19 +307,36 @@ class Explorer:
         frame = link.transact([f"m{rsp:x},8"])[0]
         return not is_error(frame) and not in_user_half(int.from_bytes(bytes.fromhex(frame), "little"))
 
-    def _to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
-        """Bring vCPU ``cpu`` to a user-mode boundary: run to the next CR3 write of an exit
-        to user mode that loads the user CR3, then step to user mode. (An NMI made pending
-        in kernel mode would be taken there; one made pending in user mode is an NMI from
-        user.) A paranoid exit's restore of a user CR3 is not one: the exception may have
-        interrupted kernel mode on the user CR3 (a #DB at the SYSENTER entry), and it
-        returns there, to the entry's own switch to the kernel CR3."""
+    def to_user_mode(self, link: RspLink, window: Window, max_steps: int = 64) -> None:
+        """Bring vCPU ``cpu`` to a user-mode boundary, the first one of the path it is on.
+
+        In kernel mode on the user CR3 (past an exit's switch to the user CR3: where a
+        fast-forward leaves an event taken in user mode), it steps to user mode. On the
+        kernel CR3 it runs to the next CR3 write of an exit to user mode that loads the
+        user CR3, then steps. (Running on past the exit would wait for the vCPU's next
+        kernel entry: a spinning task on a ``nohz_full`` CPU can go many seconds without
+        one.) A paranoid exit's restore of a user CR3 is not an exit: the exception may
+        have interrupted kernel mode on the user CR3 (a #DB at the SYSENTER entry), and
+        it returns there, to the entry's own switch to the kernel CR3, which the steps
+        run into. An NMI made pending before is taken at the first continue (the steps
+        mask it); one made pending once this returns is an NMI from user mode.
+
+        Raises:
+            GuestError: the vCPU did not get to user mode within 20 rounds.
+        """
         g = self.guest
         cs_packet, cr3_packet, rip_packet = (g.regmap.packet(r) for r in ("cs", "cr3", "rip"))
         writes = self._exit_writes
         for _ in range(20):
-            if hex_le(link.transact([f"Hg{self._thread}", cs_packet])[1]) & 3:
-                return
+            for _ in range(max_steps):
+                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet, rip_packet])
+                if hex_le(r[1]) & 3:
+                    return
+                if not user_cr3(hex_le(r[2])):
+                    break
+                self._step_over(link, self.cpu, hex_le(r[3]))
+            else:
+                continue
             self._arm(link, writes)
             try:
                 pc = self._continue(link, window, None)
@@ -327,11 +344,6 @@ class Explorer:
             finally:
                 for a in writes:
                     self._disarm(link, a)
-            for _ in range(max_steps):
-                r = link.transact([f"Hg{self._thread}", cs_packet, cr3_packet, rip_packet])
-                if hex_le(r[1]) & 3 or not user_cr3(hex_le(r[2])):
-                    break
-                self._step_over(link, self.cpu, hex_le(r[3]))
         raise GuestError(f"{window.name}: vCPU {self.cpu} did not get back to user mode")
 
     def run_boundary(
