@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rig.guest import Guest, GuestConfig
+from rig.guest.tasks import task_names
 from rig.machine.sites import find_sites
 from rig.machine.trace import Snapshot, Trace
 from rig.machine.vcpu import thread_id
@@ -182,3 +183,57 @@ def test_the_way_back_to_user_mode_after_an_nmi_from_user_is_stepped(
             cs = hex_le(link.transact([packets[0], g.regmap.packet("cs")])[1])
             assert cs & 3 == 3, f"boundary {k}: not in user mode (cs {cs:#x})"
             assert resumes[before:] == [], f"boundary {k}: the way back to user mode resumed the guest"
+
+
+IRET_WINDOW = next(w for w in WINDOWS if w.name == "iret-exit")
+
+
+@pytest.fixture(scope="module")
+def reference_guest() -> Iterator[Guest]:
+    g = Guest.boot(reference_config())
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_arrivals_on_the_kernel_cr3_are_the_workloads_own(reference_guest: Guest) -> None:
+    """A syscall-loop beside iret-loop on vCPU 0: about half the returns from
+    do_syscall_64 there are syscall-loop's, which leave by SYSRET where the iret-exit
+    window's path leaves by IRET. An arrival is taken only in the window's workload
+    (``current_task``'s comm), so none takes the other path."""
+    g = reference_guest
+    assert g.config.vmlinux is not None
+    sites = find_sites(g.config.vmlinux, g.symbols)
+    g.start_workload("syscall-loop", 0)
+    g.start_workload(IRET_WINDOW.workload, 0)
+    g.effort.discarded.clear()
+    try:
+        result = explore(g, sites, IRET_WINDOW, signal=SIGNAL)
+    finally:
+        g.kill_workloads()
+    assert result.runs and not result.problems(), render(result.problems()) + "\n" + result.table()
+    other = [d for d in g.effort.discarded if "not " in d and "single step" not in d]
+    assert other == [], f"arrivals took another task's path: {other}"
+
+
+def test_the_task_names_of_a_running_and_an_idle_vcpu(reference_guest: Guest) -> None:
+    """comm through current_task: the workload on vCPU 0 (stopped in its syscall, on the
+    kernel CR3), the idle task on the isolated vCPU 1."""
+    g = reference_guest
+    names = task_names(g)
+    assert names is not None
+    g.start_workload("syscall-loop", 0)
+    try:
+        g.stop()
+        with g.link() as link:
+            ex = Explorer(g, find_sites(g.config.vmlinux, g.symbols), cpu=0, signal=SIGNAL)  # type: ignore[arg-type]
+            ex.arrive_on_link(link, next(w for w in WINDOWS if w.name == "sysret-exit"))
+            assert names.runs(link, g.vcpu(0), "syscall-loop")
+            assert names.comm_offset is not None and names.comm_offset % 8 == 0
+            assert names.comm(link, g.vcpu(0)) == "syscall-loop"
+            idle = names.comm(link, g.vcpu(1))
+            assert idle == "swapper/1", f"vCPU 1 runs {idle!r}"
+            assert not names.runs(link, g.vcpu(1), "syscall-loop")
+    finally:
+        g.kill_workloads()

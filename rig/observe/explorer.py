@@ -16,6 +16,7 @@ from typing import Any
 
 from rig.errors import GuestError
 from rig.guest import Guest
+from rig.guest.tasks import task_names
 from rig.machine.sites import Site, entry_disassembly
 from rig.machine.stepper import Stepper, step_over
 from rig.machine.storepaths import Instruction, parse_instructions
@@ -128,6 +129,7 @@ class Explorer:
         self._text: list[Instruction] | None = None
         self._sibling_checker = TransitionChecker(guest.config.smp, list(sites))
         self._sibling_sides = CR3Sides(guest.config.smp)
+        self._tasks = task_names(guest)
         self.mismatch = ""
         #: single steps QEMU answered without executing the instruction (repeated)
         self.repeated_steps = 0
@@ -239,7 +241,12 @@ class Explorer:
                     self.guest.machine.inject_nmi()  # taken at once: at this user-mode boundary
                 pc = self._continue(link, window, None)
                 cr3 = hex_le(link.transact([f"Hg{self._thread}", g.regmap.packet("cr3")])[1])
-                if pc in entries and user_cr3(cr3) == window.from_user and self._mode_ok(link, window):
+                if (
+                    pc in entries
+                    and user_cr3(cr3) == window.from_user
+                    and self._mode_ok(link, window)
+                    and self._runs_workload(link, window)
+                ):
                     return
                 r = link.transact([g.regmap.packet("rsp")])
                 frame = link.transact([f"m{hex_le(r[0]):x},8"])[0]
@@ -265,8 +272,8 @@ class Explorer:
                 self._disarm(link, a)
         want = "user" if window.from_user else "kernel"
         raise GuestError(
-            f"{window.name}: {tries} hits of {window.entry} in a row were not on the {want} CR3 "
-            f"(last: {seen})"
+            f"{window.name}: {tries} hits of {window.entry} in a row were not {window.workload}'s "
+            f"on the {want} CR3 (last: {seen})"
         )
 
     def entry_addresses(self, window: Window) -> set[int]:
@@ -298,6 +305,15 @@ class Explorer:
         if not found:
             raise GuestError(f"{window.name}: no call to {window.after_call_to} in {names}")
         return found
+
+    def _runs_workload(self, link: RspLink, window: Window) -> bool:
+        """Whether an arrival on the kernel CR3 is in the window's workload: another task
+        on the vCPU (the console shell finishing its last command, its syscalls leaving
+        by SYSRET where iret-loop's leave by IRET) takes another path. (On the user CR3
+        the task is not readable; those windows' paths do not depend on it.)"""
+        if window.from_user or self._tasks is None:
+            return True
+        return self._tasks.runs(link, self.guest.vcpu(self.cpu), window.workload)
 
     def _mode_ok(self, link: RspLink, window: Window) -> bool:
         """For ``kernel_mode_only`` windows: the IRET frame at %rsp returns to kernel mode."""
