@@ -25,8 +25,9 @@ __all__ = ["COMM_LEN", "TaskNames", "task_names"]
 #: ``TASK_COMM_LEN``: ``comm`` holds at most 15 characters and a NUL
 COMM_LEN = 16
 #: how much of a ``task_struct`` is searched for ``comm`` (its offset is about 0x5c0
-#: to 0xc00 on the kernels of 6.1 and 7.2); read in chunks a gdbstub answers at once
-SEARCH_BYTES = 0x2000
+#: to 0xc00 on the reference kernels, larger with debug options); read in chunks a
+#: gdbstub answers at once
+SEARCH_BYTES = 0x4000
 CHUNK = 0x200
 
 
@@ -51,9 +52,14 @@ class TaskNames:
     (:meth:`rig.guest.Guest.per_cpu`).
     """
 
+    #: tasks searched for a name without finding it before :meth:`runs` gives up
+    #: telling tasks apart (a ``comm`` beyond ``SEARCH_BYTES``)
+    LEARN_TRIES = 16
+
     def __init__(self, current_task: dict[int, int]) -> None:
         self._current_task = current_task
         self.comm_offset: int | None = None
+        self._failed_learns = 0
 
     def current(self, link: RspLink, vcpu: Vcpu) -> int:
         """The ``task_struct`` address vCPU ``vcpu`` runs.
@@ -101,12 +107,16 @@ class TaskNames:
         return None if raw is None else raw.split(b"\0", 1)[0].decode(errors="replace")
 
     def runs(self, link: RspLink, vcpu: Vcpu, name: str) -> bool:
-        """Whether vCPU ``vcpu`` runs a task called ``name`` (learning ``comm``'s offset
-        from it on the first call)."""
+        """Whether vCPU ``vcpu`` runs a task called ``name``, learning ``comm``'s offset
+        from it until it is known. True for every task once ``LEARN_TRIES`` tasks in a
+        row had no such name (the offset cannot be found: tasks cannot be told apart)."""
         if self.comm_offset is None:
+            if self._failed_learns >= self.LEARN_TRIES:
+                return True
             try:
                 self.learn(link, vcpu, name)
             except GuestError:
+                self._failed_learns += 1
                 return False
             return True
         return self.comm(link, vcpu) == comm_bytes(name)[:-1].decode()
