@@ -295,3 +295,22 @@ def test_timer_spin_interrupts_come_from_its_own_cpus_local_timer(wl_guest: Gues
     )
     local = out.strip()
     assert int(local) >= 100, f"{local} local timer interrupts on CPU {cpu} in one second"
+
+
+def test_every_workload_is_killed_by_one_command(wl_guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill_workloads ends every workload with one shell command (each command is a
+    round trip through a shell sharing its CPU with them: the watch testcase's 17
+    workloads took 5.4 s to kill one by one), and none is left."""
+    g = wl_guest
+    pids = [g.start_workload(name, cpu) for cpu in (0, 1) for name in ("syscall-loop", "iret-loop")]
+    console = g.console
+    assert console is not None
+    commands: list[str] = []
+    run = console.run
+    monkeypatch.setattr(console, "run", lambda c, t=30.0: commands.append(c) or run(c, t))
+    g.kill_workloads()
+    monkeypatch.undo()
+    assert len(commands) == 1, f"kill_workloads typed {len(commands)} commands: {commands}"
+    left, _ = g.shell(f"for p in {' '.join(map(str, pids))}; do [ -d /proc/$p ] && echo $p; done; true")
+    assert left == "", f"workloads still running after kill_workloads: {left}"
+    assert g.userspace.workloads == {}
