@@ -243,3 +243,27 @@ def test_a_kernel_that_cannot_be_had_ends_the_run_with_status_4(tag: str, tmp_pa
     assert res.returncode == 4, out[-2000:]
     assert "INTERNALERROR" not in out, out[-2000:]
     assert "Interrupted: cr3rig: unknown kernel flavor 'reference-9.9'; valid flavors:" in out, out[-2000:]
+
+
+def test_the_tests_of_a_command_line_run_on_one_worker(tag: str) -> None:
+    """Under ``-n 2`` the tests of each kernel command line other than the default are
+    one unit of work: one worker runs them all and boots that command line once.
+    (xdist's ``load`` sent them to both workers, and each booted it.)"""
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-n", "2"),
+            "testcases/test_cr3_signal_off.py",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, CR3RIG_TEST_TAG=tag),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    ran = re.findall(r"\[(gw\d)\] \[ *\d+%\] PASSED \S+\[(?:[^\]]*-)?(gate-off|pti-off)\]", out)
+    assert len(ran) == 8, out[-3000:]
+    workers = {group: {w for w, g in ran if g == group} for group in ("gate-off", "pti-off")}
+    assert all(len(w) == 1 for w in workers.values()), f"a command line's tests ran on two workers: {workers}"
+    assert "scheduling tests via CmdlineScheduling" in out, out[-3000:]

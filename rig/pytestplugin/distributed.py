@@ -29,6 +29,7 @@ and QEMU private directory, made by ``mkdtemp``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -262,6 +263,13 @@ class ControllerHooks:
             shutil.rmtree(self.agg.boot_failures, ignore_errors=True)
 
     @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """``-n N`` (``--dist load``, given or implied): :class:`CmdlineScheduling`."""
+        if config.getvalue("dist") != "load" or self.agg.boot_failures is None:
+            return None
+        return make_cmdline_scheduling(config, log, self.agg.boot_failures)
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WIRE_KEY] = {"boot_failures": str(self.agg.boot_failures)}
 
@@ -284,3 +292,45 @@ class ControllerHooks:
 def fatal_console_tail(agg: Aggregate) -> str:
     """The console tail of the first default-configuration boot that failed ("" if none)."""
     return next((f.get("console_tail", "") for _, f in agg.fatal if f.get("console_tail")), "")
+
+
+#: A worker's map from the node ids it collected to their group (in the run directory).
+GROUPS_FILE = "groups-{worker}.json"
+
+
+def group_name(extra: str, isolate: bool) -> str:
+    """The group of the tests booted with kernel parameters ``extra``."""
+    return f"cmdline:{extra or '-'}{'' if isolate else ':no-isolation'}"
+
+
+def record_groups(config: pytest.Config, groups: Mapping[str, str]) -> None:
+    """In a worker: write its tests' groups (node id to :func:`group_name`) to the run
+    directory, for :class:`CmdlineScheduling`. Written before the worker reports its
+    collection, so the controller, which schedules once every worker reported, finds
+    every file."""
+    run_dir = shared_failures_dir(config)
+    if run_dir is not None:
+        path = run_dir / GROUPS_FILE.format(worker=worker_id(config))
+        path.write_text(json.dumps(dict(groups)))
+
+
+def make_cmdline_scheduling(config: pytest.Config, log: Any, run_dir: Path) -> Any:
+    """The scheduler of ``-n N``: xdist's ``loadscope`` whose scopes are the kernel
+    command lines. Each test of the default command line is a scope of its own (spread
+    as ``load`` spreads them); the tests of each other command line are one scope, run
+    by one worker, which boots it once (``load`` sent them to every worker, and each
+    booted it: 2.5-3 s a boot here). (xdist's own ``loadgroup`` reads a group from the
+    node id, which pytest 9.2 no longer lets it change: pytest-xdist issue 1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class CmdlineScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:
+                self._groups = {}
+                for path in sorted(run_dir.glob(GROUPS_FILE.format(worker="*"))):
+                    self._groups.update(json.loads(path.read_text()))
+            return self._groups.get(nodeid, nodeid)
+
+    return CmdlineScheduling(config, log)

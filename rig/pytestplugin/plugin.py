@@ -121,8 +121,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(distributed.ControllerHooks(config), "cr3rig-xdist-controller")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group tests by kernel command line (stable), so each is booted once."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests by kernel command line (stable), so each is booted once; under xdist
+    each other command line than the default is one unit of work for one worker."""
 
     def key(item: pytest.Item) -> tuple[str, bool]:
         m = item.get_closest_marker("cmdline")
@@ -131,6 +132,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (m.args[0] if m.args else "", bool(m.kwargs.get("isolate", True)))
 
     items.sort(key=lambda it: (key(it) != ("", True), key(it)))
+    if distributed.role(config) == "worker":
+        distributed.record_groups(
+            config, {it.nodeid: distributed.group_name(*key(it)) for it in items if key(it) != ("", True)}
+        )
 
 
 @pytest.fixture(scope="session")
