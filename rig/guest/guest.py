@@ -40,7 +40,7 @@ from rig.machine.trace import Trace, WatchedWord
 from rig.machine.vcpu import REPORT_REGISTERS, RegisterMap, Vcpu, thread_id
 from rig.machine.walks import translate
 from rig.machine.x86 import Translation
-from rig.transport.console import Console
+from rig.transport.console import Console, ConsoleTimeout
 from rig.transport.gdbmi import GdbMi
 from rig.transport.gdbproxy import GdbRelay
 from rig.transport.host import Host
@@ -228,7 +228,7 @@ class Guest:
         try:
             self.console.wait_ready(self.config.boot_timeout)
         except GuestError as exc:
-            self.boot_timed_out = str(exc).startswith("no boot within")
+            self.boot_timed_out = isinstance(exc, ConsoleTimeout)
             raise GuestError(f"{self.config.kernel} did not boot: {exc}") from None
 
     def close(self) -> None:

@@ -37,6 +37,15 @@ def strip_console_noise(text: str) -> str:
     return _CONSOLE_ESCAPE_RE.sub("", text).replace("\r", "")
 
 
+class ConsoleTimeout(GuestError):
+    """What the rig waited for on the console did not come within ``seconds``."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(f"no {what} within {seconds:.0f} s")
+        self.what = what
+        self.seconds = seconds
+
+
 class Console:
     """The serial console of one guest. ``log`` is QEMU's copy of every byte."""
 
@@ -57,7 +66,12 @@ class Console:
         self.closed_during: str | None = None
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait for the guest's readiness marker; a panic or EOF raises :class:`GuestError`."""
+        """Wait for the guest's readiness marker.
+
+        Raises:
+            ConsoleTimeout: no marker within ``timeout`` seconds.
+            GuestError: the kernel panicked, or the console closed.
+        """
         idx = self._expect([re.escape(READY_MARKER), *PANIC_PATTERNS], timeout, "boot")
         if idx != 0:
             raise GuestError("the guest kernel crashed during boot")
@@ -66,7 +80,7 @@ class Console:
         try:
             return int(self.child.expect(patterns, timeout=timeout))
         except pexpect.TIMEOUT:
-            raise GuestError(f"no {what} within {timeout:.0f} s") from None
+            raise ConsoleTimeout(what, timeout) from None
         except pexpect.EOF:
             self.closed_during = what
             raise GuestError(f"the console closed during {what}") from None
