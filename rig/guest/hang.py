@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from rig.guest.runcontrol import RunControl
 from rig.machine.symbols import SymbolTable
-from rig.machine.vcpu import thread_id
-from rig.transport.rsp import hex_le, is_error
 
 __all__ = ["SYSTEM_RUNNING", "HungBoot", "sample_hung_boot"]
 
@@ -65,23 +63,20 @@ def sample_hung_boot(run: RunControl, symbols: SymbolTable | None, smp: int) -> 
         GuestError: GDB or QEMU did not answer (the caller keeps the hang as it was).
     """
     run.stop(5.0)
-    rip = run.regmap.packet("rip")
     with run.link() as link:
         places = []
         for cpu in range(smp):
-            thread_reply, rip_reply = link.transact([f"Hg{thread_id(cpu)}", rip])
-            if is_error(rip_reply) or thread_reply != "OK":
-                places.append(f"vCPU {cpu} unreadable ({thread_reply}, {rip_reply})")
+            vcpu = run.vcpu(cpu)
+            pc = vcpu.registers(link, ("rip",)).get("rip")
+            if pc is None:
+                places.append(f"vCPU {cpu} unreadable")
                 continue
-            pc = hex_le(rip_reply)
-            before = link.transact([f"m{pc - 1:x},1"])[0]
-            halted = not is_error(before) and before != "" and int(before, 16) == _HLT
+            before = vcpu.read(link, pc - 1, 1)
+            halted = before == bytes([_HLT])
             where = symbols.describe(pc) if symbols is not None else f"{pc:#x}"
             places.append(f"vCPU {cpu} {'halted ' if halted else ''}at {where}")
         state: int | None = None
         if symbols is not None and "system_state" in symbols:
-            link.transact([f"Hg{thread_id(0)}"])
-            reply = link.transact([f"m{symbols.address('system_state'):x},4"])[0]
-            if not is_error(reply) and reply:
-                state = hex_le(reply)
+            raw = run.vcpu(0).read(link, symbols.address("system_state"), 4)
+            state = None if raw is None else int.from_bytes(raw, "little")
     return HungBoot(state, tuple(places))
