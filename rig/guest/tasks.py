@@ -1,9 +1,11 @@
 """The task a vCPU runs: its ``comm``, read through the gdbstub from the kernel's
-per-CPU ``current_task`` (a symbol every x86-64 kernel since 2.6 has; no debug info).
+per-CPU ``current_task`` (``pcpu_hot.current_task`` from 6.2 to 6.14); the symbol
+table is all it needs, no debug info.
 
 ``comm`` sits at a fixed offset in ``struct task_struct`` that depends on the kernel's
-config. It is found once per guest from a task whose name is known (the workload the
-rig started): the first NUL-terminated copy of that name in its ``task_struct``.
+config. A :class:`TaskNames` finds it once, from a task whose name is known (the
+workload the rig started): the first NUL-terminated copy of that name, 8-byte aligned,
+in its ``task_struct``.
 
 Reads go through the vCPU's own page tables: the ``task_struct`` is kernel memory, not
 mapped in the PTI user page tables, so the vCPU must be on its kernel CR3.
