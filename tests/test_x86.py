@@ -1,5 +1,6 @@
 """CR3 decoding and the page-table walker on synthetic tables (rig/x86.py)."""
 
+from rig.machine.walks import pti_pair
 from rig.machine.x86 import NX, PS, RW, US, G, P, decode_cr3, walk
 
 
@@ -127,8 +128,6 @@ def test_pti_pair_tells_a_user_half_from_a_neighbouring_pgd() -> None:
     """PTI on: the user half maps the entry text, not kernel data. PTI off: the page
     after the PGD maps nothing (a zeroed pair), or is another process's PGD, which maps
     both (7.x allocates one page per PGD when PTI is off): neither is PTI."""
-    from rig.machine.walks import pti_pair
-
     entry, private = 0xFFFFFFFF81000040, 0xFFFFFFFF82A00000
     kernel, user = 0x100000, 0x101000
 

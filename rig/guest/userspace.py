@@ -57,21 +57,22 @@ class Userspace:
 
     def stop_workload(self, pid: int) -> None:
         """Kill a workload started with :meth:`start_workload`."""
-        console = self._console()
-        self._resume()
-        console.run(f"kill -9 {pid}; wait {pid} 2>/dev/null")
-        self.workloads.pop(pid, None)
+        self._kill([pid])
 
     def kill_workloads(self) -> None:
         """Kill every workload still running (between tests), with one shell command:
         each command costs a round trip through a shell that shares its CPU with them."""
-        if not self.workloads:
-            return
+        if self.workloads:
+            self._kill(list(self.workloads))
+
+    def _kill(self, pids: list[int]) -> None:
+        """Kill ``pids`` and reap them, in one shell command."""
         console = self._console()
         self._resume()
-        pids = " ".join(str(p) for p in self.workloads)
-        console.run(f"kill -9 {pids}; wait {pids} 2>/dev/null")
-        self.workloads.clear()
+        listed = " ".join(str(p) for p in pids)
+        console.run(f"kill -9 {listed}; wait {listed} 2>/dev/null")
+        for pid in pids:
+            self.workloads.pop(pid, None)
 
     @contextlib.contextmanager
     def quiet_console(self) -> Iterator[None]:

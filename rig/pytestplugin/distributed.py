@@ -69,8 +69,9 @@ def worker_id(config: pytest.Config) -> str:
     return str(winput.get("workerid", "")) if isinstance(winput, dict) else ""
 
 
-def shared_failures_dir(config: pytest.Config) -> Path | None:
-    """The run's directory for boot failures (inside a worker), else None."""
+def shared_run_dir(config: pytest.Config) -> Path | None:
+    """The run's directory every worker shares (inside a worker), else None: the boot
+    failures, and each worker's test groups (:func:`record_groups`)."""
     winput = getattr(config, "workerinput", None)
     if isinstance(winput, dict) and isinstance(winput.get(WIRE_KEY), dict):
         path = winput[WIRE_KEY].get("boot_failures")
@@ -84,7 +85,7 @@ def use_run_temp_dir(config: pytest.Config) -> None:
     that xdist kills in the middle of its cleanup (the controller's teardown does, after
     a timeout) then leaves no directory behind; its QEMU dies with it (``setpriv
     --pdeathsig``, rig.transport.host)."""
-    shared = shared_failures_dir(config)
+    shared = shared_run_dir(config)
     if shared is None:
         return
     mine = shared / f"tmp-{worker_id(config) or os.getpid()}"
@@ -308,7 +309,7 @@ def record_groups(config: pytest.Config, groups: Mapping[str, str]) -> None:
     directory, for :class:`CmdlineScheduling`. Written before the worker reports its
     collection, so the controller, which schedules once every worker reported, finds
     every file."""
-    run_dir = shared_failures_dir(config)
+    run_dir = shared_run_dir(config)
     if run_dir is not None:
         path = run_dir / GROUPS_FILE.format(worker=worker_id(config))
         path.write_text(json.dumps(dict(groups)))

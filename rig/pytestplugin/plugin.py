@@ -131,11 +131,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return ("", True)
         return (m.args[0] if m.args else "", bool(m.kwargs.get("isolate", True)))
 
-    items.sort(key=lambda it: (key(it) != ("", True), key(it)))
+    keys = {it.nodeid: key(it) for it in items}
+    items.sort(key=lambda it: (keys[it.nodeid] != ("", True), keys[it.nodeid]))
     if distributed.role(config) == "worker":
-        distributed.record_groups(
-            config, {it.nodeid: distributed.group_name(*key(it)) for it in items if key(it) != ("", True)}
-        )
+        groups = {n: distributed.group_name(*k) for n, k in keys.items() if k != ("", True)}
+        distributed.record_groups(config, groups)
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +154,7 @@ def guest_pool(
         report_hooks.boot_fault(pytestconfig, fault)
 
     if distributed.role(pytestconfig) == "worker":
-        failures = BootFailures(
-            distributed.shared_failures_dir(pytestconfig), distributed.worker_id(pytestconfig)
-        )
+        failures = BootFailures(distributed.shared_run_dir(pytestconfig), distributed.worker_id(pytestconfig))
         pool = GuestPool(rig_settings, None, failures, _run_ender(request), on_boot_fault)
     else:
         pool = GuestPool(rig_settings, show_console, on_boot_fault=on_boot_fault)
